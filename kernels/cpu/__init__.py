@@ -1,0 +1,1 @@
+"""numba parallel CPU kernels."""

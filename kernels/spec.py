@@ -1,0 +1,278 @@
+"""AttentionSpec: everything an attention kernel needs besides q, k, v, validated once.
+
+Shape legend (used by every kernel module)::
+
+    B    batch
+    Hq   query heads          Hkv  key/value heads (Hq % Hkv == 0; group = Hq // Hkv)
+    Nq   query length         Nk   key length
+    D    query/key head dim   Dv   value head dim
+
+    q (B, Hq, Nq, D)   k (B, Hkv, Nk, D)   v (B, Hkv, Nk, Dv)
+    out (B, Hq, Nq, Dv)   lse (B, Hq, Nq)
+
+Every rule of who may attend to whom is folded into three things here:
+
+* the **band** ``[lo, hi]`` of allowed diagonals: query ``i`` may see key ``j`` only if
+  ``lo <= j - (i + offset) <= hi`` where ``offset = Nk - Nq`` (bottom-right alignment, as
+  flash-attention does). ``is_causal`` sets ``hi = 0``; ``window=(left, right)`` sets
+  ``lo = -left`` and ``hi = right``; ``-1`` means unbounded (stored as ``NO_BOUND``).
+* an optional additive **bias** of shape ``(Bm, Hm, Nq, Nk)`` with ``Bm in {1, B}`` and
+  ``Hm in {1, Hq}``: a boolean mask becomes ``0`` / ``-inf``, a float mask is used as is.
+* **dropout**: ``dropout_p`` and a 64-bit ``seed``, turned into the integer
+  ``dropout_threshold`` that :func:`microattn.kernels.masking.keep` compares against.
+
+``make_attention_spec`` raises ``ValueError`` / ``TypeError`` before any work is done;
+kernels trust the spec and never validate again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+NO_BOUND = -1  # a window side of -1 means "unbounded on that side"
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    B: int
+    Hq: int
+    Hkv: int
+    Nq: int
+    Nk: int
+    D: int
+    Dv: int
+    dtype: np.dtype
+    scale: float
+    causal: bool
+    window_left: int  # -1: unbounded; the band's lower edge is -window_left
+    window_right: int  # -1: unbounded; already 0 when causal
+    bias: np.ndarray | None  # (Bm, Hm, Nq, Nk) additive, same dtype as q, or None
+    dropout_p: float
+    seed: int  # 0 <= seed < 2**64
+
+    # -- derived quantities -------------------------------------------------------------
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head: query head h reads kv head h // group."""
+        return self.Hq // self.Hkv
+
+    @property
+    def offset(self) -> int:
+        """Diagonal shift of bottom-right alignment: query i lines up with key i + offset."""
+        return self.Nk - self.Nq
+
+    @property
+    def has_band(self) -> bool:
+        return self.window_left != NO_BOUND or self.window_right != NO_BOUND
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None
+
+    @property
+    def seed_lo(self) -> int:
+        return self.seed & 0xFFFFFFFF
+
+    @property
+    def seed_hi(self) -> int:
+        return (self.seed >> 32) & 0xFFFFFFFF
+
+    @property
+    def dropout_threshold(self) -> int:
+        """32-bit integer t: element kept iff hash(seed, b, h, i, j) >= t (P(keep) = 1 - p)."""
+        return min(int(round(self.dropout_p * 2.0**32)), 2**32 - 1)
+
+    @property
+    def dropout_scale(self) -> float:
+        return 1.0 / (1.0 - self.dropout_p)
+
+    def key_range(self, i_start: int, i_stop: int) -> tuple[int, int]:
+        """Keys [j_start, j_stop) that queries [i_start, i_stop) may see through the band.
+
+        Worked example: Nq = Nk = 8, window (2, 0) (causal sliding window of 3 keys);
+        queries 4..5 see keys 2..5, so key_range(4, 6) == (2, 6).
+        """
+        j_start = 0
+        j_stop = self.Nk
+        if self.window_left != NO_BOUND:
+            j_start = max(0, i_start + self.offset - self.window_left)
+        if self.window_right != NO_BOUND:
+            j_stop = min(self.Nk, i_stop - 1 + self.offset + self.window_right + 1)
+        return j_start, max(j_start, j_stop)
+
+    def query_range(self, j_start: int, j_stop: int) -> tuple[int, int]:
+        """Queries [i_start, i_stop) that may see some key in [j_start, j_stop) through the band."""
+        i_start = 0
+        i_stop = self.Nq
+        if self.window_right != NO_BOUND:
+            i_start = max(0, j_start - self.offset - self.window_right)
+        if self.window_left != NO_BOUND:
+            i_stop = min(self.Nq, j_stop - 1 - self.offset + self.window_left + 1)
+        return i_start, max(i_start, i_stop)
+
+    def bias_index(self, b: int, h: int) -> tuple[int, int]:
+        """Index into bias for batch b, query head h (broadcast dims are size 1)."""
+        Bm, Hm = self.bias.shape[:2]
+        return (b if Bm > 1 else 0), (h if Hm > 1 else 0)
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """Linear attention: phi(x) = elu(x) + 1; shapes and GQA rule as AttentionSpec."""
+
+    B: int
+    Hq: int
+    Hkv: int
+    Nq: int
+    Nk: int
+    D: int
+    Dv: int
+    dtype: np.dtype
+    causal: bool
+    eps: float
+
+    @property
+    def group(self) -> int:
+        return self.Hq // self.Hkv
+
+    @property
+    def offset(self) -> int:
+        return self.Nk - self.Nq
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+def check_qkv(q_shape, k_shape, v_shape, dtypes) -> tuple[int, ...]:
+    """Validate q/k/v shapes and dtypes; return (B, Hq, Hkv, Nq, Nk, D, Dv, dtype)."""
+    for name, dt in zip(("query", "key", "value"), dtypes):
+        if not np.issubdtype(dt, np.floating) or dt not in (np.float32, np.float64):
+            raise TypeError(f"{name} must be float32 or float64, got dtype {np.dtype(dt)}")
+    if len(set(np.dtype(dt) for dt in dtypes)) != 1:
+        got = ", ".join(f"{n}={np.dtype(dt)}" for n, dt in zip(("query", "key", "value"), dtypes))
+        raise TypeError(f"query, key and value must share one dtype, got {got}")
+    for name, shape, legend in (
+        ("query", q_shape, "(B, Hq, Nq, D)"),
+        ("key", k_shape, "(B, Hkv, Nk, D)"),
+        ("value", v_shape, "(B, Hkv, Nk, Dv)"),
+    ):
+        if len(shape) != 4:
+            raise ValueError(f"{name} must be 4-D {legend}, got shape {tuple(shape)}")
+        if min(shape) < 1:
+            raise ValueError(f"{name} must have no empty dimension, got shape {tuple(shape)}")
+    B, Hq, Nq, D = q_shape
+    Bk, Hkv, Nk, Dk = k_shape
+    Bv, Hv, Nv, Dv = v_shape
+    if not (B == Bk == Bv):
+        raise ValueError(f"batch sizes differ: query {B}, key {Bk}, value {Bv}")
+    if Hkv != Hv:
+        raise ValueError(f"key and value must have the same number of heads, got {Hkv} and {Hv}")
+    if Nk != Nv:
+        raise ValueError(f"key and value must have the same length, got Nk={Nk} and {Nv}")
+    if D != Dk:
+        raise ValueError(f"query and key head dims differ: D={D} for query, {Dk} for key")
+    if Hq % Hkv != 0:
+        raise ValueError(
+            f"query heads must be a multiple of key/value heads (grouped-query attention), "
+            f"got Hq={Hq}, Hkv={Hkv}"
+        )
+    return B, Hq, Hkv, Nq, Nk, D, Dv, np.dtype(dtypes[0])
+
+
+def _check_window(window, is_causal) -> tuple[int, int]:
+    if window is None:
+        left, right = NO_BOUND, NO_BOUND
+    else:
+        if not isinstance(window, (tuple, list)) or len(window) != 2:
+            raise ValueError(f"window must be a pair (left, right), got {window!r}")
+        sides = []
+        for name, side in zip(("left", "right"), window):
+            if side is None:
+                side = NO_BOUND
+            if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < -1:
+                raise ValueError(
+                    f"window {name} must be an integer >= 0, or -1/None for unbounded, got {side!r}"
+                )
+            sides.append(int(side))
+        left, right = sides
+    if is_causal:
+        right = 0  # causal and a window must both allow a pair: j <= i + offset
+    return left, right
+
+
+def _check_mask(attn_mask, B, Hq, Nq, Nk, dtype) -> np.ndarray | None:
+    if attn_mask is None:
+        return None
+    mask = np.asarray(attn_mask)
+    if mask.dtype != np.bool_ and not np.issubdtype(mask.dtype, np.floating):
+        raise TypeError(f"attn_mask must be boolean or floating, got dtype {mask.dtype}")
+    target = (B, Hq, Nq, Nk)
+    if mask.ndim > 4:
+        raise ValueError(f"attn_mask must be broadcastable to (B, Hq, Nq, Nk)={target}, got shape {mask.shape}")
+    full = (1,) * (4 - mask.ndim) + mask.shape
+    if any(m not in (1, t) for m, t in zip(full, target)):
+        raise ValueError(f"attn_mask of shape {mask.shape} is not broadcastable to (B, Hq, Nq, Nk)={target}")
+    if mask.dtype == np.bool_:
+        bias = np.where(mask, dtype.type(0), dtype.type(-np.inf)).astype(dtype)
+    else:
+        if np.isnan(mask).any() or np.isposinf(mask).any():
+            raise ValueError("a float attn_mask must not contain NaN or +inf (use -inf to forbid a pair)")
+        bias = mask.astype(dtype)
+    bias = bias.reshape(full)
+    # Keep batch/head broadcasting (size 1) but spell out the (Nq, Nk) plane contiguously.
+    plane_shape = (full[0], full[1], Nq, Nk)
+    return np.ascontiguousarray(np.broadcast_to(bias, plane_shape))
+
+
+def make_attention_spec(
+    q_shape, k_shape, v_shape, dtypes, *, attn_mask=None, dropout_p=0.0, is_causal=False,
+    scale=None, window=None, seed=None,
+) -> AttentionSpec:
+    """Validate every argument of scaled_dot_product_attention; build the spec.
+
+    Raises ValueError (shapes, mask shape, dropout_p, window, scale) or TypeError (dtypes)
+    before any work is done.
+    """
+    B, Hq, Hkv, Nq, Nk, D, Dv, dtype = check_qkv(q_shape, k_shape, v_shape, dtypes)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float, np.floating, np.integer)):
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise ValueError(f"scale must be a finite positive number or None, got {scale!r}")
+    elif not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite positive number or None, got {scale}")
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
+    left, right = _check_window(window, bool(is_causal))
+    bias = _check_mask(attn_mask, B, Hq, Nq, Nk, dtype)
+    if seed is None:
+        seed = int(np.random.randint(0, 2**63 - 1, dtype=np.int64)) if dropout_p > 0 else 0
+    elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return AttentionSpec(
+        B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv, dtype=dtype, scale=float(scale),
+        causal=bool(is_causal), window_left=left, window_right=right, bias=bias,
+        dropout_p=float(dropout_p), seed=int(seed),
+    )
+
+
+def make_linear_spec(q_shape, k_shape, v_shape, dtypes, *, causal=False, eps=1e-6,
+                     feature_map="elu+1") -> LinearSpec:
+    """Validate every argument of linear_attention; build the spec."""
+    B, Hq, Hkv, Nq, Nk, D, Dv, dtype = check_qkv(q_shape, k_shape, v_shape, dtypes)
+    if feature_map != "elu+1":
+        raise ValueError(f"feature_map must be 'elu+1' (the only one implemented), got {feature_map!r}")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not (
+        math.isfinite(eps) and eps > 0
+    ):
+        raise ValueError(f"eps must be a finite positive number, got {eps!r}")
+    return LinearSpec(B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv, dtype=dtype,
+                      causal=bool(causal), eps=float(eps))
