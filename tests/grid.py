@@ -1,0 +1,121 @@
+"""The one attention test grid every backend runs (kernel level and through functional).
+
+A ``Case`` names a shape and a masking regime; ``make_inputs`` turns it into arrays and
+keyword arguments for ``scaled_dot_product_attention`` (or ``make_attention_spec``).
+Sizes are odd on purpose (1, 7, 37, 113, 203) so no tile ever divides them evenly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SIZES = (1, 7, 37, 113, 203)
+UNEQUAL = ((7, 37), (37, 7), (1, 203), (203, 113), (113, 1), (37, 203))
+HEADS = ((4, 4), (4, 2), (4, 1))  # (Hq, Hkv): MHA, GQA, MQA
+WINDOWS = ((0, 0), (3, 0), (16, 16), (40, -1), (-1, 5))
+
+MASKINGS = (
+    "none", "causal", "window", "causal+window", "bool_mask", "float_mask",
+    "padding_mask", "empty_rows", "dropout", "dropout+causal", "large_logits",
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    Nq: int
+    Nk: int
+    Hq: int = 4
+    Hkv: int = 4
+    D: int = 8
+    Dv: int = 8
+    B: int = 2
+    masking: str = "none"
+    window: tuple | None = None
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def id(self) -> str:
+        w = f"-w{self.window[0]}_{self.window[1]}" if self.window else ""
+        return (f"{self.masking}{w}-Nq{self.Nq}-Nk{self.Nk}-H{self.Hq}_{self.Hkv}"
+                f"-D{self.D}_{self.Dv}")
+
+
+def grid(sizes=SIZES, unequal=UNEQUAL, max_n=None) -> list[Case]:
+    """The full grid: every length pair meets every masking regime and every window.
+
+    Heads, D/Dv and windows rotate through their values so the grid stays a few hundred
+    cases while every value meets every other axis somewhere.
+    """
+    pairs = [(n, n) for n in sizes] + list(unequal)
+    if max_n is not None:
+        pairs = [(a, b) for a, b in pairs if max(a, b) <= max_n]
+    heads = itertools.cycle(HEADS)
+    dims = itertools.cycle(((8, 8), (8, 5), (3, 16)))
+    cases = []
+    for (nq, nk), masking in itertools.product(pairs, MASKINGS):
+        windows = WINDOWS if "window" in masking else (None,)
+        for window in windows:
+            hq, hkv = next(heads)
+            d, dv = next(dims)
+            cases.append(Case(nq, nk, hq, hkv, d, dv, masking=masking, window=window))
+    return cases
+
+
+def make_inputs(case: Case, dtype=np.float64, seed=0):
+    """q, k, v, dout arrays and the sdpa keyword arguments for one case."""
+    rng = np.random.default_rng(seed)
+    B, Hq, Hkv, Nq, Nk, D, Dv = case.B, case.Hq, case.Hkv, case.Nq, case.Nk, case.D, case.Dv
+    q = rng.standard_normal((B, Hq, Nq, D))
+    k = rng.standard_normal((B, Hkv, Nk, D))
+    v = rng.standard_normal((B, Hkv, Nk, Dv))
+    dout = rng.standard_normal((B, Hq, Nq, Dv))
+    kwargs: dict = {}
+    m = case.masking
+    if "causal" in m:
+        kwargs["is_causal"] = True
+    if "window" in m:
+        kwargs["window"] = case.window
+    if m == "bool_mask":
+        # (B, 1, Nq, Nk): a random pattern, plus one query row allowed nothing at all
+        mask = rng.random((B, 1, Nq, Nk)) < 0.7
+        mask[0, 0, Nq // 2, :] = False
+        kwargs["attn_mask"] = mask
+    elif m == "float_mask":
+        # (Nq, Nk) additive: finite values, some -inf, one row entirely -inf
+        mask = rng.standard_normal((Nq, Nk)) * 2.0
+        mask[rng.random((Nq, Nk)) < 0.2] = -np.inf
+        mask[-1, :] = -np.inf
+        kwargs["attn_mask"] = mask
+    elif m == "padding_mask":
+        # (B, 1, 1, Nk) key padding: batch 1 sees only its first half of the keys
+        mask = np.ones((B, 1, 1, Nk), dtype=bool)
+        mask[1, 0, 0, (Nk + 1) // 2:] = False
+        kwargs["attn_mask"] = mask
+    elif m == "empty_rows":
+        # causal with Nq > Nk leaves the first Nq - Nk queries with no key; also a
+        # window that lets no key through for rows on the far side
+        kwargs["is_causal"] = True
+        kwargs["attn_mask"] = np.broadcast_to(np.arange(Nk) % 3 != 1, (Nq, Nk))
+    if "dropout" in m:
+        kwargs["dropout_p"] = 0.3
+        kwargs["seed"] = 1234 + seed
+    if m == "large_logits":
+        q = q * 300.0  # scores of order 300 * sqrt(D): exp would overflow without max-subtraction
+    cast = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
+    return cast(q), cast(k), cast(v), cast(dout), kwargs
+
+
+def rel_err(actual, expected) -> float:
+    """max |actual - expected| / max |expected| (0 when both are 0)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if np.isnan(actual).any():
+        return np.inf
+    scale = np.abs(expected).max(initial=0.0)
+    diff = np.abs(actual - expected).max(initial=0.0)
+    if scale == 0.0:
+        return diff
+    return diff / scale
