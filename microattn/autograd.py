@@ -101,7 +101,9 @@ class Function:
         ctx.function = cls
         arrays = [arg.data if isinstance(arg, Tensor) else arg for arg in args]
         options = {k: v.data if isinstance(v, Tensor) else v for k, v in kwargs.items()}
-        out = Tensor(cls.forward(ctx, *arrays, **options), requires_grad=record)
+        out = Tensor(cls.forward(ctx, *arrays, **options))
+        record = record and np.issubdtype(out.dtype, np.floating)  # e.g. no grad for indices
+        out.requires_grad = record
         if record:
             ctx.parents = tuple(arg if needs else None for arg, needs in zip(args, needs_grad))
         out._ctx = ctx  # always attached: callers read extra results stored on ctx

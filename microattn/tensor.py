@@ -79,6 +79,15 @@ class Tensor:
     def item(self):
         return self.data.item()
 
+    def __bool__(self):
+        return bool(self.data)  # NumPy's rule: only one-element tensors have a truth value
+
+    def __float__(self):
+        return float(self.data)
+
+    def __int__(self):
+        return int(self.data)
+
     def __array__(self, dtype=None, copy=None):
         if copy:
             return np.array(self.data, dtype=dtype, copy=True)

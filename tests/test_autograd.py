@@ -330,3 +330,25 @@ def test_package_exports():
                  "GradcheckError", "concatenate", "stack", "where"):
         assert hasattr(ma, name), name
     assert ma.__version__ == "0.1.0"
+
+
+def test_function_with_integer_output_is_not_part_of_the_graph():
+    class ArgMax(ma.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return np.argmax(x, axis=-1)
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise AssertionError("never called")
+
+    x = ma.tensor([[1.0, 3.0], [5.0, 2.0]], requires_grad=True)
+    index = ArgMax.apply(x)
+    assert not index.requires_grad and index.is_leaf
+    np.testing.assert_array_equal(index.data, [1, 0])
+
+
+def test_scalar_conversions():
+    assert bool(ma.tensor([0.0])) is False and float(ma.tensor(2.5)) == 2.5 and int(ma.tensor([3])) == 3
+    with pytest.raises(ValueError):
+        bool(ma.tensor([1.0, 2.0]))
