@@ -349,6 +349,6 @@ def test_function_with_integer_output_is_not_part_of_the_graph():
 
 
 def test_scalar_conversions():
-    assert bool(ma.tensor([0.0])) is False and float(ma.tensor(2.5)) == 2.5 and int(ma.tensor([3])) == 3
+    assert bool(ma.tensor([0.0])) is False and float(ma.tensor(2.5)) == 2.5 and int(ma.tensor(3)) == 3
     with pytest.raises(ValueError):
         bool(ma.tensor([1.0, 2.0]))
