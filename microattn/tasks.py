@@ -1,0 +1,254 @@
+"""Synthetic tasks that a model can only solve by attending to the right earlier token.
+
+Every task makes next-token-prediction batches: ``inputs`` (B, N) int64 token ids and
+``targets`` (B, N) int64, where ``targets[b, i]`` is the token the model should predict
+after reading ``inputs[b, :i + 1]``, or ``IGNORE`` (-100) where nothing is scored. Only
+the answer tokens are scored: the rest of a sequence is random and unpredictable.
+
+Batches are a pure function of ``(seed, split, step)`` (:func:`make_batch`): no generator
+state lives anywhere, so a resumed training run sees exactly the data it would have seen,
+and the held-out split is a separate stream that training never draws from.
+
+The three tasks, each shown as a decoded example (``task.decode``)::
+
+    recall   a 3 k 9 c 0 p F ... ? k 9 c 0 p F ...
+             8 key-value pairs, then "?" and the keys again in a shuffled order; after
+             each key, predict its value. Needs content-based lookup (an induction head).
+    copy     d h b a l ... | d h b a l ...
+             a random string, a separator, then the string again; predict every copied
+             token. Needs attention to a fixed relative position.
+    needle   . . ! 7 . . . . (30 fillers) . . ?  -> 7
+             a marked digit (the needle) near the start, fillers, then "?": predict the
+             digit. The needle sits at least ``min_distance`` tokens before the query, so
+             a sliding window of ``window`` tokens over ``num_layers`` layers (reach
+             ``window * num_layers``) cannot see it when that reach is shorter.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+import numpy as np
+
+IGNORE = -100  # the target id that cross_entropy skips (its ignore_index)
+
+SPLITS = {"train": 0, "heldout": 1}
+
+
+@dataclass(frozen=True)
+class Batch:
+    inputs: np.ndarray  # (B, N) int64
+    targets: np.ndarray  # (B, N) int64, IGNORE except at answer positions
+
+
+class Task:
+    """One synthetic task: its vocabulary, its sequence length, and a generator.
+
+    Subclasses set ``name``, ``summary``, ``seq_len`` (the model's input length),
+    ``token_names`` (one printable name per token id) and implement ``_generate`` and
+    ``solve``.
+    """
+
+    name: str
+    summary: str
+    seq_len: int
+    token_names: list[str]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.token_names)
+
+    def _generate(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sequences (B, N + 1), answer mask (B, N + 1) bool): the full token strings and
+        which of their tokens are answers to be predicted."""
+        raise NotImplementedError
+
+    def solve(self, inputs: np.ndarray) -> np.ndarray:
+        """The ground truth, recomputed from the inputs alone by a plain program: (B, N)
+        int64, the correct next token at each answer position, IGNORE elsewhere.
+        Tests check that it agrees with ``targets``, i.e. every answer is recoverable."""
+        raise NotImplementedError
+
+    def batch(self, rng: np.random.Generator, batch_size: int) -> Batch:
+        sequences, is_answer = self._generate(rng, batch_size)  # (B, N + 1)
+        inputs = sequences[:, :-1]
+        targets = np.where(is_answer[:, 1:], sequences[:, 1:], IGNORE)
+        return Batch(np.ascontiguousarray(inputs, dtype=np.int64), targets.astype(np.int64))
+
+    def decode(self, tokens) -> str:
+        return " ".join(self.token_names[int(t)] for t in tokens)
+
+    def config(self) -> dict:
+        """The constructor arguments, for checkpoints (``make_task(**config)`` rebuilds it)."""
+        raise NotImplementedError
+
+
+class AssociativeRecall(Task):
+    """``k1 v1 k2 v2 ... kP vP ? kq1 vq1 kq2 ... kqQ`` -> predict each ``vq`` after its ``kq``.
+
+    Keys are distinct letters, values are drawn (with repeats) from a separate alphabet of
+    hex digits; the queried keys are distinct, in random order.
+    """
+
+    name = "recall"
+
+    def __init__(self, num_pairs: int = 8, num_queries: int = 4, num_keys: int = 16, num_values: int = 16):
+        if not 1 <= num_queries <= num_pairs <= num_keys:
+            raise ValueError(
+                f"recall needs 1 <= num_queries <= num_pairs <= num_keys, got "
+                f"num_queries={num_queries}, num_pairs={num_pairs}, num_keys={num_keys}"
+            )
+        if num_keys > 26 or num_values > 16:
+            raise ValueError("recall supports at most 26 keys and 16 values")
+        self.num_pairs, self.num_queries = num_pairs, num_queries
+        self.num_keys, self.num_values = num_keys, num_values
+        self.query_token = num_keys + num_values
+        self.token_names = (
+            list(string.ascii_lowercase[:num_keys]) + list("0123456789ABCDEF"[:num_values]) + ["?"]
+        )
+        # pairs, "?", then (key, value) per query; the last value is never an input
+        self.seq_len = 2 * num_pairs + 1 + 2 * num_queries - 1
+        self.summary = f"{num_pairs} key-value pairs, then {num_queries} keys to recall"
+
+    def _generate(self, rng, batch_size):
+        P, Q = self.num_pairs, self.num_queries
+        keys = rng.permuted(np.tile(np.arange(self.num_keys), (batch_size, 1)), axis=1)[:, :P]  # (B, P)
+        values = self.num_keys + rng.integers(0, self.num_values, size=(batch_size, P))  # (B, P)
+        asked = rng.permuted(np.tile(np.arange(P), (batch_size, 1)), axis=1)[:, :Q]  # (B, Q) pair indices
+        rows = np.arange(batch_size)[:, None]
+
+        sequences = np.empty((batch_size, 2 * P + 1 + 2 * Q), dtype=np.int64)
+        sequences[:, 0 : 2 * P : 2] = keys
+        sequences[:, 1 : 2 * P : 2] = values
+        sequences[:, 2 * P] = self.query_token
+        sequences[:, 2 * P + 1 :: 2] = keys[rows, asked]
+        sequences[:, 2 * P + 2 :: 2] = values[rows, asked]
+        is_answer = np.zeros(sequences.shape, dtype=bool)
+        is_answer[:, 2 * P + 2 :: 2] = True
+        return sequences, is_answer
+
+    def solve(self, inputs):
+        P = self.num_pairs
+        answers = np.full(inputs.shape, IGNORE, dtype=np.int64)
+        for b, row in enumerate(inputs):
+            lookup = dict(zip(row[0 : 2 * P : 2].tolist(), row[1 : 2 * P : 2].tolist()))
+            for i in range(2 * P + 1, len(row), 2):  # the query keys
+                answers[b, i] = lookup[int(row[i])]
+        return answers
+
+    def config(self):
+        return {"name": self.name, "num_pairs": self.num_pairs, "num_queries": self.num_queries,
+                "num_keys": self.num_keys, "num_values": self.num_values}
+
+
+class Copy(Task):
+    """``s1 ... sL | s1 ... sL`` -> predict every token of the second copy."""
+
+    name = "copy"
+
+    def __init__(self, length: int = 10, num_symbols: int = 16):
+        if length < 1 or not 2 <= num_symbols <= 26:
+            raise ValueError(f"copy needs length >= 1 and 2 <= num_symbols <= 26, got {length}, {num_symbols}")
+        self.length, self.num_symbols = length, num_symbols
+        self.separator = num_symbols
+        self.token_names = list(string.ascii_lowercase[:num_symbols]) + ["|"]
+        self.seq_len = 2 * length  # L symbols, "|", L - 1 copied symbols as inputs
+        self.summary = f"copy a {length}-token string"
+
+    def _generate(self, rng, batch_size):
+        L = self.length
+        text = rng.integers(0, self.num_symbols, size=(batch_size, L))
+        separator = np.full((batch_size, 1), self.separator)
+        sequences = np.concatenate([text, separator, text], axis=1)  # (B, 2L + 1)
+        is_answer = np.zeros(sequences.shape, dtype=bool)
+        is_answer[:, L + 1 :] = True
+        return sequences, is_answer
+
+    def solve(self, inputs):
+        L = self.length
+        answers = np.full(inputs.shape, IGNORE, dtype=np.int64)
+        answers[:, L:] = inputs[:, :L]  # after "|" (position L) comes s1, after s_t comes s_t+1
+        return answers
+
+    def config(self):
+        return {"name": self.name, "length": self.length, "num_symbols": self.num_symbols}
+
+
+class Needle(Task):
+    """Fillers with one marked digit near the start, then ``?`` -> predict the digit.
+
+    Layout (input positions 0..N-1): the marker "!" at a random position in
+    ``[0, N - 2 - min_distance]``, the needle digit right after it, fillers everywhere
+    else, and "?" as the last input. The needle is thus ``>= min_distance`` tokens before
+    the "?" that asks for it.
+    """
+
+    name = "needle"
+
+    def __init__(self, seq_len: int = 40, min_distance: int = 32, num_fillers: int = 16, num_values: int = 10):
+        if not 1 <= min_distance <= seq_len - 2:
+            raise ValueError(f"needle needs 1 <= min_distance <= seq_len - 2, got {min_distance}, {seq_len}")
+        if num_fillers > 26 or num_values > 10:
+            raise ValueError("needle supports at most 26 fillers and 10 values")
+        self.seq_len, self.min_distance = seq_len, min_distance
+        self.num_fillers, self.num_values = num_fillers, num_values
+        self.marker = num_fillers + num_values
+        self.query_token = self.marker + 1
+        self.token_names = list(string.ascii_lowercase[:num_fillers]) + list("0123456789"[:num_values]) + ["!", "?"]
+        self.summary = f"recall a digit seen {min_distance}+ tokens earlier"
+
+    def _generate(self, rng, batch_size):
+        N = self.seq_len
+        sequences = rng.integers(0, self.num_fillers, size=(batch_size, N + 1))
+        rows = np.arange(batch_size)
+        # the needle value sits at marker + 1 <= N - 1 - min_distance, the query at N - 1
+        marker_at = rng.integers(0, N - 1 - self.min_distance, size=batch_size)
+        needle = self.num_fillers + rng.integers(0, self.num_values, size=batch_size)
+        sequences[rows, marker_at] = self.marker
+        sequences[rows, marker_at + 1] = needle
+        sequences[:, N - 1] = self.query_token
+        sequences[:, N] = needle
+        is_answer = np.zeros(sequences.shape, dtype=bool)
+        is_answer[:, N] = True
+        return sequences, is_answer
+
+    def solve(self, inputs):
+        answers = np.full(inputs.shape, IGNORE, dtype=np.int64)
+        for b, row in enumerate(inputs):
+            marker_at = int(np.flatnonzero(row == self.marker)[0])
+            answers[b, -1] = row[marker_at + 1]
+        return answers
+
+    def config(self):
+        return {"name": self.name, "seq_len": self.seq_len, "min_distance": self.min_distance,
+                "num_fillers": self.num_fillers, "num_values": self.num_values}
+
+
+TASKS = {cls.name: cls for cls in (AssociativeRecall, Copy, Needle)}
+
+
+def make_task(name: str, **options) -> Task:
+    """A task by name ("recall", "copy", "needle"), with constructor options."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
+    return TASKS[name](**options)
+
+
+def make_batch(task: Task, seed: int, step: int, batch_size: int, split: str = "train") -> Batch:
+    """The batch for ``step`` of a run seeded ``seed``: a pure function of its arguments.
+
+    Each (seed, split, step) seeds its own generator through NumPy's SeedSequence, so
+    batches are independent of each other and of the order they are asked for.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    rng = np.random.default_rng([seed, SPLITS[split], step])
+    return task.batch(rng, batch_size)
+
+
+def heldout_batches(task: Task, seed: int, num_examples: int, batch_size: int = 256):
+    """The held-out set: ``num_examples`` sequences in batches, from the split that
+    training never draws from. The same arguments always give the same set."""
+    for index, start in enumerate(range(0, num_examples, batch_size)):
+        yield make_batch(task, seed, index, min(batch_size, num_examples - start), split="heldout")
