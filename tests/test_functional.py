@@ -1,0 +1,364 @@
+"""scaled_dot_product_attention through every backend, on the one grid, against oracles.
+
+Oracles: the "composed" backend (the same maths from Tensor ops, so the autograd engine
+derives its backward), float64 central finite differences (``ma.gradcheck``) and closed
+forms. Every backend that works here runs the same grid; "cuda" runs it in its own
+process under the simulator (tests/cuda).
+"""
+
+import numpy as np
+import pytest
+
+import microattn as ma
+from microattn import backends
+from microattn import functional as F
+
+from microattn.kernels.spec import make_attention_spec
+
+from .grid import Case, gradient_floors, grid, make_inputs, rel_err
+
+# Backends that must work on every machine (numba is a dependency, not an option).
+CPU_BACKENDS = ["reference", "numba"]
+GRID = grid()
+
+
+def run(backend, case, dtype, seed=0):
+    """out, lse, dq, dk, dv for one case through the functional API."""
+    q, k, v, dout, kwargs = make_inputs(case, dtype, seed)
+    q, k, v = (ma.tensor(x, requires_grad=True) for x in (q, k, v))
+    out, lse = F.scaled_dot_product_attention(q, k, v, backend=backend, return_lse=True, **kwargs)
+    out.backward(dout)
+    return out.data, lse.data, q.grad, k.grad, v.grad
+
+
+def floors(case, dtype=np.float64):
+    """Cancellation-free gradient magnitudes for saturated (large-logit) cases, else 0."""
+    if case.masking != "large_logits":
+        return {}
+    q, k, v, dout, kwargs = make_inputs(case, np.float64)
+    return gradient_floors(q, k, v, dout, make_attention_spec(q.shape, k.shape, v.shape, (q.dtype,) * 3, **kwargs))
+
+
+def assert_lse_close(lse, expected, tol):
+    empty = expected == -np.inf
+    assert np.array_equal(lse == -np.inf, empty), "lse must be -inf exactly on rows with no key"
+    assert rel_err(lse[~empty], expected[~empty]) <= tol
+
+
+@pytest.fixture(scope="module")
+def composed64():
+    """The autograd-derived oracle, computed once per case."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            cache[case] = run("composed", case, np.float64)
+        return cache[case]
+
+    return get
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", GRID, ids=[c.id for c in GRID])
+def test_float64_matches_composed(backend, case, composed64):
+    reason = backends.unavailable_reason(backend)
+    assert reason is None, reason  # a required backend missing is a failure, not a skip
+    got = run(backend, case, np.float64)
+    want = composed64(case)
+    floor = floors(case)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert np.isfinite(a[np.isfinite(b)]).all(), f"{name} has non-finite values"
+        if name == "lse":
+            assert_lse_close(a, b, 1e-9)
+        else:
+            err = rel_err(a, b, floor.get(name, 0.0))
+            assert err <= 1e-9, f"{name}: rel err {err:.3g}"
+
+
+FLOAT32_GRID = GRID[::3]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", FLOAT32_GRID, ids=[c.id for c in FLOAT32_GRID])
+def test_float32_within_float32_error(backend, case, composed64):
+    """float32 results stay float32 and within 4x the error of an independent float32 oracle.
+
+    The yardstick is the worse of the two float32 oracles we always have (the reference and
+    the composed backend) against the float64 result: at logits of ~1e3 the scores
+    themselves carry float32 rounding of ~1e-4, which no float32 kernel avoids.
+    """
+    got = run(backend, case, np.float32)
+    want = composed64(case)
+    oracles32 = [run(name, case, np.float32) for name in ("composed", "reference")]
+    floor = floors(case)
+    for index, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+        a, b = got[index], want[index]
+        oracle = [o[index] for o in oracles32]
+        assert a.dtype == np.float32, name
+        if name == "lse":
+            empty = b == -np.inf
+            assert np.array_equal(a == -np.inf, empty)
+            a, b, oracle = a[~empty], b[~empty], [o[~empty] for o in oracle]
+        f = floor.get(name, 0.0)
+        budget = 4 * max(max(rel_err(o, b, f) for o in oracle), 1e-6)
+        assert rel_err(a, b, f) <= budget, f"{name}: {rel_err(a, b, f):.3g} > {budget:.3g}"
+
+
+# -- finite differences in float64 ------------------------------------------------------------
+
+GRADCHECK_CASES = [
+    Case(1, 1), Case(5, 7, 4, 2, 3, 2), Case(7, 5, 4, 1, 3, 4, masking="causal"),
+    Case(6, 6, 2, 1, 3, 3, masking="window", window=(1, 0)),
+    Case(5, 6, 2, 2, 2, 3, masking="causal+window", window=(2, -1)),
+    Case(4, 6, 2, 1, 3, 2, masking="bool_mask"), Case(5, 4, 2, 2, 3, 3, masking="float_mask"),
+    Case(6, 3, 2, 1, 2, 2, masking="empty_rows"), Case(5, 6, 4, 2, 3, 2, masking="dropout"),
+    Case(4, 4, 2, 2, 3, 3, masking="large_logits"),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["composed"])
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c.id for c in GRADCHECK_CASES])
+def test_gradcheck(backend, case):
+    q, k, v, _, kwargs = make_inputs(case, np.float64)
+    if case.masking == "large_logits":
+        q = q / 300.0 * 3.0  # finite differences need a smooth neighbourhood: logits ~ 3 sqrt(D)
+    q, k, v = (ma.tensor(x, requires_grad=True) for x in (q, k, v))
+    fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)  # noqa: E731
+    assert ma.gradcheck(fn, [q, k, v], atol=1e-7, rtol=1e-6)
+
+
+# -- closed forms ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["composed"])
+def test_one_key_returns_its_value(backend):
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 3, 5, 4))
+    k = rng.standard_normal((2, 3, 1, 4))
+    v = rng.standard_normal((2, 3, 1, 6))
+    out = F.scaled_dot_product_attention(q, k, v, backend=backend)
+    np.testing.assert_allclose(out.data, np.broadcast_to(v, out.shape), rtol=1e-14)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["composed"])
+def test_constant_shift_of_scores_changes_nothing(backend):
+    rng = np.random.default_rng(2)
+    q, k, v = rng.standard_normal((1, 2, 7, 4)), rng.standard_normal((1, 2, 9, 4)), rng.standard_normal((1, 2, 9, 3))
+    base, lse = F.scaled_dot_product_attention(q, k, v, backend=backend, return_lse=True)
+    shifted, lse2 = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=np.full((7, 9), 123.25), backend=backend, return_lse=True)
+    np.testing.assert_allclose(shifted.data, base.data, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(lse2.data, lse.data + 123.25, rtol=1e-14)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["composed"])
+def test_scores_2_1_half_give_weight_0_6285(backend):
+    # scale 1, one query q = 1, keys 2, 1, 0.5 (D = 1): scores [2, 1, 0.5];
+    # values = identity rows, so the output is the weight vector itself.
+    q = np.ones((1, 1, 1, 1))
+    k = np.array([2.0, 1.0, 0.5]).reshape(1, 1, 3, 1)
+    v = np.eye(3).reshape(1, 1, 3, 3)
+    weights = F.scaled_dot_product_attention(q, k, v, scale=1.0, backend=backend).data.ravel()
+    assert round(weights[0], 4) == 0.6285
+    np.testing.assert_allclose(weights, np.exp([2, 1, 0.5]) / np.exp([2, 1, 0.5]).sum(), rtol=1e-14)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["composed"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fully_masked_rows_give_zeros_minus_inf_and_zero_grad(backend, dtype):
+    rng = np.random.default_rng(3)
+    q, k, v = (ma.tensor(rng.standard_normal(s).astype(dtype), requires_grad=True)
+               for s in ((1, 2, 4, 3), (1, 2, 5, 3), (1, 2, 5, 2)))
+    mask = np.ones((4, 5), dtype=bool)
+    mask[1] = False  # query 1 may see nothing
+    out, lse = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend, return_lse=True)
+    out.backward(rng.standard_normal(out.shape).astype(dtype))
+    assert np.all(out.data[:, :, 1] == 0) and np.all(lse.data[:, :, 1] == -np.inf)
+    assert np.all(q.grad[:, :, 1] == 0)
+    for x in (out.data, q.grad, k.grad, v.grad):
+        assert np.isfinite(x).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["composed"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_huge_logits_never_overflow(backend, dtype):
+    rng = np.random.default_rng(4)
+    q = ma.tensor((rng.standard_normal((1, 2, 6, 8)) * 1e4).astype(dtype), requires_grad=True)
+    k, v = rng.standard_normal((1, 2, 6, 8)).astype(dtype), rng.standard_normal((1, 2, 6, 8)).astype(dtype)
+    out, lse = F.scaled_dot_product_attention(q, k, v, backend=backend, return_lse=True)
+    out.backward(np.ones(out.shape, dtype=dtype))
+    assert np.isfinite(out.data).all() and np.isfinite(lse.data).all() and np.isfinite(q.grad).all()
+    # logits ~1e4 make the softmax one-hot: out is the value of the best key
+    s = np.einsum("bhid,bhjd->bhij", q.data.astype(np.float64), k.astype(np.float64))
+    best = np.take_along_axis(v, s.argmax(-1)[..., None], axis=2)
+    np.testing.assert_allclose(out.data, best, rtol=1e-3, atol=1e-3)
+
+
+def test_causal_is_bottom_right_aligned():
+    # Nq = 2, Nk = 4: query 0 sees keys 0..2, query 1 sees keys 0..3
+    q, k = np.zeros((1, 1, 2, 1)), np.zeros((1, 1, 4, 1))
+    v = np.arange(4.0).reshape(1, 1, 4, 1)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, backend="reference").data.ravel()
+    np.testing.assert_allclose(out, [1.0, 1.5])  # means of 0..2 and 0..3
+
+
+def test_window_worked_example():
+    # Nq = Nk = 6, window (2, 0): query 4 averages keys 2, 3, 4 (equal scores)
+    q, k = np.zeros((1, 1, 6, 1)), np.zeros((1, 1, 6, 1))
+    v = np.arange(6.0).reshape(1, 1, 6, 1)
+    for backend in CPU_BACKENDS + ["composed"]:
+        out = F.scaled_dot_product_attention(q, k, v, window=(2, 0), backend=backend).data.ravel()
+        np.testing.assert_allclose(out, [0, 0.5, 1, 2, 3, 4])
+
+
+# -- dropout -----------------------------------------------------------------------------------
+
+
+def test_dropout_same_mask_on_every_backend_and_for_a_prefix_of_queries():
+    rng = np.random.default_rng(5)
+    q, k, v = rng.standard_normal((2, 4, 9, 4)), rng.standard_normal((2, 2, 11, 4)), rng.standard_normal((2, 2, 11, 3))
+    outs = [F.scaled_dot_product_attention(q, k, v, dropout_p=0.4, seed=77, backend=b).data
+            for b in CPU_BACKENDS + ["composed"]]
+    for other in outs[1:]:
+        np.testing.assert_allclose(other, outs[0], rtol=1e-12, atol=1e-14)
+    prefix = F.scaled_dot_product_attention(q[:, :, :5], k, v, dropout_p=0.4, seed=77, backend="reference")
+    np.testing.assert_allclose(prefix.data, outs[0][:, :, :5], rtol=1e-12)
+
+
+def test_dropout_keeps_the_right_fraction_and_is_unbiased():
+    rng = np.random.default_rng(6)
+    q, k = rng.standard_normal((1, 1, 64, 4)) * 0.0, rng.standard_normal((1, 1, 64, 4))
+    v = np.ones((1, 1, 64, 1))
+    # uniform weights 1/64 and unit values: each output is (kept count) / 64 / (1 - p)
+    outs = [F.scaled_dot_product_attention(q, k, v, dropout_p=0.25, seed=s, backend="reference").data
+            for s in range(20)]
+    kept_fraction = np.mean(outs) * 0.75
+    assert abs(kept_fraction - 0.75) < 0.01
+    assert abs(np.mean(outs) - 1.0) < 0.015  # E[out] equals the no-dropout output
+    assert not np.array_equal(outs[0], outs[1])  # seeds matter
+
+
+def test_dropout_seed_none_draws_from_numpy_global_generator():
+    q = np.random.default_rng(7).standard_normal((1, 1, 8, 4))
+    np.random.seed(0)
+    a = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5, backend="reference").data
+    np.random.seed(0)
+    b = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5, backend="reference").data
+    c = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5, backend="reference").data
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+# -- API details ------------------------------------------------------------------------------
+
+
+def test_arrays_are_constants_and_tensors_get_gradients():
+    rng = np.random.default_rng(8)
+    q = ma.tensor(rng.standard_normal((1, 2, 3, 4)), requires_grad=True)
+    k = rng.standard_normal((1, 2, 3, 4))
+    out = F.scaled_dot_product_attention(q, k, k, backend="reference")
+    assert isinstance(out, ma.Tensor) and out.requires_grad
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def test_mask_may_be_a_tensor_and_gets_no_gradient():
+    rng = np.random.default_rng(9)
+    q = rng.standard_normal((1, 1, 3, 2))
+    mask = ma.tensor(rng.standard_normal((3, 3)), requires_grad=True)
+    out = F.scaled_dot_product_attention(ma.tensor(q, requires_grad=True), q, q, attn_mask=mask)
+    out.sum().backward()
+    assert mask.grad is None
+
+
+def test_no_grad_builds_no_graph():
+    q = np.random.default_rng(10).standard_normal((1, 1, 3, 2))
+    t = ma.tensor(q, requires_grad=True)
+    with ma.no_grad():
+        out = F.scaled_dot_product_attention(t, t, t)
+    assert not out.requires_grad
+
+
+def test_available_backends():
+    names = ma.available_backends()
+    assert {"reference", "composed", "numba"} <= set(names)
+    assert set(names) <= set(backends.SDPA_KERNELS)
+
+
+def test_auto_never_picks_the_simulator_or_something_unavailable():
+    name, _ = backends.resolve("auto")
+    assert name in ma.available_backends()
+    if backends.unavailable_reason("numba") is None and not _real_gpu():
+        assert name == "numba"
+
+
+def _real_gpu():
+    try:
+        from numba import config, cuda
+    except ImportError:
+        return False
+    return (not config.ENABLE_CUDASIM) and cuda.is_available()
+
+
+# -- errors: clear, typed, before any work -------------------------------------------------------
+
+Q = np.zeros((2, 4, 5, 8))
+K = np.zeros((2, 2, 6, 8))
+V = np.zeros((2, 2, 6, 3))
+
+BAD_CALLS = [
+    # (exception, message fragment, args, kwargs)
+    (ValueError, "4-D", (Q[0], K, V), {}),
+    (ValueError, "4-D", (Q, K[..., None], V), {}),
+    (ValueError, "batch sizes differ", (Q, K[:1], V[:1]), {}),
+    (ValueError, "same length", (Q, K, V[:, :, :5]), {}),
+    (ValueError, "head dims differ", (Q, K[..., :7], V), {}),
+    (ValueError, "multiple of key/value heads", (Q, np.zeros((2, 3, 6, 8)), np.zeros((2, 3, 6, 3))), {}),
+    (ValueError, "same number of heads", (Q, K, np.zeros((2, 4, 6, 3))), {}),
+    (ValueError, "not broadcastable", (Q, K, V), {"attn_mask": np.ones((5, 5), bool)}),
+    (ValueError, "not broadcastable", (Q, K, V), {"attn_mask": np.ones((3, 1, 5, 6), bool)}),
+    (TypeError, "boolean or floating", (Q, K, V), {"attn_mask": np.ones((5, 6), int)}),
+    (ValueError, "NaN", (Q, K, V), {"attn_mask": np.full((5, 6), np.nan)}),
+    (ValueError, "dropout_p", (Q, K, V), {"dropout_p": 1.0}),
+    (ValueError, "dropout_p", (Q, K, V), {"dropout_p": -0.1}),
+    (ValueError, "dropout_p", (Q, K, V), {"dropout_p": "0.1"}),
+    (ValueError, "window", (Q, K, V), {"window": (3,)}),
+    (ValueError, "window left", (Q, K, V), {"window": (-2, 0)}),
+    (ValueError, "window right", (Q, K, V), {"window": (0, 1.5)}),
+    (ValueError, "scale", (Q, K, V), {"scale": 0.0}),
+    (ValueError, "scale", (Q, K, V), {"scale": float("nan")}),
+    (ValueError, "seed", (Q, K, V), {"dropout_p": 0.1, "seed": -1}),
+    (ValueError, "unknown backend", (Q, K, V), {"backend": "triton"}),
+    (TypeError, "float32 or float64", (Q.astype(int), K, V), {}),
+    (TypeError, "float32 or float64", (Q.astype(np.float16), K.astype(np.float16), V.astype(np.float16)), {}),
+    (TypeError, "share one dtype", (Q.astype(np.float32), K, V), {}),
+    (TypeError, "Tensor or a NumPy array", (Q.tolist(), K, V), {}),
+]
+
+
+@pytest.mark.parametrize("exc, fragment, args, kwargs", BAD_CALLS, ids=[c[1] for c in BAD_CALLS])
+def test_bad_input_raises_a_clear_error(exc, fragment, args, kwargs):
+    with pytest.raises(exc, match=fragment):
+        F.scaled_dot_product_attention(*args, **kwargs)
+
+
+def test_unavailable_backend_is_a_runtime_error_saying_why(monkeypatch):
+    monkeypatch.setitem(backends.SDPA_KERNELS, "numba", "microattn.kernels.no_such_module")
+    with pytest.raises(RuntimeError, match="not available here"):
+        F.scaled_dot_product_attention(Q, K, V, backend="numba")
+    if not _real_gpu():
+        from numba import config
+        if not config.ENABLE_CUDASIM:
+            with pytest.raises(RuntimeError, match="'cuda' is not available"):
+                F.scaled_dot_product_attention(Q, K, V, backend="cuda")
+
+
+def test_errors_come_before_any_work(monkeypatch):
+    """A bad argument is refused before a kernel runs."""
+    from microattn.kernels import reference
+
+    def boom(*args):
+        raise AssertionError("a kernel ran before validation finished")
+
+    monkeypatch.setattr(reference, "forward", boom)
+    with pytest.raises(ValueError):
+        F.scaled_dot_product_attention(Q, K, V, window=(1, 2, 3), backend="reference")
