@@ -1,0 +1,230 @@
+"""Multi-head attention (MHA / GQA / MQA, self- or cross-) and the KV cache.
+
+Shape legend::
+
+    B batch, Nq query length, Ns source (context) length, Nk key length (cache included),
+    E embed_dim, H query heads (num_heads), Hkv key/value heads (num_kv_heads), hd head dim
+
+    x (B, Nq, E) -> q (B, H, Nq, hd); source (B, Ns, E) -> k, v (B, Hkv, Ns, hd)
+    attention -> (B, H, Nq, hd) -> (B, Nq, E)
+
+The attention itself is one call into ``microattn.functional``: ``"flash"`` is exact
+``scaled_dot_product_attention``, ``"window"`` the same with a sliding window, ``"linear"``
+``linear_attention``. Causality is bottom-right aligned (query i sees key j iff
+j <= i + Nk - Nq), which is what makes a KV cache work: the new queries are the last Nq
+rows of the full sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import functional as F
+from ..kernels.masking import in_band
+from ..tensor import Tensor, concatenate
+from .layers import Dropout, Linear
+from .module import Module
+from .rope import RotaryEmbedding
+
+ATTENTIONS = ("flash", "window", "linear")
+LINEAR_ATTENTION_EPS = 1e-6  # F.linear_attention's default, used by attention_weights too
+
+
+class KVCache:
+    """The keys and values one attention layer has seen, for incremental decoding.
+
+    ``k``, ``v``: (B, Hkv, length, hd) NumPy arrays (None before the first append);
+    ``length``: how many positions are cached (RoPE positions of new tokens start here).
+    Storage grows by doubling, so appending one token at a time costs amortised O(1)
+    copies per token. Cached entries are constants: no gradient flows into them.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._k = self._v = None  # (B, Hkv, capacity, hd) storage
+        self.length = 0
+
+    @property
+    def k(self) -> np.ndarray | None:
+        return None if self._k is None else self._k[:, :, : self.length]
+
+    @property
+    def v(self) -> np.ndarray | None:
+        return None if self._v is None else self._v[:, :, : self.length]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store new keys/values (B, Hkv, n, hd); return all of them so far, (B, Hkv, length, hd).
+
+        The returned Tensors carry gradient into the new ``k``, ``v`` only.
+        """
+        k_new, v_new = np.asarray(k.data), np.asarray(v.data)
+        if self._k is not None and (k_new.shape[:2] != self._k.shape[:2]
+                                    or k_new.shape[3] != self._k.shape[3]
+                                    or v_new.shape[3] != self._v.shape[3]):
+            raise ValueError(
+                f"KVCache holds keys of shape (B, Hkv, N, hd)={self.k.shape}; cannot append "
+                f"{k_new.shape}: reset() the cache for a new batch"
+            )
+        old_k, old_v, start = self.k, self.v, self.length
+        self._reserve(k_new, v_new, start + k_new.shape[2])
+        self._k[:, :, start : start + k_new.shape[2]] = k_new
+        self._v[:, :, start : start + v_new.shape[2]] = v_new
+        self.length = start + k_new.shape[2]
+        if start == 0:
+            return k, v
+        return concatenate([old_k, k], axis=2), concatenate([old_v, v], axis=2)
+
+    def _reserve(self, k_new: np.ndarray, v_new: np.ndarray, needed: int) -> None:
+        capacity = 0 if self._k is None else self._k.shape[2]
+        if needed <= capacity:
+            return
+        capacity = max(needed, 2 * capacity)
+        B, Hkv, _, hd = k_new.shape
+        grown_k = np.empty((B, Hkv, capacity, hd), dtype=k_new.dtype)
+        grown_v = np.empty((B, Hkv, capacity, v_new.shape[3]), dtype=v_new.dtype)
+        if self.length:
+            grown_k[:, :, : self.length] = self.k
+            grown_v[:, :, : self.length] = self.v
+        self._k, self._v = grown_k, grown_v
+
+    def __repr__(self):
+        shape = None if self._k is None else self.k.shape
+        return f"KVCache(length={self.length}, k.shape={shape})"
+
+
+def _elu_plus_one(x: np.ndarray) -> np.ndarray:
+    return np.where(x > 0, x + 1, np.exp(np.minimum(x, 0)))
+
+
+class MultiHeadAttention(Module):
+    """Multi-head attention with separate q, k, v and output projections.
+
+    * ``num_kv_heads`` < ``num_heads`` gives grouped-query attention (1: multi-query);
+      query head h reads key/value head h // (num_heads // num_kv_heads).
+    * ``attention``: "flash" (exact softmax attention), "window" (softmax attention in a
+      sliding window: ``window=(w, 0)`` when causal, ``(w, w)`` otherwise; needs
+      ``window=w``), "linear" (elu+1 linear attention; no ``attn_mask``).
+    * ``rope``: rotary position embedding on q and k (self-attention only; positions
+      continue from the KV cache's length).
+    * ``dropout``: on the attention probabilities in training (seeded and resumable, see
+      ``Dropout``); for "linear" attention, which has no probabilities, on its output.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None,
+                 dropout: float = 0.0, bias: bool = True, attention: str = "flash",
+                 window: int | None = None, rope: bool = False, *, backend: str = "auto",
+                 rope_base: float = 10000.0, dtype=np.float32,
+                 rng: np.random.Generator | None = None):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if attention == "window" and (window is None or isinstance(window, bool) or window < 0):
+            raise ValueError(f'attention="window" needs window=w, an integer >= 0; got {window!r}')
+        if attention != "window" and window is not None:
+            raise ValueError(f'window={window!r} is only used with attention="window", not {attention!r}')
+        rng = np.random.default_rng() if rng is None else rng
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.attention, self.window, self.backend = attention, window, backend
+        hd = self.head_dim
+        self.q_proj = Linear(embed_dim, num_heads * hd, bias, dtype=dtype, rng=rng)
+        self.k_proj = Linear(embed_dim, num_kv_heads * hd, bias, dtype=dtype, rng=rng)
+        self.v_proj = Linear(embed_dim, num_kv_heads * hd, bias, dtype=dtype, rng=rng)
+        self.out_proj = Linear(num_heads * hd, embed_dim, bias, dtype=dtype, rng=rng)
+        self.rope = RotaryEmbedding(hd, base=rope_base) if rope else None
+        self.attn_dropout = Dropout(dropout, rng=rng)
+
+    def forward(self, x, context=None, *, is_causal: bool = False, attn_mask=None,
+                kv_cache: KVCache | None = None, need_weights: bool = False):
+        """x (B, Nq, E), context (B, Ns, E) or None -> (B, Nq, E), or (out, weights)
+        with weights (B, H, Nq, Nk) a NumPy array when ``need_weights``."""
+        if len(x.shape) != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be (B, N, {self.embed_dim}), got shape {x.shape}")
+        if context is not None and kv_cache is not None:
+            raise ValueError("kv_cache is for self-attention; cross-attention recomputes keys from context")
+        if attn_mask is not None and self.attention == "linear":
+            raise ValueError('attn_mask is not supported with attention="linear"')
+        source = x if context is None else context
+        if len(source.shape) != 3 or source.shape[0] != x.shape[0] or source.shape[-1] != self.embed_dim:
+            raise ValueError(f"context must be (B={x.shape[0]}, Ns, {self.embed_dim}), got {source.shape}")
+        B, Nq, _ = x.shape
+        Ns = source.shape[1]
+        H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+
+        q = self.q_proj(x).reshape(B, Nq, H, hd).transpose(0, 2, 1, 3)  # (B, H, Nq, hd)
+        k = self.k_proj(source).reshape(B, Ns, Hkv, hd).transpose(0, 2, 1, 3)  # (B, Hkv, Ns, hd)
+        v = self.v_proj(source).reshape(B, Ns, Hkv, hd).transpose(0, 2, 1, 3)  # (B, Hkv, Ns, hd)
+        if self.rope is not None and context is None:
+            start = 0 if kv_cache is None else kv_cache.length
+            positions = np.arange(start, start + Nq)  # (Nq,)
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # (B, Hkv, Nk, hd)
+
+        out = self._attend(q, k, v, is_causal, attn_mask)  # (B, H, Nq, hd)
+        out = self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, Nq, H * hd))  # (B, Nq, E)
+        if need_weights:
+            return out, self.attention_weights(q.data, k.data, is_causal=is_causal, attn_mask=attn_mask)
+        return out
+
+    def _window(self, is_causal: bool):
+        if self.attention != "window":
+            return None
+        return (self.window, 0) if is_causal else (self.window, self.window)
+
+    def _attend(self, q, k, v, is_causal, attn_mask):
+        dropout_p = self.attn_dropout.p if self.training else 0.0
+        if self.attention == "linear":
+            out = F.linear_attention(q, k, v, causal=is_causal, eps=LINEAR_ATTENTION_EPS,
+                                     backend=self.backend)
+            return self.attn_dropout(out)
+        seed = self.attn_dropout.next_seed() if dropout_p > 0 else None
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            window=self._window(is_causal), seed=seed, backend=self.backend,
+        )
+
+    def attention_weights(self, q: np.ndarray, k: np.ndarray, *, is_causal: bool = False,
+                          attn_mask=None) -> np.ndarray:
+        """(B, H, Nq, Nk) attention probabilities by the reference maths: after masking,
+        before dropout. q (B, H, Nq, hd), k (B, Hkv, Nk, hd) as the layer computed them.
+
+        For "linear" attention: phi(q_i).phi(k_j) / (sum_j phi(q_i).phi(k_j) + eps), the
+        weights its output is the weighted sum with (rows sum to just under 1).
+        """
+        k = np.repeat(k, self.num_heads // self.num_kv_heads, axis=1)  # (B, H, Nk, hd)
+        Nq, Nk = q.shape[2], k.shape[2]
+        i, j = np.arange(Nq)[:, None], np.arange(Nk)[None, :]
+        if self.attention == "linear":
+            scores = _elu_plus_one(q) @ np.swapaxes(_elu_plus_one(k), -1, -2)  # (B, H, Nq, Nk)
+            if is_causal:
+                scores = np.where(in_band(i, j, Nk - Nq, -1, 0), scores, 0.0)
+            return scores / (scores.sum(axis=-1, keepdims=True) + LINEAR_ATTENTION_EPS)
+        scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(self.head_dim)  # (B, H, Nq, Nk)
+        left, right = self._window(is_causal) or (-1, -1)
+        allowed = in_band(i, j, Nk - Nq, left, 0 if is_causal else right)  # (Nq, Nk)
+        if attn_mask is not None:
+            mask = np.asarray(getattr(attn_mask, "data", attn_mask))
+            if mask.dtype == np.bool_:
+                allowed = allowed & mask
+            else:
+                scores = scores + mask
+                allowed = allowed & (mask > -np.inf)
+        scores = np.where(allowed, scores, -np.inf)
+        row_max = scores.max(axis=-1, keepdims=True)
+        exp = np.exp(scores - np.where(row_max == -np.inf, 0, row_max))
+        total = exp.sum(axis=-1, keepdims=True)
+        return exp / np.where(total == 0, 1, total)  # a row with no allowed key is all zeros
+
+    def extra_repr(self):
+        return (f"{self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"attention={self.attention!r}, window={self.window}, rope={self.rope is not None}")

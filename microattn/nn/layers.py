@@ -1,0 +1,177 @@
+"""The basic layers: Linear, Embedding, LayerNorm, RMSNorm, Dropout, GELU.
+
+Each is built from Tensor ops, so autograd derives the backward; every layer takes
+``dtype`` (float32 by default) and ``rng`` (a ``np.random.Generator`` used only for
+initialisation; None draws a fresh one).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..tensor import Tensor
+from .module import Module, Parameter
+
+
+def _generator(rng) -> np.random.Generator:
+    return np.random.default_rng() if rng is None else rng
+
+
+def _float_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"layers support float32 and float64, got dtype {dtype}")
+    return dtype
+
+
+class Linear(Module):
+    """y = x @ weight.T + bias, weight (out_features, in_features) as in PyTorch.
+
+    Initialisation (PyTorch's effective one): weight and bias ~ U(-1/sqrt(in), 1/sqrt(in)).
+    x (..., in_features) -> (..., out_features).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 dtype=np.float32, rng: np.random.Generator | None = None):
+        super().__init__()
+        dtype, rng = _float_dtype(dtype), _generator(rng)
+        self.in_features, self.out_features = in_features, out_features
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = Parameter(rng.uniform(-bound, bound, (out_features, in_features)).astype(dtype))
+        self.bias = Parameter(rng.uniform(-bound, bound, out_features).astype(dtype)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x @ self.weight.T  # (..., in) @ (in, out) -> (..., out)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
+
+
+class Embedding(Module):
+    """A lookup table: integer tokens (...) -> weight[tokens] (..., dim).
+
+    Initialisation: N(0, std^2) with ``std=1.0`` as in PyTorch; ``DecoderLM`` passes
+    ``std=0.02`` (GPT-2's choice, which trains better for small models).
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, *, std: float = 1.0,
+                 dtype=np.float32, rng: np.random.Generator | None = None):
+        super().__init__()
+        dtype, rng = _float_dtype(dtype), _generator(rng)
+        self.num_embeddings, self.dim = num_embeddings, dim
+        self.weight = Parameter((std * rng.standard_normal((num_embeddings, dim))).astype(dtype))
+
+    def forward(self, tokens) -> Tensor:
+        tokens = np.asarray(getattr(tokens, "data", tokens))
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise TypeError(f"Embedding needs integer tokens, got dtype {tokens.dtype}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.num_embeddings):
+            raise ValueError(
+                f"token ids must be in [0, {self.num_embeddings}), got values in "
+                f"[{tokens.min()}, {tokens.max()}]"
+            )
+        return self.weight[tokens]  # (..., dim); repeated ids add up in backward
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.dim}"
+
+
+class LayerNorm(Module):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased variance,
+    as PyTorch). weight starts at ones, bias at zeros."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, *, dtype=np.float32, rng=None):
+        super().__init__()
+        dtype = _float_dtype(dtype)
+        self.dim, self.eps = dim, eps
+        self.weight = Parameter(np.ones(dim, dtype=dtype))
+        self.bias = Parameter(np.zeros(dim, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        centred = x - x.mean(axis=-1, keepdims=True)  # (..., dim)
+        variance = (centred * centred).mean(axis=-1, keepdims=True)  # (..., 1)
+        return centred / (variance + self.eps).sqrt() * self.weight + self.bias
+
+    def extra_repr(self):
+        return f"{self.dim}, eps={self.eps}"
+
+
+class RMSNorm(Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis; weight starts at ones."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, dtype=np.float32, rng=None):
+        super().__init__()
+        dtype = _float_dtype(dtype)
+        self.dim, self.eps = dim, eps
+        self.weight = Parameter(np.ones(dim, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean_square = (x * x).mean(axis=-1, keepdims=True)  # (..., 1)
+        return x / (mean_square + self.eps).sqrt() * self.weight
+
+    def extra_repr(self):
+        return f"{self.dim}, eps={self.eps}"
+
+
+class Dropout(Module):
+    """In training, zero each element with probability ``p`` and scale the rest by 1/(1-p);
+    in eval mode, the identity.
+
+    Reproducible and resumable: the mask of the k-th training-mode call is drawn from
+    ``np.random.default_rng([seed, k])``. ``seed`` and the call counter ``step`` are
+    buffers, so they are in ``state_dict``: a run restored from a checkpoint draws exactly
+    the masks the uninterrupted run would have drawn. ``seed=None`` draws one from ``rng``
+    (or from a fresh generator).
+    """
+
+    def __init__(self, p: float = 0.5, seed: int | None = None, *,
+                 rng: np.random.Generator | None = None):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        if seed is None:
+            seed = int(_generator(rng).integers(2**63 - 1))
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed}")
+        self.p = float(p)
+        self.register_buffer("seed", np.int64(seed))
+        self.register_buffer("step", np.int64(0))
+
+    def next_generator(self) -> np.random.Generator:
+        """The generator of this call (``default_rng([seed, step])``); advances ``step``."""
+        generator = np.random.default_rng([int(self.seed), int(self.step)])
+        self.step = self.step + 1
+        return generator
+
+    def next_seed(self) -> int:
+        """A 63-bit seed for this call (for kernels with their own counter-based dropout)."""
+        return int(self.next_generator().integers(2**63 - 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        kept = self.next_generator().random(x.shape) >= self.p
+        return x * (kept / (1.0 - self.p)).astype(x.dtype)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + (math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)).tanh())
+
+
+class GELU(Module):
+    """GELU with the tanh approximation (PyTorch's ``GELU(approximate="tanh")``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gelu(x)
+
+
+class ReLU(Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.relu()

@@ -1,0 +1,171 @@
+"""A pre-norm transformer block and a small decoder-only language model.
+
+Shape legend: B batch, N sequence length, E embed_dim, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..autograd import no_grad
+from ..tensor import Tensor
+from .attention import KVCache, MultiHeadAttention
+from .layers import GELU, Dropout, Embedding, LayerNorm, Linear, ReLU, RMSNorm
+from .module import Module, ModuleList
+
+NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
+ACTIVATIONS = {"gelu": GELU, "relu": ReLU}
+
+
+def _choice(name, value, table):
+    if value not in table:
+        raise ValueError(f"{name} must be one of {sorted(table)}, got {value!r}")
+    return table[value]
+
+
+class MLP(Module):
+    """Linear(E, hidden) -> activation -> Linear(hidden, E)."""
+
+    def __init__(self, embed_dim: int, hidden_dim: int, activation: str = "gelu", bias: bool = True,
+                 *, dtype=np.float32, rng=None):
+        super().__init__()
+        self.fc_in = Linear(embed_dim, hidden_dim, bias, dtype=dtype, rng=rng)
+        self.activation = _choice("activation", activation, ACTIVATIONS)()
+        self.fc_out = Linear(hidden_dim, embed_dim, bias, dtype=dtype, rng=rng)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc_out(self.activation(self.fc_in(x)))
+
+
+class TransformerBlock(Module):
+    """Pre-norm block::
+
+        x = x + dropout(attention(norm_1(x)))
+        x = x + dropout(mlp(norm_2(x)))
+
+    ``norm``: "layernorm" or "rmsnorm"; ``activation``: "gelu" (tanh approximation) or
+    "relu"; the other keywords go to ``MultiHeadAttention`` (``dropout`` is used both on
+    the attention probabilities and on the two residual branches).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, mlp_ratio: int = 4, *,
+                 num_kv_heads: int | None = None, dropout: float = 0.0, bias: bool = True,
+                 attention: str = "flash", window: int | None = None, rope: bool = False,
+                 norm: str = "layernorm", activation: str = "gelu", backend: str = "auto",
+                 dtype=np.float32, rng: np.random.Generator | None = None):
+        super().__init__()
+        rng = np.random.default_rng() if rng is None else rng
+        norm_class = _choice("norm", norm, NORMS)
+        self.norm_1 = norm_class(embed_dim, dtype=dtype)
+        self.attn = MultiHeadAttention(embed_dim, num_heads, num_kv_heads, dropout, bias, attention,
+                                       window, rope, backend=backend, dtype=dtype, rng=rng)
+        self.norm_2 = norm_class(embed_dim, dtype=dtype)
+        self.mlp = MLP(embed_dim, mlp_ratio * embed_dim, activation, bias, dtype=dtype, rng=rng)
+        self.dropout = Dropout(dropout, rng=rng)
+
+    def forward(self, x, *, is_causal: bool = False, attn_mask=None,
+                kv_cache: KVCache | None = None) -> Tensor:
+        """x (B, N, E) -> (B, N, E)."""
+        x = x + self.dropout(self.attn(self.norm_1(x), is_causal=is_causal, attn_mask=attn_mask,
+                                       kv_cache=kv_cache))
+        return x + self.dropout(self.mlp(self.norm_2(x)))
+
+
+class DecoderLM(Module):
+    """A decoder-only (GPT-style) language model: tokens (B, N) -> logits (B, N, V).
+
+    token embedding (+ learned positions when ``rope=False``) -> dropout ->
+    ``num_layers`` causal ``TransformerBlock``s -> final norm -> ``lm_head`` (no bias,
+    not tied to the embedding). Embeddings are initialised N(0, 0.02^2) (GPT-2).
+    Sequences (cache included) may not exceed ``max_len``.
+    """
+
+    def __init__(self, vocab_size: int, max_len: int, embed_dim: int = 64, num_layers: int = 2,
+                 num_heads: int = 4, num_kv_heads: int | None = None, attention: str = "flash",
+                 window: int | None = None, rope: bool = True, dropout: float = 0.0, *,
+                 mlp_ratio: int = 4, norm: str = "layernorm", activation: str = "gelu",
+                 backend: str = "auto", dtype=np.float32, rng: np.random.Generator | None = None):
+        super().__init__()
+        rng = np.random.default_rng() if rng is None else rng
+        self.vocab_size, self.max_len, self.embed_dim = vocab_size, max_len, embed_dim
+        self.token_embedding = Embedding(vocab_size, embed_dim, std=0.02, dtype=dtype, rng=rng)
+        self.position_embedding = (
+            None if rope else Embedding(max_len, embed_dim, std=0.02, dtype=dtype, rng=rng)
+        )
+        self.dropout = Dropout(dropout, rng=rng)
+        self.blocks = ModuleList(
+            TransformerBlock(embed_dim, num_heads, mlp_ratio, num_kv_heads=num_kv_heads,
+                             dropout=dropout, attention=attention, window=window, rope=rope,
+                             norm=norm, activation=activation, backend=backend, dtype=dtype, rng=rng)
+            for _ in range(num_layers)
+        )
+        self.norm = _choice("norm", norm, NORMS)(embed_dim, dtype=dtype)
+        self.lm_head = Linear(embed_dim, vocab_size, bias=False, dtype=dtype, rng=rng)
+
+    def make_caches(self) -> list[KVCache]:
+        """One empty KVCache per layer, for ``forward(tokens, kv_caches=...)``."""
+        return [KVCache() for _ in self.blocks]
+
+    def forward(self, tokens, kv_caches: list[KVCache] | None = None) -> Tensor:
+        """tokens (B, N) int -> logits (B, N, V), causal.
+
+        With ``kv_caches`` (from ``make_caches``), ``tokens`` are the next N tokens after
+        what the caches hold, and the caches are extended in place.
+        """
+        tokens = np.asarray(getattr(tokens, "data", tokens))
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (B, N), got shape {tokens.shape}")
+        if kv_caches is not None and len(kv_caches) != len(self.blocks):
+            raise ValueError(f"need one KVCache per layer ({len(self.blocks)}), got {len(kv_caches)}")
+        B, N = tokens.shape
+        start = kv_caches[0].length if kv_caches else 0
+        if start + N > self.max_len:
+            raise ValueError(f"sequence length {start + N} exceeds max_len {self.max_len}")
+        x = self.token_embedding(tokens)  # (B, N, E)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(np.arange(start, start + N))  # (N, E) broadcast
+        x = self.dropout(x)
+        caches = kv_caches if kv_caches is not None else [None] * len(self.blocks)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, is_causal=True, kv_cache=cache)  # (B, N, E)
+        return self.lm_head(self.norm(x))  # (B, N, V)
+
+    def generate(self, prompt_tokens, max_new_tokens: int, greedy: bool = True, *,
+                 temperature: float = 1.0, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Extend the prompt (B, N) or (N,) by ``max_new_tokens`` tokens using KV caches.
+
+        ``greedy`` takes the argmax; otherwise samples from softmax(logits / temperature)
+        with ``rng``. Runs in eval mode without a graph (the mode is restored afterwards).
+        Returns the prompt and the new tokens, int64, in the prompt's layout.
+        """
+        prompt = np.asarray(prompt_tokens, dtype=np.int64)
+        squeeze = prompt.ndim == 1
+        tokens = prompt[None] if squeeze else prompt  # (B, N)
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"prompt_tokens must be (B, N) or (N,) with N >= 1, got shape {prompt.shape}")
+        rng = np.random.default_rng() if rng is None else rng
+        was_training = self.training
+        self.eval()
+        try:
+            with no_grad():
+                caches = self.make_caches()
+                logits = self.forward(tokens, kv_caches=caches).data[:, -1]  # (B, V)
+                generated = [tokens]
+                for step in range(max_new_tokens):
+                    next_token = self._pick(logits, greedy, temperature, rng)  # (B, 1)
+                    generated.append(next_token)
+                    if step + 1 < max_new_tokens:
+                        logits = self.forward(next_token, kv_caches=caches).data[:, -1]
+        finally:
+            self.train(was_training)
+        out = np.concatenate(generated, axis=1)  # (B, N + max_new_tokens)
+        return out[0] if squeeze else out
+
+    @staticmethod
+    def _pick(logits: np.ndarray, greedy: bool, temperature: float, rng) -> np.ndarray:
+        if greedy:
+            return np.argmax(logits, axis=-1)[:, None].astype(np.int64)
+        scaled = logits.astype(np.float64) / temperature
+        probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        return np.array([[rng.choice(probs.shape[-1], p=row)] for row in probs], dtype=np.int64)
