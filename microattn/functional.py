@@ -23,9 +23,11 @@ from . import backends
 from .autograd import Function
 from .kernels.masking import in_band, keep
 from .kernels.spec import AttentionSpec, make_attention_spec, make_linear_spec
+from .losses import cross_entropy
 from .tensor import Tensor
 
-__all__ = ["scaled_dot_product_attention", "linear_attention", "Attention", "LinearAttention"]
+__all__ = ["scaled_dot_product_attention", "linear_attention", "cross_entropy", "Attention",
+           "LinearAttention"]
 
 
 def _identity(x):
