@@ -197,7 +197,8 @@ def backward(root, grad=None):
             if parent is None or parent_grad is None:
                 continue
             try:
-                parent_grad = unbroadcast(parent_grad, parent.shape).astype(parent.dtype, copy=False)
+                parent_grad = unbroadcast(parent_grad, parent.shape)
+                parent_grad = parent_grad.astype(parent.dtype, copy=False)
             except ValueError:
                 raise ValueError(
                     f"{ctx.function.__name__}.backward returned a gradient of shape "

@@ -13,7 +13,9 @@ import numpy as np
 from . import autograd
 from .tensor import Tensor
 
-COTANGENT_SEED = 0  # cotangents are np.random.default_rng(0).standard_normal(shape), per output in order
+# Output k's cotangent is the k-th draw of rng.standard_normal(y_k.shape),
+# rng = np.random.default_rng(COTANGENT_SEED).
+COTANGENT_SEED = 0
 
 
 class GradcheckError(AssertionError):
@@ -29,7 +31,8 @@ def _objective(fn, inputs, cotangents):
     """L = sum_k <c_k, y_k> in float64, with no graph built."""
     with autograd.no_grad():
         outputs = _outputs(fn(*inputs))
-    return sum(float(np.sum(np.asarray(y, dtype=np.float64) * c)) for y, c in zip(outputs, cotangents))
+    pairs = zip(outputs, cotangents)
+    return sum(float(np.sum(np.asarray(y, dtype=np.float64) * c)) for y, c in pairs)
 
 
 def _analytic_gradients(fn, inputs, checked, cotangents):
@@ -108,7 +111,8 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3):
         excess = np.abs(analytic[i] - numeric) - tolerance
         if np.all(excess <= 0):  # (NaN fails here too)
             continue
-        worst = np.unravel_index(np.argmax(np.where(np.isnan(excess), np.inf, excess)), numeric.shape)
+        excess = np.where(np.isnan(excess), np.inf, excess)
+        worst = np.unravel_index(np.argmax(excess), numeric.shape)
         raise GradcheckError(
             f"gradcheck failed for input {i} (shape {inputs[i].shape}) at element "
             f"{tuple(int(k) for k in worst)}: analytic {analytic[i][worst]:.8g}, numeric "

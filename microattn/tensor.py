@@ -35,7 +35,8 @@ class Tensor:
     def requires_grad(self, value):
         if value and not _is_floating(self.data.dtype):
             raise TypeError(
-                f"only floating-point tensors can require grad, this one has dtype {self.data.dtype}"
+                "only floating-point tensors can require grad, "
+                f"this one has dtype {self.data.dtype}"
             )
         self._requires_grad = bool(value)
 

@@ -11,12 +11,14 @@ from hypothesis.extra import numpy as hnp
 
 # Decorate property tests with @fast_settings. No deadline: JIT-compiled code makes
 # first calls slow. Few examples: every gradient check costs two evaluations per element.
-fast_settings = settings(deadline=None, max_examples=25)
+fast_settings = settings(deadline=None, max_examples=20)
 
 
 @st.composite
 def shapes(draw, min_dims=0, max_dims=3, min_side=1, max_side=4):
-    return draw(hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=min_side, max_side=max_side))
+    return draw(
+        hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=min_side, max_side=max_side)
+    )
 
 
 @st.composite

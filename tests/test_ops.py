@@ -133,7 +133,8 @@ def test_sigmoid_is_stable_for_large_inputs():
     with np.errstate(over="raise", invalid="raise"):  # no overflow warnings either
         out = x.sigmoid()
         out.backward(np.ones(5))
-    np.testing.assert_allclose(out.data, [0.0, 1 / (1 + np.exp(50.0)), 0.5, 1 / (1 + np.exp(-50.0)), 1.0])
+    expected = [0.0, 1 / (1 + np.exp(50.0)), 0.5, 1 / (1 + np.exp(-50.0)), 1.0]
+    np.testing.assert_allclose(out.data, expected)
     assert np.all(np.isfinite(x.grad))
 
 
@@ -166,12 +167,16 @@ def test_sum_and_mean(name, a, axis, keepdims):
 
 @fast_settings
 @given(
-    a=st.shared(shapes(min_dims=1), key="reduction-shape").flatmap(lambda shape: distinct_arrays(shape)),
+    a=st.shared(shapes(min_dims=1), key="reduction-shape").flatmap(distinct_arrays),
     axis=axes_for,
     keepdims=st.booleans(),
 )
 def test_max_without_ties(a, axis, keepdims):
-    check_op(lambda x: x.max(axis=axis, keepdims=keepdims), lambda x: np.max(x, axis=axis, keepdims=keepdims), a)
+    check_op(
+        lambda x: x.max(axis=axis, keepdims=keepdims),
+        lambda x: np.max(x, axis=axis, keepdims=keepdims),
+        a,
+    )
 
 
 def test_max_splits_the_gradient_evenly_among_ties():
@@ -245,7 +250,9 @@ def test_fully_masked_rows_give_no_nan_and_zero_gradient(op):
 
 def test_masked_softmax_gradcheck_on_live_entries():
     rng = np.random.default_rng(2)
-    mask = np.array([[True, False, True, True], [False, False, False, False], [True, True, False, True]])
+    mask = np.array(
+        [[True, False, True, True], [False, False, False, False], [True, True, False, True]]
+    )
     logits = leaf(rng.standard_normal((3, 4)))
     assert ma.gradcheck(lambda x: x.masked_fill(~mask, -np.inf).softmax(), [logits])
 
@@ -338,7 +345,11 @@ def test_concatenate(axis):
     parts = [rng.standard_normal((2, 3)), rng.standard_normal((2, 3)), rng.standard_normal((2, 3))]
     if axis == 0:
         parts[1] = rng.standard_normal((4, 3))
-    check_op(lambda *xs: ma.concatenate(xs, axis=axis), lambda *xs: np.concatenate(xs, axis=axis), *parts)
+    check_op(
+        lambda *xs: ma.concatenate(xs, axis=axis),
+        lambda *xs: np.concatenate(xs, axis=axis),
+        *parts,
+    )
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2, -1])
