@@ -1,0 +1,161 @@
+"""Host-side checks of the numba.cuda kernels: PTX for sm_80 / sm_90, no GPU needed.
+
+Runs in the main pytest process (NOT under the simulator, which has no compiler). Needs the
+numba-cuda package with its NVVM/NVRTC (``pip install 'numba-cuda[cu13]'``, the ``cuda`` extra
+of microattn); skipped only when that compiler is missing.
+
+* every kernel compiles for compute capability 8.0 and 9.0 at the largest head dims the
+  tiles are sized for (D = Dv = 128), with a bias and dropout (the most code);
+* float32 kernels contain no float64 instruction (no stray double constant or promotion);
+* the shared memory each kernel declares is what ``flash.shared_memory_bytes`` says and fits
+  the 48 KiB static budget;
+* the band arithmetic compiled into the kernels is AttentionSpec's key_range / query_range.
+"""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from microattn.kernels.cuda import flash
+from microattn.kernels.spec import make_attention_spec
+
+CCS = [(8, 0), (9, 0)]
+DTYPES = ["float32", "float64"]
+D = DV = 128
+
+
+def compiler_missing_reason() -> str | None:
+    if flash.cuda is None:
+        return f"numba-cuda is not installed: {flash.unavailable_reason()}"
+    if flash.simulated():
+        return "the CUDA simulator (NUMBA_ENABLE_CUDASIM=1) has no PTX compiler; run without it"
+    try:
+        from numba.cuda.cudadrv import nvvm
+
+        nvvm.NVVM()
+    except Exception as exc:  # noqa: BLE001 - any failure to load libNVVM means "no compiler"
+        return f"numba-cuda's NVVM compiler cannot be loaded: {exc}"
+    return None
+
+
+MISSING = compiler_missing_reason()
+needs_compiler = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
+
+
+def compile_kernels(dtype_name, cc, D, Dv, has_bias, has_dropout):
+    """{kernel name: PTX} for one specialisation, compiled for ``cc`` with no GPU present.
+
+    ``cuda.compile_ptx`` takes the target from ``cc``, but a kernel's calls to
+    ``cuda.jit(device=True)`` helpers compile those for "the current device", which needs a
+    GPU. So the helpers are compiled fresh here, while that lookup answers ``cc``.
+    """
+    from numba.cuda import dispatcher
+
+    tiles = flash.Tiles(flash.GPU_RESIDENT, flash.staged_rows(np.dtype(dtype_name).itemsize, D, Dv))
+    signatures = flash.kernel_signatures(dtype_name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dispatcher, "get_current_device",
+                      lambda: SimpleNamespace(compute_capability=cc))
+        helpers = flash.device_helpers()
+        functions = flash.kernel_functions(dtype_name, D, Dv, tiles, has_bias, has_dropout, helpers)
+        return {name: flash.cuda.compile_ptx(fn, signatures[name], cc=cc)[0]
+                for name, fn in functions.items()}, tiles
+
+
+@pytest.fixture(scope="module")
+def ptx():
+    """{(dtype, cc): ({kernel: PTX}, tiles)} at D = Dv = 128 with bias and dropout compiled in."""
+    return {(dtype, cc): compile_kernels(dtype, cc, D, DV, True, True)
+            for dtype in DTYPES for cc in CCS}
+
+
+F64_INSTRUCTION = re.compile(r"^\s*(?:@%p\d+\s+)?[a-z]+(?:\.[a-z0-9]+)*\.f64\b.*$", re.MULTILINE)
+SHARED_DECLARATION = re.compile(r"^\s*(?:\.visible\s+)?\.shared\s+\.align\s+\d+\s+\.b8\s+(\w+)\[(\d+)\];",
+                                re.MULTILINE)
+
+
+def shared_bytes(ptx_text: str) -> int:
+    return sum(int(size) for _, size in SHARED_DECLARATION.findall(ptx_text))
+
+
+@needs_compiler
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_kernel_compiles(ptx, dtype, cc):
+    kernels, _ = ptx[dtype, cc]
+    assert set(kernels) == {"_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+    for name, text in kernels.items():
+        assert f".target sm_{cc[0]}{cc[1]}" in text, name
+        assert ".entry" in text, name
+
+
+@needs_compiler
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+def test_float32_kernels_have_no_float64_instruction(ptx, cc):
+    kernels, _ = ptx["float32", cc]
+    for name, text in kernels.items():
+        found = F64_INSTRUCTION.findall(text)
+        assert not found, f"{name} has float64 instructions, e.g. {found[:3]}"
+    # the pattern does find them where they belong
+    assert F64_INSTRUCTION.search(ptx["float64", cc][0]["_attn_fwd"])
+
+
+@needs_compiler
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shared_memory_fits_the_budget(ptx, dtype, cc):
+    kernels, tiles = ptx[dtype, cc]
+    expected = flash.shared_memory_bytes(dtype, D, DV, tiles)
+    for name, text in kernels.items():
+        assert shared_bytes(text) == expected[name], name
+        assert shared_bytes(text) <= flash.SHARED_MEMORY_BUDGET, name
+    assert max(expected.values()) > flash.SHARED_MEMORY_BUDGET // 2  # the tiles use the room
+
+
+@needs_compiler
+def test_specialisation_without_bias_or_dropout():
+    """A smaller variant compiles too, float64-free, and leaves out the dropout hash."""
+    kernels, _ = compile_kernels("float32", (8, 0), 64, 32, False, False)
+    with_dropout, _ = compile_kernels("float32", (8, 0), 64, 32, False, True)
+    for name, text in kernels.items():
+        assert not F64_INSTRUCTION.findall(text), name
+    assert len(kernels["_attn_fwd"]) < len(with_dropout["_attn_fwd"])
+
+
+# -- host-side arithmetic shared with the kernels (no compiler needed) ------------------------
+
+
+@pytest.mark.parametrize("Nq, Nk", [(1, 1), (7, 7), (9, 40), (40, 9), (33, 64)])
+def test_band_ranges_are_the_spec_ranges(Nq, Nk):
+    """The device band arithmetic is AttentionSpec.key_range / query_range, tile by tile."""
+    windows = [(-1, -1), (0, 0), (3, 0), (-1, 0), (0, -1), (16, 16), (40, -1), (-1, 5), (2, 50)]
+    for left, right in windows:
+        spec = make_attention_spec((1, 1, Nq, 4), (1, 1, Nk, 4), (1, 1, Nk, 4), (np.float64,) * 3,
+                                   window=(left, right))
+        band = (spec.offset, spec.window_left, spec.window_right)
+        for block in (1, 4, 8):
+            for start in range(0, Nq, block):
+                stop = min(Nq, start + block)
+                assert flash.band_key_range(start, stop, Nk, *band) == spec.key_range(start, stop)
+            for start in range(0, Nk, block):
+                stop = min(Nk, start + block)
+                assert flash.band_query_range(start, stop, Nq, *band) == spec.query_range(start, stop)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_tiles_fit_the_shared_memory_budget(dtype):
+    for D_, Dv_ in ((8, 8), (64, 64), (128, 128), (128, 32), (256, 256)):
+        rows = flash.staged_rows(np.dtype(dtype).itemsize, D_, Dv_)
+        used = flash.shared_memory_bytes(dtype, D_, Dv_, flash.Tiles(flash.GPU_RESIDENT, rows))
+        assert max(used.values()) <= flash.SHARED_MEMORY_BUDGET
+        assert rows == flash.GPU_MAX_STAGED or 2 * rows * (D_ + Dv_ + 2) * np.dtype(dtype).itemsize > flash.SHARED_MEMORY_BUDGET
+
+
+def test_module_imports_and_explains_itself():
+    """Importable anywhere; unavailable_reason is None or a sentence saying what is missing."""
+    reason = flash.unavailable_reason()
+    assert reason is None or ("GPU" in reason or "numba-cuda" in reason)
