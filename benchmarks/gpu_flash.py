@@ -14,6 +14,7 @@ Usage (on a machine with a CUDA GPU)::
 
     python benchmarks/gpu_flash.py                       # N 1024..16384, D 64/128, H 16, B 4
     python benchmarks/gpu_flash.py --n 4096 --d 128 --dtype float32
+    python benchmarks/gpu_flash.py --n 4096 --d 64 --resident 128 --staged 32   # try other tiles
 
 No figures are recorded here yet: this was written on a machine without a GPU. Under
 ``NUMBA_ENABLE_CUDASIM=1`` it runs (very slowly), which the test suite does at N = 16.
@@ -117,6 +118,13 @@ def time_torch(torch, B, H, N, D, causal, repeats):
     return fwd, fwd_bwd
 
 
+def device_name() -> str:
+    if flash.simulated():
+        return "numba CUDA simulator (timings mean nothing)"
+    name = flash.cuda.get_current_device().name
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
@@ -129,6 +137,10 @@ def parse_args(argv):
     parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs; the best is kept")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch SDPA column")
+    parser.add_argument("--resident", type=int, default=None,
+                        help="tile tuning: rows owned by a block's threads (BLOCK_M of fwd/dq)")
+    parser.add_argument("--staged", type=int, default=None,
+                        help="tile tuning: rows staged in shared memory (BLOCK_N of fwd/dq)")
     return parser.parse_args(argv)
 
 
@@ -137,14 +149,26 @@ def main(argv=None):
     reason = flash.unavailable_reason()
     if reason is not None:
         raise SystemExit(f"cannot run the GPU benchmark: {reason}")
+    if (args.resident is None) != (args.staged is None):
+        raise SystemExit("--resident and --staged go together")
+    previous_tiles = flash.TILES_OVERRIDE
+    if args.resident is not None:
+        flash.TILES_OVERRIDE = flash.Tiles(args.resident, args.staged)
+    try:
+        return run(args, argv)
+    finally:
+        flash.TILES_OVERRIDE = previous_tiles
+
+
+def run(args, argv):
     torch = None if args.no_torch else torch_sdpa()
     causal_modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
-    device = flash.cuda.get_current_device()
     print("command: python benchmarks/gpu_flash.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
-    print(f"device: {getattr(device, 'name', device)}"
-          f"{'  (SIMULATOR: timings mean nothing)' if flash.simulated() else ''}")
+    print(f"device: {device_name()}")
+    print("tiles (resident, staged): " + ", ".join(
+        f"{dt} D={D} {tuple(flash.tile_config(np.dtype(dt), D, D))}" for dt in args.dtype for D in args.d))
     header = (f"{'dtype':8} {'D':>4} {'causal':>6} {'N':>6} {'err':>8} {'fwd ms':>9} {'TFLOP/s':>8} "
-              f"{'f+b ms':>9} {'TFLOP/s':>8}" + (f" {'torch fwd':>10} {'torch f+b':>10}" if torch else ""))
+              f"{'f+b ms':>9} {'TFLOP/s':>8}" + (f" {'torch32 fwd':>11} {'torch32 f+b':>11}" if torch else ""))
     print(header)
     rows = []
     B, H = args.batch, args.heads
@@ -163,7 +187,7 @@ def main(argv=None):
                     if torch is not None:
                         t_fwd, t_fwd_bwd = time_torch(torch, B, H, N, D, causal, args.repeats)
                         row.update(torch_fwd_ms=t_fwd, torch_fwd_bwd_ms=t_fwd_bwd)
-                        line += f" {t_fwd:>10.3f} {t_fwd_bwd:>10.3f}"
+                        line += f" {t_fwd:>11.3f} {t_fwd_bwd:>11.3f}"
                     print(line, flush=True)
                     rows.append(row)
     return rows

@@ -46,11 +46,12 @@ On a GPU: ``resident = 64`` threads (two warps; each thread holds ~D + Dv + BLOC
 registers, so more rows per block would mostly add register spills at D = 128) and ``staged``
 is the largest power of two <= 64 whose tiles fit the 48 KiB of static shared memory a block
 may use without opting in to dynamic shared memory: staged * (D + Dv + 2) * itemsize <= 48 KiB.
-That gives staged = 64 for float32 up to D + Dv = 190 and 32 at D = Dv = 128 (33 KiB); for
-float64, 32 and 16. These are design choices, **not measured**: no GPU was available when
+That gives staged = 64 for float32 up to D + Dv = 190 and 32 at D = Dv = 128 (32.3 KiB);
+for float64, 32 and 16. These are design choices, **not measured**: no GPU was available when
 this was written; ``benchmarks/gpu_flash.py`` measures them. Under numba's simulator
 (``NUMBA_ENABLE_CUDASIM=1``) every thread is a Python thread, so ``SIM_TILES`` (8 x 8) keeps
 the thread count small while still covering several tiles and ragged edges at N = 37.
+``TILES_OVERRIDE`` forces other tiles (for tuning on a GPU, and for tests).
 
 Kernels are built lazily, on first use, by a cached factory keyed on (dtype, D, Dv, tiles,
 has_bias, has_dropout): head dims and tiles are compile-time constants (local and shared
@@ -97,6 +98,9 @@ class Tiles(NamedTuple):
 GPU_RESIDENT = 64
 GPU_MAX_STAGED = 64
 SIM_TILES = Tiles(resident=8, staged=8)  # the simulator runs one Python thread per GPU thread
+# A tuning and testing hook: when set, every launch uses these tiles (benchmarks/gpu_flash.py
+# --resident/--staged sets it to try tiles on a GPU; tests set it to vary the tiling).
+TILES_OVERRIDE: Tiles | None = None
 
 
 def simulated() -> bool:
@@ -121,6 +125,8 @@ def staged_rows(itemsize: int, D: int, Dv: int, budget: int = SHARED_MEMORY_BUDG
 
 def tile_config(dtype, D: int, Dv: int) -> Tiles:
     """The tiles used for this dtype and these head dims (SIM_TILES under the simulator)."""
+    if TILES_OVERRIDE is not None:
+        return TILES_OVERRIDE
     if simulated():
         return SIM_TILES
     return Tiles(GPU_RESIDENT, staged_rows(np.dtype(dtype).itemsize, D, Dv))
@@ -527,7 +533,9 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
 
 def kernel_signatures(dtype_name: str) -> dict[str, str]:
     """Explicit signatures of the four kernels (C-contiguous arrays), for cuda.compile_ptx."""
-    f = {"float32": "float32", "float64": "float64"}[dtype_name]
+    if dtype_name not in ("float32", "float64"):
+        raise ValueError(f"the cuda kernels take float32 or float64, got {dtype_name!r}")
+    f = dtype_name
     a3, a4 = f"{f}[:, :, ::1]", f"{f}[:, :, :, ::1]"
     band = "int64, int64, int64"  # offset, window_left, window_right
     dropout = f"int64, int64, int64, {f}"  # seed_lo, seed_hi, threshold, dropout_scale
