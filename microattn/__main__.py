@@ -1,0 +1,5 @@
+"""``python -m microattn ...``: the same as the ``microattn`` command."""
+
+from .cli import main
+
+raise SystemExit(main())
