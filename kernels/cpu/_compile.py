@@ -1,0 +1,228 @@
+"""How the numba CPU attention kernels are compiled and run: written once, used by every rung.
+
+What lives here, and why:
+
+* ``NUMBA_ERROR``: None when numba imports, else the reason (the kernel modules still
+  import without numba, so ``unavailable_reason()`` can say why they cannot run).
+* ``kernel`` / ``helper``: the two decorators. Kernels are ``njit(parallel=True,
+  cache=True)`` with ``FASTMATH``; helpers are ``njit(inline="always")``.
+* ``FASTMATH``: fastmath *without* ``nnan`` and ``ninf``. Masking writes ``-inf`` into the
+  scores and relies on ``exp(-inf) == 0`` and ``max(-inf, x) == x``; the flags that assume
+  "no infinities" would make that undefined behaviour.
+* ``in_band`` and ``keep``: the mask and dropout helpers of ``kernels/masking.py``,
+  compiled as they are (never rewritten), so every backend draws the same mask.
+* ``exp_sub``: ``row[i] = exp(row[i] - shift[i])`` over contiguous 1-D arrays. pip's llvmlite has no SVML, so ``math.exp`` stays a scalar libm call (~8 ns); the
+  float32 version here is a polynomial the compiler vectorises (~0.5 ns, within 3e-7 of
+  ``np.exp``, ``exp(-inf) == 0`` exactly). float64 keeps ``math.exp``.
+* ``blas_single_threaded()``: a context manager that pins SciPy's OpenBLAS (which
+  ``np.dot`` calls inside jitted code) to one thread while our own threads run. Inside a
+  ``prange`` every worker already owns a core; an OpenBLAS that also spawns threads for
+  each tile product oversubscribes the machine (measured: 22 GF/s -> 1.2 GF/s on
+  128 x 128 x 64 tiles, 2 cores).
+* The **threading layer**. numba picks ``omp`` when it can; on small VMs its per-call cost
+  was measured at ~15 ms, far more than a whole N=1024 attention. So, *unless the user
+  chose a layer* (``NUMBA_THREADING_LAYER`` in the environment), importing the kernels
+  sets ``numba.config.THREADING_LAYER = "workqueue"``, a simple layer with near-zero launch
+  cost. This must happen before the first parallel kernel runs anywhere in the process;
+  a user who wants ``omp`` or ``tbb`` sets the environment variable.
+
+Caching: ``cache=True`` stores compiled kernels next to the source (``__pycache__``). numba
+checks only the kernel's own file, so after editing ``masking.py`` clear ``__pycache__``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import math
+import os
+
+import numpy as np
+
+from .. import masking
+
+try:
+    import numba
+    from numba import prange  # noqa: F401  (re-exported for the kernel modules)
+    from numba.core import types
+    from numba.extending import intrinsic, overload, register_jitable
+
+    NUMBA_ERROR = None
+except ImportError as exc:  # the reference backend still works without numba
+    numba = None
+    NUMBA_ERROR = f"numba is not importable ({exc})"
+    prange = range
+
+try:
+    import scipy.linalg.cython_blas  # noqa: F401  numba's np.dot calls BLAS through SciPy
+except ImportError as exc:
+    if NUMBA_ERROR is None:
+        NUMBA_ERROR = f"scipy is not importable ({exc}); numba needs it for np.dot"
+
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}  # no "nnan", no "ninf"
+
+
+def kernel(fn):
+    """A parallel CPU kernel: njit(parallel=True, cache=True) with FASTMATH."""
+    if numba is None:
+        return fn
+    return numba.njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)(fn)
+
+
+def serial_kernel(fn):
+    """A single-threaded kernel (the plain-loop rung)."""
+    if numba is None:
+        return fn
+    return numba.njit(cache=True, fastmath=FASTMATH, nogil=True)(fn)
+
+
+def helper(fn):
+    """A small function inlined into the kernels that call it."""
+    if numba is None:
+        return fn
+    return numba.njit(inline="always", fastmath=FASTMATH)(fn)
+
+
+# -- the threading layer ------------------------------------------------------------------
+
+if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+
+# -- masking.py, compiled as is ----------------------------------------------------------
+
+if numba is not None:
+    # keep() calls dropout_bits() calls mix32() by their plain Python names; registering
+    # them lets compiled code make those calls without touching masking.py.
+    register_jitable(masking.mix32)
+    register_jitable(masking.dropout_bits)
+in_band = helper(masking.in_band)
+keep = helper(masking.keep)
+
+
+# -- exp over a row ------------------------------------------------------------------------
+
+
+def _exp_coefficients(degree=6):
+    """Minimax-like (Chebyshev-fitted) coefficients of exp(r) on [-ln2/2, ln2/2]."""
+    half = math.log(2.0) / 2.0
+    r = np.cos(np.linspace(0.0, np.pi, 4001)) * half
+    fit = np.polynomial.chebyshev.Chebyshev.fit(r, np.exp(r), degree)
+    return tuple(np.float32(c) for c in fit.convert(kind=np.polynomial.Polynomial).coef)
+
+
+_C0, _C1, _C2, _C3, _C4, _C5, _C6 = _exp_coefficients()
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)  # ln 2 = LN2_HI + LN2_LO, LN2_HI exact in 9 bits (Cody-Waite)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_MIN = np.float32(-87.0)  # exp(-87) = 1.6e-38, the smallest normal float32; below: 0
+
+
+def exp_sub(row, shift):
+    """``row[i] = exp(row[i] - shift[i])`` in place, over two contiguous 1-D arrays.
+
+    ``-inf - shift`` and ``x - inf`` both give exactly 0 (never NaN). Compiled per dtype
+    (the overload below); this Python body is the float64 meaning.
+    """
+    for i in range(row.shape[0]):
+        row[i] = math.exp(row[i] - shift[i])
+
+
+if numba is not None:
+
+    @intrinsic
+    def _float32_from_bits(typingctx, bits):
+        """Reinterpret the low 32 bits of an integer as a float32 (a bit cast, no conversion)."""
+        if not isinstance(bits, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+
+            value = args[0]
+            if bits.bitwidth > 32:
+                value = builder.trunc(value, ir.IntType(32))
+            return builder.bitcast(value, ir.FloatType())
+
+        return types.float32(bits), codegen
+
+    def _exp_sub_float32(row, shift):
+        # exp(x) = 2**n * exp(r) with n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2]:
+        # exp(r) is a degree-6 polynomial, 2**n is built from its exponent bits.
+        # Branch-free, so LLVM vectorises the loop (8 lanes on AVX2).
+        for i in range(row.shape[0]):
+            x = row[i] - shift[i]
+            xc = max(x, _EXP_MIN)
+            n = np.floor(xc * _LOG2E + np.float32(0.5))
+            r = xc - n * _LN2_HI
+            r = r - n * _LN2_LO
+            p = _C6
+            p = p * r + _C5
+            p = p * r + _C4
+            p = p * r + _C3
+            p = p * r + _C2
+            p = p * r + _C1
+            p = p * r + _C0
+            e = p * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+            row[i] = e if x > _EXP_MIN else np.float32(0.0)
+
+    def _exp_sub_float64(row, shift):
+        for i in range(row.shape[0]):
+            row[i] = math.exp(row[i] - shift[i])
+
+    @overload(exp_sub, jit_options={"fastmath": FASTMATH}, inline="always")
+    def _exp_sub_overload(row, shift):
+        if row.dtype == types.float32:
+            return _exp_sub_float32
+        return _exp_sub_float64
+
+
+# -- BLAS threads ----------------------------------------------------------------------------
+
+
+def _find_scipy_openblas():
+    """SciPy's bundled OpenBLAS (the BLAS numba's np.dot uses), or None if not found."""
+    try:
+        import scipy
+    except ImportError:
+        return None
+    libs = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs")
+    for path in sorted(glob.glob(os.path.join(libs, "libscipy_openblas*.so*"))):
+        try:
+            lib = ctypes.CDLL(path)
+            get, put = lib.scipy_openblas_get_num_threads, lib.scipy_openblas_set_num_threads
+        except (OSError, AttributeError):
+            continue
+        get.restype, get.argtypes = ctypes.c_int, []
+        put.restype, put.argtypes = None, [ctypes.c_int]
+        return get, put
+    return None
+
+
+_OPENBLAS = _find_scipy_openblas()
+
+
+@contextlib.contextmanager
+def blas_single_threaded():
+    """Pin SciPy's OpenBLAS to one thread for the duration (a no-op if it is not found).
+
+    The setting is process-wide while it lasts: a SciPy BLAS call made concurrently from
+    another Python thread would run single-threaded too (correct, just slower).
+    """
+    if _OPENBLAS is None:
+        yield
+        return
+    get, put = _OPENBLAS
+    before = get()
+    if before != 1:
+        put(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            put(before)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

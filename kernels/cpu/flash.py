@@ -1,0 +1,501 @@
+"""Tiled flash attention on the CPU (numba, ``njit(parallel=True)``): the ``"numba"`` backend.
+
+This is rung 3 of the ladder in ``ladder.py`` (rung 1: plain loops; rung 2: tiles with
+hand-written tile products). The maths is the reference's (``kernels/reference.py``); the
+tiling is Triton's fused-attention tutorial; docs/flash-cpu.md walks through it.
+
+Shape legend (see ``spec.py``)::
+
+    q (B, Hq, Nq, D)   k (B, Hkv, Nk, D)   v (B, Hkv, Nk, Dv)   out (B, Hq, Nq, Dv)
+    lse, delta (B, Hq, Nq)
+    a tile: BLOCK_N keys x BLOCK_M queries; bn, bm its actual (edge-clipped) sizes
+
+**Tiles are stored keys-major**, ``sT[jj, ii]`` = score of key ``j0 + jj`` for query
+``i0 + ii`` (Triton's ``qkT``). Every per-query quantity (``m_i``, ``l_i``, ``lse``,
+``delta``) is then a contiguous vector along the tile's rows, so the running max, the
+exp and the row sums are element-wise loops the compiler vectorises; there is no
+horizontal reduction anywhere. All tile products are ``np.dot`` (BLAS through SciPy).
+
+Forward (``_flash_forward``), one task per (b, h, query block), the query block resident::
+
+    for each key block in key_range(query block):          # band-skipping, see below
+        sT    = scale * k_blk @ q_blk.T (+ bias), -inf outside the band
+        m_new = max(m_i, max_j sT[j])
+        alpha = exp(m_i - m_new)                             # rescales what was summed so far
+        pT    = exp(sT - m_new);  l_i = alpha * l_i + sum_j pT[j]
+        acc   = alpha * acc + (pT * dropout).T @ v_blk
+    out = acc / l_i;  lse = m_i + log(l_i)                   # empty row: 0 and -inf
+
+Backward (Triton's three pieces): ``_bwd_preprocess`` (delta = rowsum(dO * O)),
+``_bwd_dkdv`` (one task per (b, kv head, key block), the key block resident, looping over
+the group's query heads and their query blocks), ``_bwd_dq`` (one task per (b, h, query
+block), the query block resident, looping over key blocks). Each tile recomputes
+``pT = exp(sT - lse)`` instead of storing P. No task writes where another task writes, so
+there are no atomics and the result does not depend on thread timing: reruns are
+bit-identical. GQA needs no reduction afterwards: a kv head's task sums its whole group.
+
+When there are enough heads to keep every thread busy (``B * Hkv >= 2 * threads``),
+``_bwd_fused`` replaces the dkdv/dq pair: one task per (b, kv head) walks the key blocks
+with dK/dV resident, exactly as ``_bwd_dkdv`` does, and also adds each tile's ``dsT.T @
+k_blk`` into that head's dQ rows, which only this task writes. That is 5 tile products
+per tile instead of 7 (the split version recomputes sT and dpT for dQ) -- the same work
+PyTorch's CPU flash backward does -- and still no atomics.
+
+**Sliding windows and causal masks cost O(N * w)**: a query block visits only the key
+blocks in ``key_range(i0, i1)`` (the keys its band can reach), and a key block only the
+query blocks in ``query_range(j0, j1)``. With ``window=(w, 0)`` a query block of
+``BLOCK_M`` rows touches ``w + BLOCK_M`` keys, whatever N is: time grows linearly with N
+(measured in docs/performance.md). Blocks the band excludes entirely are never touched;
+blocks it includes entirely skip the per-element band test.
+
+Measured (float32, B=1, H=8, D=64, 2-core VM, medians; docs/performance.md has the table
+and the command): see the ladder in ``ladder.py`` for rung-by-rung speeds.
+
+Threads: numba's ``workqueue`` layer unless ``NUMBA_THREADING_LAYER`` says otherwise, and
+SciPy's OpenBLAS pinned to one thread while a kernel runs (see ``_compile.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..spec import AttentionSpec
+from ._compile import (
+    NUMBA_ERROR, blas_single_threaded, exp_sub, helper, in_band, keep, kernel, prange,
+)
+
+BLOCK_M = 128  # queries per tile
+BLOCK_N = 128  # keys per tile
+
+
+def unavailable_reason() -> str | None:
+    """None when the numba kernels can run here, else why not."""
+    return NUMBA_ERROR
+
+
+# -- the protocol -----------------------------------------------------------------------
+
+
+def forward(q, k, v, spec: AttentionSpec):
+    """out (B, Hq, Nq, Dv), lse (B, Hq, Nq) for q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv)."""
+    q, k, v = (np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v))
+    out = np.empty((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=spec.dtype)
+    lse = np.empty((spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
+    with blas_single_threaded():
+        _flash_forward(q, k, v, *_spec_args(spec), out, lse)
+    return out, lse
+
+
+def backward(q, k, v, out, lse, dout, spec: AttentionSpec, fused=None):
+    """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv) from dout (B, Hq, Nq, Dv).
+
+    ``fused`` picks the single-pass backward (None: when ``B * Hkv`` keeps every thread
+    busy). Both passes give the same result up to rounding; each is deterministic.
+    """
+    q, k, v, out, lse, dout = (
+        np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v, out, lse, dout)
+    )
+    dq = np.zeros_like(q)
+    dk = np.empty_like(k)
+    dv = np.empty_like(v)
+    delta = np.empty_like(lse)
+    if fused is None:
+        fused = spec.B * spec.Hkv >= 2 * _num_threads()
+    args = _spec_args(spec)
+    with blas_single_threaded():
+        _bwd_preprocess(out, dout, delta)
+        if fused:
+            _bwd_fused(q, k, v, dout, lse, delta, *args, dq, dk, dv)
+        else:
+            _bwd_dkdv(q, k, v, dout, lse, delta, *args, dk, dv)
+            _bwd_dq(q, k, v, dout, lse, delta, *args, dq)
+    return dq, dk, dv
+
+
+def _spec_args(spec: AttentionSpec) -> tuple:
+    """The spec as the jitted kernels take it: plain scalars, one bias array and flags.
+
+    Everything that varies between calls is a runtime argument, so each kernel compiles
+    once per dtype (float32, float64) and never again.
+    """
+    t = spec.dtype.type
+    bias = spec.bias if spec.has_bias else np.zeros((1, 1, 1, 1), dtype=spec.dtype)
+    use_dropout = spec.dropout_p > 0.0
+    return (
+        bias, spec.has_bias, t(spec.scale), spec.offset, spec.window_left, spec.window_right,
+        use_dropout, spec.seed_lo, spec.seed_hi, spec.dropout_threshold,
+        t(spec.dropout_scale if use_dropout else 1.0),
+    )
+
+
+def _num_threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+# -- shared tile helpers ------------------------------------------------------------------
+
+
+@helper
+def key_range(i_start, i_stop, Nk, offset, window_left, window_right):
+    """Keys [j_start, j_stop) that queries [i_start, i_stop) may see (AttentionSpec.key_range)."""
+    j_start = 0
+    j_stop = Nk
+    if window_left >= 0:
+        j_start = max(0, i_start + offset - window_left)
+    if window_right >= 0:
+        j_stop = min(Nk, i_stop - 1 + offset + window_right + 1)
+    return j_start, max(j_start, j_stop)
+
+
+@helper
+def query_range(j_start, j_stop, Nq, offset, window_left, window_right):
+    """Queries [i_start, i_stop) that may see a key in [j_start, j_stop) (AttentionSpec.query_range)."""
+    i_start = 0
+    i_stop = Nq
+    if window_right >= 0:
+        i_start = max(0, j_start - offset - window_right)
+    if window_left >= 0:
+        i_stop = min(Nq, j_stop - 1 - offset + window_left + 1)
+    return i_start, max(i_start, i_stop)
+
+
+@helper
+def bias_plane(bias, b, h):
+    """The (Nq, Nk) bias for batch b, query head h (size-1 dims broadcast)."""
+    return bias[b if bias.shape[0] > 1 else 0, h if bias.shape[1] > 1 else 0]
+
+
+@helper
+def scores_t(k_blk, q_blk, sT, scale, bias_qk, use_bias, i0, j0, offset, window_left, window_right):
+    """sT = scale * k_blk @ q_blk.T (+ bias.T), with -inf where the band forbids a pair.
+
+    k_blk (bn, D), q_blk (bm, D), sT (bn, bm); bias_qk is the (Nq, Nk) bias plane.
+    """
+    np.dot(k_blk, q_blk.T, sT)
+    bn, bm = sT.shape
+    # the band is an interval of diagonals, so two corners decide the whole tile
+    whole = in_band(i0 + bm - 1, j0, offset, window_left, window_right) and in_band(
+        i0, j0 + bn - 1, offset, window_left, window_right)
+    for jj in range(bn):
+        row = sT[jj]
+        j = j0 + jj
+        for ii in range(bm):
+            row[ii] *= scale
+        if use_bias:
+            for ii in range(bm):
+                row[ii] += bias_qk[i0 + ii, j]
+        if not whole:
+            for ii in range(bm):
+                if not in_band(i0 + ii, j, offset, window_left, window_right):
+                    row[ii] = -np.inf
+
+
+@helper
+def dropout_t(pT, seed_lo, seed_hi, threshold, drop_scale, b, h, i0, j0):
+    """pT *= keep(seed, b, h, i, j) / (1 - p), the same mask as every other backend."""
+    bn, bm = pT.shape
+    for jj in range(bn):
+        row = pT[jj]
+        for ii in range(bm):
+            kept = keep(seed_lo, seed_hi, b, h, i0 + ii, j0 + jj, threshold)
+            row[ii] = row[ii] * drop_scale if kept else 0.0
+
+
+@helper
+def add_into(acc, x):
+    """acc += x for two (rows, cols) arrays of the same shape."""
+    for r in range(acc.shape[0]):
+        acc_row = acc[r]
+        x_row = x[r]
+        for c in range(acc.shape[1]):
+            acc_row[c] += x_row[c]
+
+
+# -- forward ------------------------------------------------------------------------------
+
+
+@kernel
+def _flash_forward(q, k, v, bias, use_bias, scale, offset, window_left, window_right,
+                   use_dropout, seed_lo, seed_hi, threshold, drop_scale, out, lse):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv
+    n_qblocks = (Nq + BLOCK_M - 1) // BLOCK_M
+    for task in prange(B * Hq * n_qblocks):
+        b = task // (Hq * n_qblocks)
+        h = task // n_qblocks % Hq
+        i0 = task % n_qblocks * BLOCK_M
+        i1 = min(i0 + BLOCK_M, Nq)
+        bm = i1 - i0
+        kv = h // group  # GQA: query head h reads kv head h // group
+        q_blk = q[b, h][i0:i1]  # (bm, D), resident for the whole task
+        bias_qk = bias_plane(bias, b, h)
+
+        m_i = np.full(bm, -np.inf, dtype=q.dtype)  # running max of the scores
+        l_i = np.zeros(bm, dtype=q.dtype)  # running sum of exp(score - m_i)
+        acc = np.zeros((bm, Dv), dtype=q.dtype)  # running sum of exp(score - m_i) * v
+        m_new = np.empty(bm, dtype=q.dtype)
+        m_safe = np.empty(bm, dtype=q.dtype)
+        alpha = np.empty(bm, dtype=q.dtype)
+        s_buf = np.empty(BLOCK_N * bm, dtype=q.dtype)
+        pv = np.empty((bm, Dv), dtype=q.dtype)
+
+        j_start, j_stop = key_range(i0, i1, Nk, offset, window_left, window_right)
+        for j0 in range(j_start, j_stop, BLOCK_N):
+            j1 = min(j0 + BLOCK_N, j_stop)
+            bn = j1 - j0
+            sT = s_buf[: bn * bm].reshape((bn, bm))  # (bn, bm), contiguous
+            scores_t(k[b, kv][j0:j1], q_blk, sT, scale, bias_qk, use_bias, i0, j0,
+                     offset, window_left, window_right)
+
+            # m_new = max(m_i, max over this block's keys)
+            m_new[:] = m_i
+            for jj in range(bn):
+                row = sT[jj]
+                for ii in range(bm):
+                    x = row[ii]
+                    m_new[ii] = x if x > m_new[ii] else m_new[ii]
+            # a row that has seen only -inf keeps m = -inf; subtract 0 instead (no NaN)
+            for ii in range(bm):
+                m_safe[ii] = m_new[ii] if m_new[ii] != -np.inf else 0.0
+                alpha[ii] = m_i[ii]
+            exp_sub(alpha, m_safe)  # alpha = exp(m_i - m_new): 0 on a row's first keys
+            for ii in range(bm):
+                l_i[ii] *= alpha[ii]
+            for jj in range(bn):
+                row = sT[jj]
+                exp_sub(row, m_safe)  # pT = exp(sT - m_new)
+                for ii in range(bm):
+                    l_i[ii] += row[ii]
+            if use_dropout:  # lse is computed before dropout: l_i above saw every p
+                dropout_t(sT, seed_lo, seed_hi, threshold, drop_scale, b, h, i0, j0)
+            np.dot(sT.T, v[b, kv][j0:j1], pv)  # (bm, bn) @ (bn, Dv)
+            for ii in range(bm):
+                for d in range(Dv):
+                    acc[ii, d] = acc[ii, d] * alpha[ii] + pv[ii, d]
+            m_i[:] = m_new
+
+        for ii in range(bm):
+            if l_i[ii] > 0.0:
+                inv = 1.0 / l_i[ii]
+                for d in range(Dv):
+                    out[b, h, i0 + ii, d] = acc[ii, d] * inv
+                lse[b, h, i0 + ii] = m_i[ii] + np.log(l_i[ii])
+            else:  # no key allowed: zeros out, lse -inf
+                out[b, h, i0 + ii, :] = 0.0
+                lse[b, h, i0 + ii] = -np.inf
+
+
+# -- backward -----------------------------------------------------------------------------
+
+
+@kernel
+def _bwd_preprocess(out, dout, delta):
+    """delta[b, h, i] = sum_d out[b, h, i, d] * dout[b, h, i, d]."""
+    B, Hq, Nq, Dv = out.shape
+    for task in prange(B * Hq):
+        b = task // Hq
+        h = task % Hq
+        for i in range(Nq):
+            o_row = out[b, h, i]
+            do_row = dout[b, h, i]
+            total = 0.0
+            for d in range(Dv):
+                total += o_row[d] * do_row[d]
+            delta[b, h, i] = total
+
+
+@helper
+def bwd_tile(k_blk, v_blk, q_blk, do_blk, lse_shift, delta_blk, sT, dpT, scale, bias_qk,
+             use_bias, i0, j0, offset, window_left, window_right,
+             use_dropout, seed_lo, seed_hi, threshold, drop_scale, b, h):
+    """One (key block, query block) tile of the backward: on return ``sT`` holds the
+    dropped probabilities ``pT * z`` and ``dpT`` holds ``dsT``, the gradient of the scores.
+
+    k_blk (bn, D), v_blk (bn, Dv), q_blk (bm, D), do_blk (bm, Dv); lse_shift, delta_blk (bm,)
+    """
+    # forward: pT = exp(sT - lse), recomputed instead of stored
+    scores_t(k_blk, q_blk, sT, scale, bias_qk, use_bias, i0, j0, offset, window_left, window_right)
+    bn, bm = sT.shape
+    for jj in range(bn):
+        exp_sub(sT[jj], lse_shift)
+    # forward: out = (pT * z).T @ v  ->  dpT = z * (v @ dO.T)
+    np.dot(v_blk, do_blk.T, dpT)
+    # forward: p = softmax(s)  ->  ds = p * (dp - delta)
+    if use_dropout:
+        for jj in range(bn):
+            p_row = sT[jj]
+            dp_row = dpT[jj]
+            for ii in range(bm):
+                kept = keep(seed_lo, seed_hi, b, h, i0 + ii, j0 + jj, threshold)
+                z = drop_scale if kept else 0.0
+                dp_row[ii] = p_row[ii] * (dp_row[ii] * z - delta_blk[ii])
+                p_row[ii] *= z
+    else:
+        for jj in range(bn):
+            p_row = sT[jj]
+            dp_row = dpT[jj]
+            for ii in range(bm):
+                dp_row[ii] = p_row[ii] * (dp_row[ii] - delta_blk[ii])
+
+
+@helper
+def lse_shift_of(lse_blk, lse_shift):
+    """The shift that turns scores into probabilities: lse, or +inf on an empty row
+    (where every score is -inf, so exp(-inf - inf) = 0 instead of exp(NaN))."""
+    for ii in range(lse_blk.shape[0]):
+        lse_shift[ii] = lse_blk[ii] if lse_blk[ii] != -np.inf else np.inf
+
+
+@kernel
+def _bwd_dkdv(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left, window_right,
+              use_dropout, seed_lo, seed_hi, threshold, drop_scale, dk, dv):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv
+    n_kblocks = (Nk + BLOCK_N - 1) // BLOCK_N
+    for task in prange(B * Hkv * n_kblocks):
+        b = task // (Hkv * n_kblocks)
+        kv = task // n_kblocks % Hkv
+        j0 = task % n_kblocks * BLOCK_N
+        j1 = min(j0 + BLOCK_N, Nk)
+        bn = j1 - j0
+        k_blk = k[b, kv][j0:j1]  # (bn, D), resident
+        v_blk = v[b, kv][j0:j1]  # (bn, Dv), resident
+        dk_acc = np.zeros((bn, D), dtype=q.dtype)
+        dv_acc = np.zeros((bn, Dv), dtype=q.dtype)
+        dk_tmp = np.empty((bn, D), dtype=q.dtype)
+        dv_tmp = np.empty((bn, Dv), dtype=q.dtype)
+        s_buf = np.empty(bn * BLOCK_M, dtype=q.dtype)
+        dp_buf = np.empty(bn * BLOCK_M, dtype=q.dtype)
+        lse_shift = np.empty(BLOCK_M, dtype=q.dtype)
+
+        i_start, i_stop = query_range(j0, j1, Nq, offset, window_left, window_right)
+        for h in range(kv * group, (kv + 1) * group):  # GQA: the group's query heads, in order
+            bias_qk = bias_plane(bias, b, h)
+            for i0 in range(i_start, i_stop, BLOCK_M):
+                i1 = min(i0 + BLOCK_M, i_stop)
+                bm = i1 - i0
+                sT = s_buf[: bn * bm].reshape((bn, bm))
+                dpT = dp_buf[: bn * bm].reshape((bn, bm))
+                q_blk = q[b, h][i0:i1]
+                do_blk = dout[b, h][i0:i1]
+                lse_shift_of(lse[b, h][i0:i1], lse_shift[:bm])
+                bwd_tile(k_blk, v_blk, q_blk, do_blk, lse_shift[:bm], delta[b, h][i0:i1], sT, dpT,
+                         scale, bias_qk, use_bias, i0, j0, offset, window_left, window_right,
+                         use_dropout, seed_lo, seed_hi, threshold, drop_scale, b, h)
+                # forward: out = (pT * z).T @ v  ->  dv = (pT * z) @ dO
+                np.dot(sT, do_blk, dv_tmp)
+                add_into(dv_acc, dv_tmp)
+                # forward: sT = scale * k @ q.T  ->  dk = scale * dsT @ q  (scale applied below)
+                np.dot(dpT, q_blk, dk_tmp)
+                add_into(dk_acc, dk_tmp)
+        for jj in range(bn):
+            for d in range(D):
+                dk[b, kv, j0 + jj, d] = dk_acc[jj, d] * scale
+            for d in range(Dv):
+                dv[b, kv, j0 + jj, d] = dv_acc[jj, d]
+
+
+@kernel
+def _bwd_dq(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left, window_right,
+            use_dropout, seed_lo, seed_hi, threshold, drop_scale, dq):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv
+    n_qblocks = (Nq + BLOCK_M - 1) // BLOCK_M
+    for task in prange(B * Hq * n_qblocks):
+        b = task // (Hq * n_qblocks)
+        h = task // n_qblocks % Hq
+        i0 = task % n_qblocks * BLOCK_M
+        i1 = min(i0 + BLOCK_M, Nq)
+        bm = i1 - i0
+        kv = h // group
+        q_blk = q[b, h][i0:i1]  # (bm, D), resident
+        do_blk = dout[b, h][i0:i1]  # (bm, Dv), resident
+        bias_qk = bias_plane(bias, b, h)
+        lse_shift = np.empty(bm, dtype=q.dtype)
+        lse_shift_of(lse[b, h][i0:i1], lse_shift)
+        dq_acc = np.zeros((bm, D), dtype=q.dtype)
+        dq_tmp = np.empty((bm, D), dtype=q.dtype)
+        s_buf = np.empty(BLOCK_N * bm, dtype=q.dtype)
+        dp_buf = np.empty(BLOCK_N * bm, dtype=q.dtype)
+
+        j_start, j_stop = key_range(i0, i1, Nk, offset, window_left, window_right)
+        for j0 in range(j_start, j_stop, BLOCK_N):
+            j1 = min(j0 + BLOCK_N, j_stop)
+            bn = j1 - j0
+            sT = s_buf[: bn * bm].reshape((bn, bm))
+            dpT = dp_buf[: bn * bm].reshape((bn, bm))
+            k_blk = k[b, kv][j0:j1]
+            bwd_tile(k_blk, v[b, kv][j0:j1], q_blk, do_blk, lse_shift, delta[b, h][i0:i1], sT, dpT,
+                     scale, bias_qk, use_bias, i0, j0, offset, window_left, window_right,
+                     use_dropout, seed_lo, seed_hi, threshold, drop_scale, b, h)
+            # forward: sT = scale * k @ q.T  ->  dq = scale * dsT.T @ k  (scale applied below)
+            np.dot(dpT.T, k_blk, dq_tmp)
+            add_into(dq_acc, dq_tmp)
+        for ii in range(bm):
+            for d in range(D):
+                dq[b, h, i0 + ii, d] = dq_acc[ii, d] * scale
+
+
+@kernel
+def _bwd_fused(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left, window_right,
+               use_dropout, seed_lo, seed_hi, threshold, drop_scale, dq, dk, dv):
+    """dkdv with the key block resident, plus dq added from the same tiles (see the module
+    docstring). One task per (b, kv head): it owns dq of the group's query heads."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv
+    for task in prange(B * Hkv):
+        b = task // Hkv
+        kv = task % Hkv
+        dk_acc = np.empty((BLOCK_N, D), dtype=q.dtype)
+        dv_acc = np.empty((BLOCK_N, Dv), dtype=q.dtype)
+        dk_tmp = np.empty(BLOCK_N * D, dtype=q.dtype)
+        dv_tmp = np.empty(BLOCK_N * Dv, dtype=q.dtype)
+        dq_tmp = np.empty((BLOCK_M, D), dtype=q.dtype)
+        s_buf = np.empty(BLOCK_N * BLOCK_M, dtype=q.dtype)
+        dp_buf = np.empty(BLOCK_N * BLOCK_M, dtype=q.dtype)
+        lse_shift = np.empty(BLOCK_M, dtype=q.dtype)
+        for j0 in range(0, Nk, BLOCK_N):
+            j1 = min(j0 + BLOCK_N, Nk)
+            bn = j1 - j0
+            k_blk = k[b, kv][j0:j1]  # (bn, D), resident
+            v_blk = v[b, kv][j0:j1]  # (bn, Dv), resident
+            dk_acc[:bn] = 0.0
+            dv_acc[:bn] = 0.0
+            i_start, i_stop = query_range(j0, j1, Nq, offset, window_left, window_right)
+            for h in range(kv * group, (kv + 1) * group):
+                bias_qk = bias_plane(bias, b, h)
+                for i0 in range(i_start, i_stop, BLOCK_M):
+                    i1 = min(i0 + BLOCK_M, i_stop)
+                    bm = i1 - i0
+                    sT = s_buf[: bn * bm].reshape((bn, bm))
+                    dpT = dp_buf[: bn * bm].reshape((bn, bm))
+                    q_blk = q[b, h][i0:i1]
+                    do_blk = dout[b, h][i0:i1]
+                    lse_shift_of(lse[b, h][i0:i1], lse_shift[:bm])
+                    bwd_tile(k_blk, v_blk, q_blk, do_blk, lse_shift[:bm], delta[b, h][i0:i1], sT,
+                             dpT, scale, bias_qk, use_bias, i0, j0, offset, window_left,
+                             window_right, use_dropout, seed_lo, seed_hi, threshold, drop_scale,
+                             b, h)
+                    dv_blk_tmp = dv_tmp[: bn * Dv].reshape((bn, Dv))
+                    np.dot(sT, do_blk, dv_blk_tmp)  # dv += (pT * z) @ dO
+                    add_into(dv_acc[:bn], dv_blk_tmp)
+                    dk_blk_tmp = dk_tmp[: bn * D].reshape((bn, D))
+                    np.dot(dpT, q_blk, dk_blk_tmp)  # dk += dsT @ q
+                    add_into(dk_acc[:bn], dk_blk_tmp)
+                    np.dot(dpT.T, k_blk, dq_tmp[:bm])  # dq += dsT.T @ k: only this task writes it
+                    add_into(dq[b, h][i0:i1], dq_tmp[:bm])
+            for jj in range(bn):
+                for d in range(D):
+                    dk[b, kv, j0 + jj, d] = dk_acc[jj, d] * scale
+                for d in range(Dv):
+                    dv[b, kv, j0 + jj, d] = dv_acc[jj, d]
+        for h in range(kv * group, (kv + 1) * group):
+            for i in range(Nq):
+                for d in range(D):
+                    dq[b, h, i, d] *= scale

@@ -1,0 +1,357 @@
+"""The CPU attention ladder, llm.c style: the same maths three times, each rung faster.
+
+Every rung offers the kernel protocol (``forward(q, k, v, spec) -> (out, lse)``,
+``backward(q, k, v, out, lse, dout, spec) -> (dq, dk, dv)``), handles everything in the
+contract (GQA, Dv != D, masks, bottom-right causal, windows, dropout, empty rows), and is
+tested against ``kernels/reference.py`` in tests/kernels/test_cpu_flash.py. Shape legend:
+``spec.py``.
+
+Measured on the 2-core VM (float32, B=1, H=8, N=1024, D=64, no mask; medians;
+``python benchmarks/compare_cpu.py --ladder``):
+
+    rung 1  forward_loops / backward_loops       fwd  1240 ms    fwd+bwd  4870 ms
+            One query row (forward, dQ) or one key row (dK/dV) per parallel task, one key
+            at a time: online softmax with scalar m, l and a Dv-vector acc, rescaled at
+            every key. Honest about its cost: every score is a scalar dot product and a
+            scalar libm exp, and the backward recomputes each one twice.
+    rung 2  forward_tiles / backward_tiles       fwd   230 ms    fwd+bwd  1000 ms
+            BLOCK_M x BLOCK_N tiles with hand-written tile products (loops the compiler
+            vectorises along the contiguous axis); the flash forward (m_i, l_i, acc
+            rescaled once per key block) and Triton's backward split: dK/dV with the key
+            block resident, dQ with the query block resident. Band-skipping as in rung 3.
+    rung 3  flash.forward / flash.backward       fwd    19 ms    fwd+bwd    72 ms
+            (the "numba" backend, kernels/cpu/flash.py) tiles stored keys-major so the
+            softmax is element-wise, tile products in BLAS (np.dot), a polynomial exp the
+            compiler vectorises, and a fused single-pass backward when heads are plentiful.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+
+from ..spec import AttentionSpec
+from ._compile import helper, in_band, keep, kernel, prange
+from .flash import _spec_args, bias_plane, key_range, query_range
+
+# -- rung 1: plain loops ------------------------------------------------------------------
+
+
+def forward_loops(q, k, v, spec: AttentionSpec):
+    q, k, v = (np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v))
+    out = np.empty((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=spec.dtype)
+    lse = np.empty((spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
+    _forward_loops(q, k, v, *_spec_args(spec), out, lse)
+    return out, lse
+
+
+def backward_loops(q, k, v, out, lse, dout, spec: AttentionSpec):
+    q, k, v, out, lse, dout = (np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v, out, lse, dout))
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    delta = np.einsum("bhid,bhid->bhi", out, dout)  # (B, Hq, Nq): rowsum(dO * O)
+    args = _spec_args(spec)
+    _dq_loops(q, k, v, dout, lse, delta, *args, dq)
+    _dkdv_loops(q, k, v, dout, lse, delta, *args, dk, dv)
+    return dq, dk, dv
+
+
+@helper
+def score(q_row, k_row, scale, bias_qk, use_bias, i, j):
+    """The scaled (and biased) score of query row q_row against key row k_row.
+
+    Computed in the input dtype, as the forward stored lse: p = exp(s - lse) must see the
+    same rounding of s in both passes, or a one-hot row's p drifts from 1.
+    """
+    s = q_row[0] * k_row[0]
+    for d in range(1, q_row.shape[0]):
+        s += q_row[d] * k_row[d]
+    s *= scale
+    if use_bias:
+        s += bias_qk[i, j]
+    return s
+
+
+@kernel
+def _forward_loops(q, k, v, bias, use_bias, scale, offset, window_left, window_right,
+                   use_dropout, seed_lo, seed_hi, threshold, drop_scale, out, lse):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv
+    for task in prange(B * Hq * Nq):
+        b, h, i = task // (Hq * Nq), task // Nq % Hq, task % Nq
+        kv = h // group
+        bias_qk = bias_plane(bias, b, h)
+        m = -np.inf  # running max
+        l = 0.0  # running sum of exp(s - m)
+        acc = np.zeros(Dv)  # running sum of exp(s - m) * dropout * v_j
+        for j in range(Nk):
+            if not in_band(i, j, offset, window_left, window_right):
+                continue
+            s = score(q[b, h, i], k[b, kv, j], scale, bias_qk, use_bias, i, j)
+            if s == -np.inf:  # a masked pair adds nothing (and must not make m NaN)
+                continue
+            m_new = max(m, s)
+            alpha = math.exp(m - m_new)  # rescale what was summed against the old max
+            p = math.exp(s - m_new)
+            l = l * alpha + p
+            if use_dropout and not keep(seed_lo, seed_hi, b, h, i, j, threshold):
+                p = 0.0
+            p *= drop_scale
+            for d in range(Dv):
+                acc[d] = acc[d] * alpha + p * v[b, kv, j, d]
+            m = m_new
+        if l > 0.0:
+            out[b, h, i, :] = acc / l
+            lse[b, h, i] = m + math.log(l)
+        else:  # no key allowed
+            out[b, h, i, :] = 0.0
+            lse[b, h, i] = -np.inf
+
+
+@kernel
+def _dq_loops(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left,
+              window_right, use_dropout, seed_lo, seed_hi, threshold, drop_scale, dq):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv
+    for task in prange(B * Hq * Nq):  # one query row per task: it owns dq[b, h, i]
+        b, h, i = task // (Hq * Nq), task // Nq % Hq, task % Nq
+        kv = h // group
+        bias_qk = bias_plane(bias, b, h)
+        dq_row = np.zeros(D)
+        for j in range(Nk):
+            if lse[b, h, i] == -np.inf or not in_band(i, j, offset, window_left, window_right):
+                continue
+            # forward: p = exp(s - lse)
+            p = math.exp(score(q[b, h, i], k[b, kv, j], scale, bias_qk, use_bias, i, j) - lse[b, h, i])
+            # forward: out_i = sum_j p_ij z_ij v_j  ->  dp_ij = z_ij (dout_i . v_j)
+            dp = 0.0
+            for d in range(Dv):
+                dp += dout[b, h, i, d] * v[b, kv, j, d]
+            z = drop_scale if not use_dropout or keep(seed_lo, seed_hi, b, h, i, j, threshold) else 0.0
+            # forward: p = softmax(s)  ->  ds = p * (dp - delta)
+            ds = p * (dp * z - delta[b, h, i])
+            # forward: s = scale * q_i . k_j  ->  dq_i += scale * ds * k_j
+            for d in range(D):
+                dq_row[d] += ds * k[b, kv, j, d]
+        dq[b, h, i, :] = dq_row * scale
+
+
+@kernel
+def _dkdv_loops(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left,
+                window_right, use_dropout, seed_lo, seed_hi, threshold, drop_scale, dk, dv):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv
+    for task in prange(B * Hkv * Nk):  # one key row per task: it owns dk, dv[b, kv, j]
+        b, kv, j = task // (Hkv * Nk), task // Nk % Hkv, task % Nk
+        dk_row = np.zeros(D)
+        dv_row = np.zeros(Dv)
+        for h in range(kv * group, (kv + 1) * group):  # GQA: sum over the group, in order
+            bias_qk = bias_plane(bias, b, h)
+            for i in range(Nq):
+                if lse[b, h, i] == -np.inf or not in_band(i, j, offset, window_left, window_right):
+                    continue
+                p = math.exp(score(q[b, h, i], k[b, kv, j], scale, bias_qk, use_bias, i, j) - lse[b, h, i])
+                dp = 0.0
+                for d in range(Dv):
+                    dp += dout[b, h, i, d] * v[b, kv, j, d]
+                z = drop_scale if not use_dropout or keep(seed_lo, seed_hi, b, h, i, j, threshold) else 0.0
+                ds = p * (dp * z - delta[b, h, i])
+                # forward: out_i = sum_j p_ij z_ij v_j  ->  dv_j += p_ij z_ij dout_i
+                for d in range(Dv):
+                    dv_row[d] += p * z * dout[b, h, i, d]
+                # forward: s = scale * q_i . k_j  ->  dk_j += scale * ds * q_i
+                for d in range(D):
+                    dk_row[d] += ds * q[b, h, i, d]
+        dk[b, kv, j, :] = dk_row * scale
+        dv[b, kv, j, :] = dv_row
+
+
+# -- rung 2: tiles, hand-written tile products ---------------------------------------------
+
+BLOCK_M = 64
+BLOCK_N = 64
+
+
+def forward_tiles(q, k, v, spec: AttentionSpec):
+    q, k, v = (np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v))
+    out = np.empty((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=spec.dtype)
+    lse = np.empty((spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
+    _forward_tiles(q, k, v, *_spec_args(spec), out, lse)
+    return out, lse
+
+
+def backward_tiles(q, k, v, out, lse, dout, spec: AttentionSpec):
+    q, k, v, out, lse, dout = (np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v, out, lse, dout))
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    delta = np.einsum("bhid,bhid->bhi", out, dout)  # (B, Hq, Nq): rowsum(dO * O)
+    args = _spec_args(spec)
+    _dkdv_tiles(q, k, v, dout, lse, delta, *args, dk, dv)
+    _dq_tiles(q, k, v, dout, lse, delta, *args, dq)
+    return dq, dk, dv
+
+
+@helper
+def scores_tile(q_blk, k_blk, s, scale, bias_qk, use_bias, i0, j0, offset, window_left, window_right):
+    """s (bm, bn) = scale * q_blk @ k_blk.T (+ bias), -inf outside the band."""
+    bm, bn = s.shape
+    for ii in range(bm):
+        for jj in range(bn):
+            x = q_blk[ii, 0] * k_blk[jj, 0]  # in the input dtype, see score()
+            for d in range(1, q_blk.shape[1]):
+                x += q_blk[ii, d] * k_blk[jj, d]
+            x *= scale
+            if use_bias:
+                x += bias_qk[i0 + ii, j0 + jj]
+            if not in_band(i0 + ii, j0 + jj, offset, window_left, window_right):
+                x = -np.inf
+            s[ii, jj] = x
+
+
+@kernel
+def _forward_tiles(q, k, v, bias, use_bias, scale, offset, window_left, window_right,
+                   use_dropout, seed_lo, seed_hi, threshold, drop_scale, out, lse):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv
+    n_qblocks = (Nq + BLOCK_M - 1) // BLOCK_M
+    for task in prange(B * Hq * n_qblocks):
+        b, h, i0 = task // (Hq * n_qblocks), task // n_qblocks % Hq, task % n_qblocks * BLOCK_M
+        i1 = min(i0 + BLOCK_M, Nq)
+        bm = i1 - i0
+        kv = h // group
+        bias_qk = bias_plane(bias, b, h)
+        q_blk = q[b, h, i0:i1]
+        m_i = np.full(bm, -np.inf)
+        l_i = np.zeros(bm)
+        acc = np.zeros((bm, Dv))
+        s = np.empty((bm, BLOCK_N), dtype=q.dtype)
+        j_start, j_stop = key_range(i0, i1, Nk, offset, window_left, window_right)
+        for j0 in range(j_start, j_stop, BLOCK_N):
+            j1 = min(j0 + BLOCK_N, j_stop)
+            bn = j1 - j0
+            scores_tile(q_blk, k[b, kv, j0:j1], s[:, :bn], scale, bias_qk, use_bias, i0, j0,
+                        offset, window_left, window_right)
+            for ii in range(bm):
+                m_new = max(m_i[ii], s[ii, :bn].max())
+                m_safe = m_new if m_new != -np.inf else 0.0
+                alpha = math.exp(m_i[ii] - m_safe)
+                l_i[ii] *= alpha
+                acc[ii] *= alpha
+                for jj in range(bn):
+                    p = math.exp(s[ii, jj] - m_safe)
+                    l_i[ii] += p
+                    if use_dropout and not keep(seed_lo, seed_hi, b, h, i0 + ii, j0 + jj, threshold):
+                        p = 0.0
+                    p *= drop_scale
+                    for d in range(Dv):  # acc += p @ v_blk, one row of the product
+                        acc[ii, d] += p * v[b, kv, j0 + jj, d]
+                m_i[ii] = m_new
+        for ii in range(bm):
+            if l_i[ii] > 0.0:
+                out[b, h, i0 + ii, :] = acc[ii] / l_i[ii]
+                lse[b, h, i0 + ii] = m_i[ii] + math.log(l_i[ii])
+            else:
+                out[b, h, i0 + ii, :] = 0.0
+                lse[b, h, i0 + ii] = -np.inf
+
+
+@helper
+def probs_and_dscores(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, p, ds, scale, bias_qk,
+                      use_bias, i0, j0, offset, window_left, window_right,
+                      use_dropout, seed_lo, seed_hi, threshold, drop_scale, b, h):
+    """One backward tile, (bm, bn): p <- p * z (the dropped probabilities), ds <- dL/ds."""
+    scores_tile(q_blk, k_blk, p, scale, bias_qk, use_bias, i0, j0, offset, window_left, window_right)
+    bm, bn = p.shape
+    for ii in range(bm):
+        shift = lse_blk[ii] if lse_blk[ii] != -np.inf else np.inf  # empty row: p = 0
+        for jj in range(bn):
+            # forward: p = exp(s - lse)
+            p_ij = math.exp(p[ii, jj] - shift)
+            # forward: out = (p * z) @ v  ->  dp = z * (dout @ v.T)
+            dp = 0.0
+            for d in range(v_blk.shape[1]):
+                dp += do_blk[ii, d] * v_blk[jj, d]
+            z = drop_scale
+            if use_dropout and not keep(seed_lo, seed_hi, b, h, i0 + ii, j0 + jj, threshold):
+                z = 0.0
+            # forward: p = softmax(s)  ->  ds = p * (dp - delta)
+            ds[ii, jj] = p_ij * (dp * z - delta_blk[ii])
+            p[ii, jj] = p_ij * z
+
+
+@kernel
+def _dkdv_tiles(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left,
+                window_right, use_dropout, seed_lo, seed_hi, threshold, drop_scale, dk, dv):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv
+    n_kblocks = (Nk + BLOCK_N - 1) // BLOCK_N
+    for task in prange(B * Hkv * n_kblocks):  # the key block stays resident
+        b, kv, j0 = task // (Hkv * n_kblocks), task // n_kblocks % Hkv, task % n_kblocks * BLOCK_N
+        j1 = min(j0 + BLOCK_N, Nk)
+        bn = j1 - j0
+        k_blk, v_blk = k[b, kv, j0:j1], v[b, kv, j0:j1]
+        dk_acc = np.zeros((bn, D))
+        dv_acc = np.zeros((bn, Dv))
+        p = np.empty((BLOCK_M, bn), dtype=q.dtype)
+        ds = np.empty((BLOCK_M, bn))
+        i_start, i_stop = query_range(j0, j1, Nq, offset, window_left, window_right)
+        for h in range(kv * group, (kv + 1) * group):
+            bias_qk = bias_plane(bias, b, h)
+            for i0 in range(i_start, i_stop, BLOCK_M):
+                i1 = min(i0 + BLOCK_M, i_stop)
+                bm = i1 - i0
+                probs_and_dscores(q[b, h, i0:i1], k_blk, v_blk, dout[b, h, i0:i1], lse[b, h, i0:i1],
+                                  delta[b, h, i0:i1], p[:bm], ds[:bm], scale, bias_qk, use_bias, i0,
+                                  j0, offset, window_left, window_right, use_dropout, seed_lo,
+                                  seed_hi, threshold, drop_scale, b, h)
+                for ii in range(bm):
+                    for jj in range(bn):
+                        # dv += (p * z).T @ dout ;  dk += ds.T @ q   (scale applied below)
+                        for d in range(Dv):
+                            dv_acc[jj, d] += p[ii, jj] * dout[b, h, i0 + ii, d]
+                        for d in range(D):
+                            dk_acc[jj, d] += ds[ii, jj] * q[b, h, i0 + ii, d]
+        dk[b, kv, j0:j1] = dk_acc * scale
+        dv[b, kv, j0:j1] = dv_acc
+
+
+@kernel
+def _dq_tiles(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left,
+              window_right, use_dropout, seed_lo, seed_hi, threshold, drop_scale, dq):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv
+    n_qblocks = (Nq + BLOCK_M - 1) // BLOCK_M
+    for task in prange(B * Hq * n_qblocks):  # the query block stays resident
+        b, h, i0 = task // (Hq * n_qblocks), task // n_qblocks % Hq, task % n_qblocks * BLOCK_M
+        i1 = min(i0 + BLOCK_M, Nq)
+        bm = i1 - i0
+        kv = h // group
+        bias_qk = bias_plane(bias, b, h)
+        dq_acc = np.zeros((bm, D))
+        p = np.empty((bm, BLOCK_N), dtype=q.dtype)
+        ds = np.empty((bm, BLOCK_N))
+        j_start, j_stop = key_range(i0, i1, Nk, offset, window_left, window_right)
+        for j0 in range(j_start, j_stop, BLOCK_N):
+            j1 = min(j0 + BLOCK_N, j_stop)
+            bn = j1 - j0
+            probs_and_dscores(q[b, h, i0:i1], k[b, kv, j0:j1], v[b, kv, j0:j1], dout[b, h, i0:i1],
+                              lse[b, h, i0:i1], delta[b, h, i0:i1], p[:, :bn], ds[:, :bn], scale,
+                              bias_qk, use_bias, i0, j0, offset, window_left, window_right,
+                              use_dropout, seed_lo, seed_hi, threshold, drop_scale, b, h)
+            for ii in range(bm):
+                for jj in range(bn):  # dq += ds @ k_blk  (scale applied below)
+                    for d in range(D):
+                        dq_acc[ii, d] += ds[ii, jj] * k[b, kv, j0 + jj, d]
+        dq[b, h, i0:i1] = dq_acc * scale
+
+
+RUNGS = {
+    1: SimpleNamespace(forward=forward_loops, backward=backward_loops),
+    2: SimpleNamespace(forward=forward_tiles, backward=backward_tiles),
+}
