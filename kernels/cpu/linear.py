@@ -15,24 +15,30 @@ Which keys a query sees is folded into one integer, ``diag``: query ``i`` sees k
 (then every query sees every key, and the chunked code below has no diagonal work at all:
 non-causal is the causal algorithm with everything in the prefix state).
 
-The ladder (validated against ``linear_reference`` in tests/kernels/test_linear.py;
-float32, B=1, H=8, D=Dv=64, N=4096, causal, medians on a 2-core VM, threading layer
-``workqueue``; see benchmarks/linear_scaling.py for the full table):
+The ladder (both validated against ``linear_reference`` in tests/kernels/test_linear.py).
+Measured with ``python benchmarks/linear_scaling.py [--rung loops]``: float32, B=1, H=8,
+D=Dv=64, N=4096, causal, median wall time (process CPU time of both threads in brackets)
+on a shared 2-core VM, threading layer ``workqueue``:
 
     rung 1  forward_loops / backward_loops: the recurrent form. One query at a time; the
             state grows by rank-1 updates as keys come into view; the backward runs the
             same recurrence forward for dq and backwards (over keys) for dk, dv.
-            Plain loops, no BLAS.                    fwd 150 ms   fwd+bwd 500 ms
+            Plain loops, no BLAS.              fwd 224 ms (111)   fwd+bwd 868 ms (428)
     rung 2  forward / backward (the default): chunked. Inside a chunk of C queries the
-            diagonal block is done quadratically with np.dot on (C, C) tiles, masked
-            by hand; the state S, z is carried between chunks and updated with one
-            (D, C) @ (C, Dv) product per chunk. Same O(N * D * Dv), but every flop is
-            in a BLAS call.                          fwd  21 ms   fwd+bwd  63 ms
+            diagonal block is done quadratically with np.dot on (C, C) tiles, masked by
+            hand; the state S, z is carried between chunks and updated with one
+            (D, C) @ (C, Dv) product per chunk. Same O(N * D * Dv), every product in
+            BLAS.                              fwd  90 ms  (56)   fwd+bwd 339 ms (210)
+
+Only 2-2.5x apart: at D = Dv = 64 the (64, 64) tiles keep OpenBLAS at ~25 GFLOP/s per
+core, and numba vectorises rung 1's inner loops well. Wall times on this VM vary by up
+to 2x with other jobs' load; the CPU times are steadier.
 
 Parallel over (batch, query head) with ``prange``; each head is one sequential scan, so
 results are bit-identical over reruns. The GQA reduction of dk, dv (a sum over the
 ``group`` query heads of one kv head) happens afterwards in NumPy, in a fixed order. No
-``fastmath``: exp of a very negative input must give 0, not garbage.
+``fastmath`` here (the shared ``exp_sub`` carries its own explicit flag set, without
+``nnan``/``ninf``).
 """
 
 from __future__ import annotations
