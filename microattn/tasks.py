@@ -9,11 +9,11 @@ Batches are a pure function of ``(seed, split, step)`` (:func:`make_batch`): no 
 state lives anywhere, so a resumed training run sees exactly the data it would have seen,
 and the held-out split is a separate stream that training never draws from.
 
-The three tasks, each shown as a decoded example (``task.decode``)::
+The tasks, each shown as a decoded example (``task.decode``)::
 
-    recall   a 3 k 9 c 0 p F ... ? k 9 c 0 p F ...
-             8 key-value pairs, then "?" and the keys again in a shuffled order; after
-             each key, predict its value. Needs content-based lookup (an induction head).
+    recall   a3 k7 c0 p5 ... ? k 7 c 0 p 5 a
+             16 key-value pairs, one token each, then "?" and 4 of the keys in a shuffled
+             order; after each key, predict its value. Needs content-based lookup.
     copy     d h b a l ... | d h b a l ...
              a random string, a separator, then the string again; predict every copied
              token. Needs attention to a fixed relative position.
@@ -22,6 +22,9 @@ The three tasks, each shown as a decoded example (``task.decode``)::
              digit. The needle sits at least ``min_distance`` tokens before the query, so
              a sliding window of ``window`` tokens over ``num_layers`` layers (reach
              ``window * num_layers``) cannot see it when that reach is shorter.
+    induction  a 3 k 9 c 0 ... ? k 9 c 0 ...
+             recall with key and value as separate tokens: needs an induction head (two
+             attention hops), which takes a small model thousands of steps to form.
 """
 
 from __future__ import annotations
@@ -85,13 +88,84 @@ class Task:
 
 
 class AssociativeRecall(Task):
-    """``k1 v1 k2 v2 ... kP vP ? kq1 vq1 kq2 ... kqQ`` -> predict each ``vq`` after its ``kq``.
+    """``a3 p0 k7 ... ? k 7 a 3 ...``: key-value pairs, then keys -> predict each key's value.
 
-    Keys are distinct letters, values are drawn (with repeats) from a separate alphabet of
-    hex digits; the queried keys are distinct, in random order.
+    Each pair is one token (key letter and value digit, e.g. ``k7``): the context binds
+    ``num_pairs`` distinct keys to values; after "?" come ``num_queries`` distinct keys in
+    random order, each followed by its value, which is scored. One token per pair keeps
+    recall a single content lookup (the query key against the pairs), which exact attention
+    learns in about a hundred steps; with key and value as separate tokens (``induction``)
+    a causal model needs a two-hop induction head, which takes thousands of steps.
+
+    What it measures: softmax attention can put all its weight on the one matching pair
+    however many there are; linear attention must read every pair through one fixed-size
+    state (D x Dv per head), and with ``num_pairs`` at or above its head dimension the
+    bindings interfere.
     """
 
     name = "recall"
+
+    def __init__(self, num_pairs: int = 16, num_queries: int = 4, num_keys: int = 16, num_values: int = 8):
+        if not 1 <= num_queries <= num_pairs <= num_keys:
+            raise ValueError(
+                f"recall needs 1 <= num_queries <= num_pairs <= num_keys, got "
+                f"num_queries={num_queries}, num_pairs={num_pairs}, num_keys={num_keys}"
+            )
+        if num_keys > 26 or num_values > 10:
+            raise ValueError("recall supports at most 26 keys and 10 values")
+        self.num_pairs, self.num_queries = num_pairs, num_queries
+        self.num_keys, self.num_values = num_keys, num_values
+        keys, digits = string.ascii_lowercase[:num_keys], "0123456789"[:num_values]
+        # token ids: pairs (key * num_values + value), then bare keys, bare values, "?"
+        self.first_key = num_keys * num_values
+        self.first_value = self.first_key + num_keys
+        self.query_token = self.first_value + num_values
+        self.token_names = [k + d for k in keys for d in digits] + list(keys) + list(digits) + ["?"]
+        self.seq_len = num_pairs + 2 * num_queries  # pairs, "?", (key, value) per query, less the last value
+        self.summary = f"{num_pairs} key-value pairs (one token each), then {num_queries} keys to recall"
+
+    def _generate(self, rng, batch_size):
+        P, Q = self.num_pairs, self.num_queries
+        keys = rng.permuted(np.tile(np.arange(self.num_keys), (batch_size, 1)), axis=1)[:, :P]  # (B, P)
+        values = rng.integers(0, self.num_values, size=(batch_size, P))  # (B, P)
+        asked = rng.permuted(np.tile(np.arange(P), (batch_size, 1)), axis=1)[:, :Q]  # (B, Q) pair indices
+        rows = np.arange(batch_size)[:, None]
+
+        sequences = np.empty((batch_size, P + 1 + 2 * Q), dtype=np.int64)
+        sequences[:, :P] = keys * self.num_values + values
+        sequences[:, P] = self.query_token
+        sequences[:, P + 1 :: 2] = self.first_key + keys[rows, asked]
+        sequences[:, P + 2 :: 2] = self.first_value + values[rows, asked]
+        is_answer = np.zeros(sequences.shape, dtype=bool)
+        is_answer[:, P + 2 :: 2] = True
+        return sequences, is_answer
+
+    def solve(self, inputs):
+        P = self.num_pairs
+        answers = np.full(inputs.shape, IGNORE, dtype=np.int64)
+        for b, row in enumerate(inputs):
+            lookup = {int(pair) // self.num_values: int(pair) % self.num_values for pair in row[:P]}
+            for i in range(P + 1, len(row), 2):  # the query keys
+                answers[b, i] = self.first_value + lookup[int(row[i]) - self.first_key]
+        return answers
+
+    def config(self):
+        return {"name": self.name, "num_pairs": self.num_pairs, "num_queries": self.num_queries,
+                "num_keys": self.num_keys, "num_values": self.num_values}
+
+
+class InductionRecall(Task):
+    """``k1 v1 k2 v2 ... kP vP ? kq1 vq1 kq2 ... kqQ`` -> predict each ``vq`` after its ``kq``.
+
+    Recall with key and value as separate tokens. Keys are distinct letters, values are
+    drawn (with repeats) from a separate alphabet of hex digits; the queried keys are
+    distinct, in random order. A causal model needs two attention hops here (a
+    previous-token head, then a content match: an induction head), and the small demo
+    model does not form one within its budget: after 1,000 steps it still guesses among
+    the values in its context. Train it for thousands of steps, or see ``recall``.
+    """
+
+    name = "induction"
 
     def __init__(self, num_pairs: int = 8, num_queries: int = 4, num_keys: int = 16, num_values: int = 16):
         if not 1 <= num_queries <= num_pairs <= num_keys:
@@ -109,7 +183,7 @@ class AssociativeRecall(Task):
         )
         # pairs, "?", then (key, value) per query; the last value is never an input
         self.seq_len = 2 * num_pairs + 1 + 2 * num_queries - 1
-        self.summary = f"{num_pairs} key-value pairs, then {num_queries} keys to recall"
+        self.summary = f"{num_pairs} key-value pairs as separate tokens, then {num_queries} keys to recall"
 
     def _generate(self, rng, batch_size):
         P, Q = self.num_pairs, self.num_queries
@@ -225,11 +299,11 @@ class Needle(Task):
                 "num_fillers": self.num_fillers, "num_values": self.num_values}
 
 
-TASKS = {cls.name: cls for cls in (AssociativeRecall, Copy, Needle)}
+TASKS = {cls.name: cls for cls in (AssociativeRecall, Copy, Needle, InductionRecall)}
 
 
 def make_task(name: str, **options) -> Task:
-    """A task by name ("recall", "copy", "needle"), with constructor options."""
+    """A task by name ("recall", "copy", "needle", "induction"), with constructor options."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
     return TASKS[name](**options)

@@ -66,7 +66,8 @@ class TrainConfig:
     embed_dim: int = 64
     num_layers: int = 2
     num_heads: int = 4
-    steps: int = 300
+    rope: bool = True  # rotary position embeddings; False: learned absolute positions
+    steps: int = 250
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int | None = None  # None: 10% of the steps, at most 30
@@ -102,7 +103,7 @@ class TrainConfig:
     def model_options(self) -> dict:
         """The DecoderLM keyword arguments for this config's attention variant."""
         options = {"embed_dim": self.embed_dim, "num_layers": self.num_layers, "num_heads": self.num_heads,
-                   "backend": self.backend}
+                   "rope": self.rope, "backend": self.backend}
         if self.attention == "window":
             options.update(attention="window", window=self.window)
         elif self.attention == "linear":

@@ -39,6 +39,21 @@ def test_every_answer_is_recoverable_from_the_inputs(name):
 def test_recall_layout():
     task = make_task("recall", num_pairs=4, num_queries=2, num_keys=6, num_values=5)
     batch = make_batch(task, seed=1, step=0, batch_size=32)
+    assert task.seq_len == 4 + 2 * 2 and task.vocab_size == 6 * 5 + 6 + 5 + 1
+    for row in batch.inputs:
+        pairs = row[:4]
+        assert pairs.max() < 30 and len(set((pairs // 5).tolist())) == 4  # one token per pair, distinct keys
+        assert row[4] == task.query_token
+        queried = row[5::2] - task.first_key
+        assert set(queried.tolist()) <= set((pairs // 5).tolist())
+    assert task.decode([7]) == "b2"  # key 1 ("b"), value 2
+    assert (batch.targets[:, 5::2] >= task.first_value).all()  # one answer after each queried key
+    assert (batch.targets[:, :5] == IGNORE).all()
+
+
+def test_induction_recall_layout():
+    task = make_task("induction", num_pairs=4, num_queries=2, num_keys=6, num_values=5)
+    batch = make_batch(task, seed=1, step=0, batch_size=32)
     assert task.seq_len == 2 * 4 + 2 * 2
     for row in batch.inputs:
         keys, values = row[0:8:2], row[1:8:2]
@@ -46,7 +61,7 @@ def test_recall_layout():
         assert values.min() >= 6 and values.max() < 11  # values from their own alphabet
         assert row[8] == task.query_token
         assert set(row[9::2].tolist()) <= set(keys.tolist())
-    assert (batch.targets[:, 9::2] != IGNORE).all()  # one answer after each queried key
+    assert (batch.targets[:, 9::2] != IGNORE).all()
     assert (batch.targets[:, :9] == IGNORE).all()
 
 
