@@ -145,6 +145,7 @@ def build_parser() -> ArgumentParser:
     demo.add_argument("--batch-size", type=positive_int, help="sequences per step (default 32)")
     demo.add_argument("--eval-examples", type=positive_int, help="held-out sequences per run (default 512)")
     demo.add_argument("--seed", type=non_negative_int, default=0, help="seeds weights and data (default 0)")
+    demo.add_argument("--backend", default="auto", help="attention kernels: auto, reference, numba, ... (default auto)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
     train = commands.add_parser("train", help="train one model, checkpointing to --out")
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
         return INTERRUPTED
     except (CLIError, ValueError, OSError, KeyError, RuntimeError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"microattn: error: {message}", file=sys.stderr)
+        print(f"microattn: error: {str(message).replace(chr(10), ' ')}", file=sys.stderr)
         return 1
 
 
@@ -237,7 +238,7 @@ def cmd_demo(args) -> int:
     rows, warm_up_seconds = [], 0.0
     for index, (task, attention) in enumerate(plan, 1):
         config = TrainConfig(task=task, attention=attention, steps=steps[task],
-                             batch_size=settings["batch_size"], seed=args.seed)
+                             batch_size=settings["batch_size"], seed=args.seed, backend=args.backend)
         label = f"[{index}/{len(plan)}] {task:<6} {attention:<6}"
         row, seconds = demo_run(config, settings["eval_examples"], label, progress=not args.no_progress)
         rows.append(row)
@@ -409,7 +410,7 @@ def cmd_attention_map(args) -> int:
         print(f"head ablation on {args.examples} held-out sequences (baseline accuracy {100 * baseline:.1f}%):")
         print("  layer  head  accuracy drop")
         for layer, head in np.ndindex(drops.shape):
-            print(f"  {layer:>5}  {head:>4}  {100 * drops[layer, head]:>+12.1f} pts")
+            print(f"  {layer:>5}  {head:>4}  {100 * drops[layer, head] + 0.0:>9.1f} pts")
 
     labels = task.decode(inputs[0]).split()
     num_layers, num_heads = len(maps), maps[0].shape[1]
@@ -419,7 +420,7 @@ def cmd_attention_map(args) -> int:
         ax.imshow(maps[layer][0, head], cmap="viridis", vmin=0, vmax=1)
         title = f"layer {layer} head {head}"
         if drops is not None:
-            title += f"\nablation: -{100 * drops[layer, head]:.1f} pts"
+            title += f"\nablated: {-100 * drops[layer, head] + 0.0:+.1f} pts"
         ax.set_title(title, fontsize=9)
         ax.set_xticks(range(len(labels)), labels, fontsize=5)
         ax.set_yticks(range(len(labels)), labels, fontsize=5)

@@ -161,8 +161,9 @@ class InductionRecall(Task):
     drawn (with repeats) from a separate alphabet of hex digits; the queried keys are
     distinct, in random order. A causal model needs two attention hops here (a
     previous-token head, then a content match: an induction head), and the small demo
-    model does not form one within its budget: after 1,000 steps it still guesses among
-    the values in its context. Train it for thousands of steps, or see ``recall``.
+    model does not form one within its budget: after 600 steps (8 pairs) or 1,000 steps
+    (4 pairs) it still guessed among the values in its context. Train it for thousands of
+    steps, or see ``recall``.
     """
 
     name = "induction"

@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -119,7 +120,11 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"the checkpoint's configuration has fields this version does not know: {unknown}")
+        return cls(**fields)
 
 
 # ----------------------------------------------------------------------------- a run
@@ -446,10 +451,13 @@ def load_checkpoint(path) -> dict:
     path = checkpoint_path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {name: archive[name] for name in archive.files}
-    skeleton = json.loads(str(arrays.pop("__skeleton__")))
-    return _unpack(skeleton, arrays)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        skeleton = json.loads(str(arrays.pop("__skeleton__")))
+        return _unpack(skeleton, arrays)
+    except (zipfile.BadZipFile, KeyError, ValueError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable microattn checkpoint ({error})") from error
 
 
 # A state is stored as NumPy arrays (one .npy each inside the .npz) plus a JSON skeleton

@@ -47,7 +47,8 @@ def test_demo_quick_runs_end_to_end(capsys):
 
 
 def test_demo_overrides_select_the_runs(capsys):
-    assert run_cli("demo", "--quick", "--tasks", "copy", "--variants", "exact,linear", "--steps", 2) == 0
+    assert run_cli("demo", "--quick", "--tasks", "copy", "--variants", "exact,linear", "--steps", 2,
+                   "--backend", "reference") == 0
     captured = capsys.readouterr()
     rows = [line.split()[:2] for line in captured.out.splitlines() if line.startswith("copy ")]
     assert rows == [["copy", "exact"], ["copy", "linear"]]
@@ -197,3 +198,9 @@ def test_bad_arguments_exit_2_with_one_line(argv, capsys):
 def test_bad_requests_exit_1_with_one_line(argv, message, tmp_path, capsys):
     assert run_cli(*[arg.format(tmp=tmp_path) for arg in argv]) == 1
     assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "checkpoint.npz").write_bytes(b"not a zip file")
+    assert run_cli("eval", "--checkpoint", tmp_path) == 1
+    assert "not a readable microattn checkpoint" in one_error_line(capsys.readouterr().err)
