@@ -11,7 +11,7 @@ What lives here, and why:
   "no infinities" would make that undefined behaviour.
 * ``in_band`` and ``keep``: the mask and dropout helpers of ``kernels/masking.py``,
   compiled as they are (never rewritten), so every backend draws the same mask.
-* ``exp_sub``: ``row[i] = exp(row[i] - shift[i])`` over contiguous 1-D arrays. pip's llvmlite has no SVML, so ``math.exp`` stays a scalar libm call (~8 ns); the
+* ``fast_exp`` and the row sweeps ``exp_sub`` / ``exp_sub_sum`` built on it. pip's llvmlite has no SVML, so ``math.exp`` stays a scalar libm call (~8 ns); the
   float32 version here is a polynomial the compiler vectorises (~0.5 ns, within 3e-7 of
   ``np.exp``, ``exp(-inf) == 0`` exactly). float64 keeps ``math.exp``.
 * ``blas_single_threaded()``: a context manager that pins SciPy's OpenBLAS (which
@@ -119,14 +119,13 @@ _LN2_LO = np.float32(-2.12194440e-4)
 _EXP_MIN = np.float32(-87.0)  # exp(-87) = 1.6e-38, the smallest normal float32; below: 0
 
 
-def exp_sub(row, shift):
-    """``row[i] = exp(row[i] - shift[i])`` in place, over two contiguous 1-D arrays.
+def fast_exp(x):
+    """exp(x) for a float32 or float64 scalar; exp(-inf) == 0 exactly.
 
-    ``-inf - shift`` and ``x - inf`` both give exactly 0 (never NaN). Compiled per dtype
-    (the overload below); this Python body is the float64 meaning.
+    Compiled per type by the overload below: float32 gets a branch-free polynomial that
+    LLVM vectorises inside the row loops; float64 keeps libm. This body is the meaning.
     """
-    for i in range(row.shape[0]):
-        row[i] = math.exp(row[i] - shift[i])
+    return math.exp(x)
 
 
 if numba is not None:
@@ -147,35 +146,50 @@ if numba is not None:
 
         return types.float32(bits), codegen
 
-    def _exp_sub_float32(row, shift):
+    def _fast_exp_float32(x):
         # exp(x) = 2**n * exp(r) with n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2]:
         # exp(r) is a degree-6 polynomial, 2**n is built from its exponent bits.
-        # Branch-free, so LLVM vectorises the loop (8 lanes on AVX2).
-        for i in range(row.shape[0]):
-            x = row[i] - shift[i]
-            xc = max(x, _EXP_MIN)
-            n = np.floor(xc * _LOG2E + np.float32(0.5))
-            r = xc - n * _LN2_HI
-            r = r - n * _LN2_LO
-            p = _C6
-            p = p * r + _C5
-            p = p * r + _C4
-            p = p * r + _C3
-            p = p * r + _C2
-            p = p * r + _C1
-            p = p * r + _C0
-            e = p * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
-            row[i] = e if x > _EXP_MIN else np.float32(0.0)
+        xc = max(x, _EXP_MIN)
+        n = np.floor(xc * _LOG2E + np.float32(0.5))
+        r = xc - n * _LN2_HI
+        r = r - n * _LN2_LO
+        p = _C6
+        p = p * r + _C5
+        p = p * r + _C4
+        p = p * r + _C3
+        p = p * r + _C2
+        p = p * r + _C1
+        p = p * r + _C0
+        e = p * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+        return e if x > _EXP_MIN else np.float32(0.0)
 
-    def _exp_sub_float64(row, shift):
-        for i in range(row.shape[0]):
-            row[i] = math.exp(row[i] - shift[i])
+    def _fast_exp_float64(x):
+        return math.exp(x)
 
-    @overload(exp_sub, jit_options={"fastmath": FASTMATH}, inline="always")
-    def _exp_sub_overload(row, shift):
-        if row.dtype == types.float32:
-            return _exp_sub_float32
-        return _exp_sub_float64
+    @overload(fast_exp, jit_options={"fastmath": FASTMATH})
+    def _fast_exp_overload(x):
+        if x == types.float32:
+            return _fast_exp_float32
+        return _fast_exp_float64
+
+
+@helper
+def exp_sub(row, shift):
+    """``row[i] = exp(row[i] - shift[i])`` in place, over contiguous 1-D arrays.
+
+    ``-inf - shift`` and ``x - inf`` both give exactly 0, never NaN.
+    """
+    for i in range(row.shape[0]):
+        row[i] = fast_exp(row[i] - shift[i])
+
+
+@helper
+def exp_sub_sum(row, shift, sums):
+    """``exp_sub(row, shift)`` and ``sums += row`` in one sweep."""
+    for i in range(row.shape[0]):
+        e = fast_exp(row[i] - shift[i])
+        row[i] = e
+        sums[i] += e
 
 
 # -- BLAS threads ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ horizontal reduction anywhere. All tile products are ``np.dot`` (BLAS through Sc
 Forward (``_flash_forward``), one task per (b, h, query block), the query block resident::
 
     for each key block in key_range(query block):          # band-skipping, see below
-        sT    = scale * k_blk @ q_blk.T (+ bias), -inf outside the band
+        sT    = k_blk @ (scale * q_blk).T (+ bias), -inf outside the band
         m_new = max(m_i, max_j sT[j])
         alpha = exp(m_i - m_new)                             # rescales what was summed so far
         pT    = exp(sT - m_new);  l_i = alpha * l_i + sum_j pT[j]
@@ -61,11 +61,11 @@ import numpy as np
 
 from ..spec import AttentionSpec
 from ._compile import (
-    NUMBA_ERROR, blas_single_threaded, exp_sub, helper, in_band, keep, kernel, prange,
+    NUMBA_ERROR, blas_single_threaded, exp_sub, exp_sub_sum, helper, in_band, keep, kernel, prange,
 )
 
-BLOCK_M = 128  # queries per tile
-BLOCK_N = 128  # keys per tile
+BLOCK_M = 128  # queries per tile (a runtime argument of the kernels: tests also run tiny tiles)
+BLOCK_N = 256  # keys per tile
 
 
 def unavailable_reason() -> str | None:
@@ -76,21 +76,26 @@ def unavailable_reason() -> str | None:
 # -- the protocol -----------------------------------------------------------------------
 
 
-def forward(q, k, v, spec: AttentionSpec):
-    """out (B, Hq, Nq, Dv), lse (B, Hq, Nq) for q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv)."""
+def forward(q, k, v, spec: AttentionSpec, blocks=(BLOCK_M, BLOCK_N)):
+    """out (B, Hq, Nq, Dv), lse (B, Hq, Nq) for q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv).
+
+    ``blocks`` = (BLOCK_M, BLOCK_N), the tile size; any positive sizes give the same result
+    up to rounding (the tests use tiny ones to cross many tile edges on small inputs).
+    """
     q, k, v = (np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v))
     out = np.empty((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=spec.dtype)
     lse = np.empty((spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
     with blas_single_threaded():
-        _flash_forward(q, k, v, *_spec_args(spec), out, lse)
+        _flash_forward(q, k, v, *_spec_args(spec), *blocks, out, lse)
     return out, lse
 
 
-def backward(q, k, v, out, lse, dout, spec: AttentionSpec, fused=None):
+def backward(q, k, v, out, lse, dout, spec: AttentionSpec, fused=None, blocks=(BLOCK_M, BLOCK_N)):
     """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv) from dout (B, Hq, Nq, Dv).
 
     ``fused`` picks the single-pass backward (None: when ``B * Hkv`` keeps every thread
     busy). Both passes give the same result up to rounding; each is deterministic.
+    ``blocks`` as in :func:`forward`.
     """
     q, k, v, out, lse, dout = (
         np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v, out, lse, dout)
@@ -101,7 +106,7 @@ def backward(q, k, v, out, lse, dout, spec: AttentionSpec, fused=None):
     delta = np.empty_like(lse)
     if fused is None:
         fused = spec.B * spec.Hkv >= 2 * _num_threads()
-    args = _spec_args(spec)
+    args = _spec_args(spec) + tuple(blocks)
     with blas_single_threaded():
         _bwd_preprocess(out, dout, delta)
         if fused:
@@ -168,21 +173,23 @@ def bias_plane(bias, b, h):
 
 
 @helper
-def scores_t(k_blk, q_blk, sT, scale, bias_qk, use_bias, i0, j0, offset, window_left, window_right):
-    """sT = scale * k_blk @ q_blk.T (+ bias.T), with -inf where the band forbids a pair.
+def scores_t(k_blk, qs_blk, sT, bias_qk, use_bias, i0, j0, offset, window_left, window_right):
+    """sT = k_blk @ qs_blk.T (+ bias.T), with -inf where the band forbids a pair.
 
-    k_blk (bn, D), q_blk (bm, D), sT (bn, bm); bias_qk is the (Nq, Nk) bias plane.
+    k_blk (bn, D), qs_blk (bm, D) the *scaled* queries, sT (bn, bm); bias_qk is the
+    (Nq, Nk) bias plane. A tile inside the band without bias costs nothing beyond the
+    product.
     """
-    np.dot(k_blk, q_blk.T, sT)
+    np.dot(k_blk, qs_blk.T, sT)
     bn, bm = sT.shape
     # the band is an interval of diagonals, so two corners decide the whole tile
     whole = in_band(i0 + bm - 1, j0, offset, window_left, window_right) and in_band(
         i0, j0 + bn - 1, offset, window_left, window_right)
+    if whole and not use_bias:
+        return
     for jj in range(bn):
         row = sT[jj]
         j = j0 + jj
-        for ii in range(bm):
-            row[ii] *= scale
         if use_bias:
             for ii in range(bm):
                 row[ii] += bias_qk[i0 + ii, j]
@@ -204,6 +211,15 @@ def dropout_t(pT, seed_lo, seed_hi, threshold, drop_scale, b, h, i0, j0):
 
 
 @helper
+def scaled_copy(x, scale, out):
+    """out = scale * x for two (rows, cols) arrays: the queries pre-scaled once per tile,
+    so that k @ (scale * q).T is the scaled score with no pass over the tile."""
+    for r in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            out[r, c] = x[r, c] * scale
+
+
+@helper
 def add_into(acc, x):
     """acc += x for two (rows, cols) arrays of the same shape."""
     for r in range(acc.shape[0]):
@@ -218,7 +234,7 @@ def add_into(acc, x):
 
 @kernel
 def _flash_forward(q, k, v, bias, use_bias, scale, offset, window_left, window_right,
-                   use_dropout, seed_lo, seed_hi, threshold, drop_scale, out, lse):
+                   use_dropout, seed_lo, seed_hi, threshold, drop_scale, BLOCK_M, BLOCK_N, out, lse):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     group = Hq // Hkv
@@ -230,7 +246,8 @@ def _flash_forward(q, k, v, bias, use_bias, scale, offset, window_left, window_r
         i1 = min(i0 + BLOCK_M, Nq)
         bm = i1 - i0
         kv = h // group  # GQA: query head h reads kv head h // group
-        q_blk = q[b, h][i0:i1]  # (bm, D), resident for the whole task
+        qs_blk = np.empty((bm, D), dtype=q.dtype)  # (bm, D), resident for the whole task
+        scaled_copy(q[b, h][i0:i1], scale, qs_blk)
         bias_qk = bias_plane(bias, b, h)
 
         m_i = np.full(bm, -np.inf, dtype=q.dtype)  # running max of the scores
@@ -247,7 +264,7 @@ def _flash_forward(q, k, v, bias, use_bias, scale, offset, window_left, window_r
             j1 = min(j0 + BLOCK_N, j_stop)
             bn = j1 - j0
             sT = s_buf[: bn * bm].reshape((bn, bm))  # (bn, bm), contiguous
-            scores_t(k[b, kv][j0:j1], q_blk, sT, scale, bias_qk, use_bias, i0, j0,
+            scores_t(k[b, kv][j0:j1], qs_blk, sT, bias_qk, use_bias, i0, j0,
                      offset, window_left, window_right)
 
             # m_new = max(m_i, max over this block's keys)
@@ -255,8 +272,7 @@ def _flash_forward(q, k, v, bias, use_bias, scale, offset, window_left, window_r
             for jj in range(bn):
                 row = sT[jj]
                 for ii in range(bm):
-                    x = row[ii]
-                    m_new[ii] = x if x > m_new[ii] else m_new[ii]
+                    m_new[ii] = np.fmax(m_new[ii], row[ii])  # fmax: this form vectorises
             # a row that has seen only -inf keeps m = -inf; subtract 0 instead (no NaN)
             for ii in range(bm):
                 m_safe[ii] = m_new[ii] if m_new[ii] != -np.inf else 0.0
@@ -265,10 +281,7 @@ def _flash_forward(q, k, v, bias, use_bias, scale, offset, window_left, window_r
             for ii in range(bm):
                 l_i[ii] *= alpha[ii]
             for jj in range(bn):
-                row = sT[jj]
-                exp_sub(row, m_safe)  # pT = exp(sT - m_new)
-                for ii in range(bm):
-                    l_i[ii] += row[ii]
+                exp_sub_sum(sT[jj], m_safe, l_i)  # pT = exp(sT - m_new); l_i += pT[jj]
             if use_dropout:  # lse is computed before dropout: l_i above saw every p
                 dropout_t(sT, seed_lo, seed_hi, threshold, drop_scale, b, h, i0, j0)
             np.dot(sT.T, v[b, kv][j0:j1], pv)  # (bm, bn) @ (bn, Dv)
@@ -308,16 +321,17 @@ def _bwd_preprocess(out, dout, delta):
 
 
 @helper
-def bwd_tile(k_blk, v_blk, q_blk, do_blk, lse_shift, delta_blk, sT, dpT, scale, bias_qk,
+def bwd_tile(k_blk, v_blk, qs_blk, do_blk, lse_shift, delta_blk, sT, dpT, bias_qk,
              use_bias, i0, j0, offset, window_left, window_right,
              use_dropout, seed_lo, seed_hi, threshold, drop_scale, b, h):
     """One (key block, query block) tile of the backward: on return ``sT`` holds the
     dropped probabilities ``pT * z`` and ``dpT`` holds ``dsT``, the gradient of the scores.
 
-    k_blk (bn, D), v_blk (bn, Dv), q_blk (bm, D), do_blk (bm, Dv); lse_shift, delta_blk (bm,)
+    k_blk (bn, D), v_blk (bn, Dv), qs_blk (bm, D) scaled queries, do_blk (bm, Dv);
+    lse_shift, delta_blk (bm,)
     """
     # forward: pT = exp(sT - lse), recomputed instead of stored
-    scores_t(k_blk, q_blk, sT, scale, bias_qk, use_bias, i0, j0, offset, window_left, window_right)
+    scores_t(k_blk, qs_blk, sT, bias_qk, use_bias, i0, j0, offset, window_left, window_right)
     bn, bm = sT.shape
     for jj in range(bn):
         exp_sub(sT[jj], lse_shift)
@@ -351,7 +365,7 @@ def lse_shift_of(lse_blk, lse_shift):
 
 @kernel
 def _bwd_dkdv(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left, window_right,
-              use_dropout, seed_lo, seed_hi, threshold, drop_scale, dk, dv):
+              use_dropout, seed_lo, seed_hi, threshold, drop_scale, BLOCK_M, BLOCK_N, dk, dv):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     group = Hq // Hkv
@@ -371,6 +385,7 @@ def _bwd_dkdv(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_l
         s_buf = np.empty(bn * BLOCK_M, dtype=q.dtype)
         dp_buf = np.empty(bn * BLOCK_M, dtype=q.dtype)
         lse_shift = np.empty(BLOCK_M, dtype=q.dtype)
+        qs_buf = np.empty((BLOCK_M, D), dtype=q.dtype)
 
         i_start, i_stop = query_range(j0, j1, Nq, offset, window_left, window_right)
         for h in range(kv * group, (kv + 1) * group):  # GQA: the group's query heads, in order
@@ -380,28 +395,29 @@ def _bwd_dkdv(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_l
                 bm = i1 - i0
                 sT = s_buf[: bn * bm].reshape((bn, bm))
                 dpT = dp_buf[: bn * bm].reshape((bn, bm))
-                q_blk = q[b, h][i0:i1]
+                qs_blk = qs_buf[:bm]
+                scaled_copy(q[b, h][i0:i1], scale, qs_blk)
                 do_blk = dout[b, h][i0:i1]
                 lse_shift_of(lse[b, h][i0:i1], lse_shift[:bm])
-                bwd_tile(k_blk, v_blk, q_blk, do_blk, lse_shift[:bm], delta[b, h][i0:i1], sT, dpT,
-                         scale, bias_qk, use_bias, i0, j0, offset, window_left, window_right,
+                bwd_tile(k_blk, v_blk, qs_blk, do_blk, lse_shift[:bm], delta[b, h][i0:i1], sT, dpT,
+                         bias_qk, use_bias, i0, j0, offset, window_left, window_right,
                          use_dropout, seed_lo, seed_hi, threshold, drop_scale, b, h)
                 # forward: out = (pT * z).T @ v  ->  dv = (pT * z) @ dO
                 np.dot(sT, do_blk, dv_tmp)
                 add_into(dv_acc, dv_tmp)
-                # forward: sT = scale * k @ q.T  ->  dk = scale * dsT @ q  (scale applied below)
-                np.dot(dpT, q_blk, dk_tmp)
+                # forward: sT = k @ (scale * q).T  ->  dk = dsT @ (scale * q)
+                np.dot(dpT, qs_blk, dk_tmp)
                 add_into(dk_acc, dk_tmp)
         for jj in range(bn):
             for d in range(D):
-                dk[b, kv, j0 + jj, d] = dk_acc[jj, d] * scale
+                dk[b, kv, j0 + jj, d] = dk_acc[jj, d]
             for d in range(Dv):
                 dv[b, kv, j0 + jj, d] = dv_acc[jj, d]
 
 
 @kernel
 def _bwd_dq(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left, window_right,
-            use_dropout, seed_lo, seed_hi, threshold, drop_scale, dq):
+            use_dropout, seed_lo, seed_hi, threshold, drop_scale, BLOCK_M, BLOCK_N, dq):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     group = Hq // Hkv
@@ -413,7 +429,8 @@ def _bwd_dq(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_lef
         i1 = min(i0 + BLOCK_M, Nq)
         bm = i1 - i0
         kv = h // group
-        q_blk = q[b, h][i0:i1]  # (bm, D), resident
+        qs_blk = np.empty((bm, D), dtype=q.dtype)  # (bm, D), resident
+        scaled_copy(q[b, h][i0:i1], scale, qs_blk)
         do_blk = dout[b, h][i0:i1]  # (bm, Dv), resident
         bias_qk = bias_plane(bias, b, h)
         lse_shift = np.empty(bm, dtype=q.dtype)
@@ -430,8 +447,8 @@ def _bwd_dq(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_lef
             sT = s_buf[: bn * bm].reshape((bn, bm))
             dpT = dp_buf[: bn * bm].reshape((bn, bm))
             k_blk = k[b, kv][j0:j1]
-            bwd_tile(k_blk, v[b, kv][j0:j1], q_blk, do_blk, lse_shift, delta[b, h][i0:i1], sT, dpT,
-                     scale, bias_qk, use_bias, i0, j0, offset, window_left, window_right,
+            bwd_tile(k_blk, v[b, kv][j0:j1], qs_blk, do_blk, lse_shift, delta[b, h][i0:i1], sT, dpT,
+                     bias_qk, use_bias, i0, j0, offset, window_left, window_right,
                      use_dropout, seed_lo, seed_hi, threshold, drop_scale, b, h)
             # forward: sT = scale * k @ q.T  ->  dq = scale * dsT.T @ k  (scale applied below)
             np.dot(dpT.T, k_blk, dq_tmp)
@@ -443,7 +460,7 @@ def _bwd_dq(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_lef
 
 @kernel
 def _bwd_fused(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left, window_right,
-               use_dropout, seed_lo, seed_hi, threshold, drop_scale, dq, dk, dv):
+               use_dropout, seed_lo, seed_hi, threshold, drop_scale, BLOCK_M, BLOCK_N, dq, dk, dv):
     """dkdv with the key block resident, plus dq added from the same tiles (see the module
     docstring). One task per (b, kv head): it owns dq of the group's query heads."""
     B, Hq, Nq, D = q.shape
@@ -460,6 +477,7 @@ def _bwd_fused(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_
         s_buf = np.empty(BLOCK_N * BLOCK_M, dtype=q.dtype)
         dp_buf = np.empty(BLOCK_N * BLOCK_M, dtype=q.dtype)
         lse_shift = np.empty(BLOCK_M, dtype=q.dtype)
+        qs_buf = np.empty((BLOCK_M, D), dtype=q.dtype)
         for j0 in range(0, Nk, BLOCK_N):
             j1 = min(j0 + BLOCK_N, Nk)
             bn = j1 - j0
@@ -475,24 +493,25 @@ def _bwd_fused(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_
                     bm = i1 - i0
                     sT = s_buf[: bn * bm].reshape((bn, bm))
                     dpT = dp_buf[: bn * bm].reshape((bn, bm))
-                    q_blk = q[b, h][i0:i1]
+                    qs_blk = qs_buf[:bm]
+                    scaled_copy(q[b, h][i0:i1], scale, qs_blk)
                     do_blk = dout[b, h][i0:i1]
                     lse_shift_of(lse[b, h][i0:i1], lse_shift[:bm])
-                    bwd_tile(k_blk, v_blk, q_blk, do_blk, lse_shift[:bm], delta[b, h][i0:i1], sT,
-                             dpT, scale, bias_qk, use_bias, i0, j0, offset, window_left,
+                    bwd_tile(k_blk, v_blk, qs_blk, do_blk, lse_shift[:bm], delta[b, h][i0:i1], sT,
+                             dpT, bias_qk, use_bias, i0, j0, offset, window_left,
                              window_right, use_dropout, seed_lo, seed_hi, threshold, drop_scale,
                              b, h)
                     dv_blk_tmp = dv_tmp[: bn * Dv].reshape((bn, Dv))
                     np.dot(sT, do_blk, dv_blk_tmp)  # dv += (pT * z) @ dO
                     add_into(dv_acc[:bn], dv_blk_tmp)
                     dk_blk_tmp = dk_tmp[: bn * D].reshape((bn, D))
-                    np.dot(dpT, q_blk, dk_blk_tmp)  # dk += dsT @ q
+                    np.dot(dpT, qs_blk, dk_blk_tmp)  # dk += dsT @ (scale * q)
                     add_into(dk_acc[:bn], dk_blk_tmp)
                     np.dot(dpT.T, k_blk, dq_tmp[:bm])  # dq += dsT.T @ k: only this task writes it
                     add_into(dq[b, h][i0:i1], dq_tmp[:bm])
             for jj in range(bn):
                 for d in range(D):
-                    dk[b, kv, j0 + jj, d] = dk_acc[jj, d] * scale
+                    dk[b, kv, j0 + jj, d] = dk_acc[jj, d]
                 for d in range(Dv):
                     dv[b, kv, j0 + jj, d] = dv_acc[jj, d]
         for h in range(kv * group, (kv + 1) * group):
