@@ -5,8 +5,8 @@ before numba is first imported::
 
     NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cuda
 
-In any other process (the main ``pytest`` run) with no GPU, every test here is skipped with
-one reason naming what is missing. The PTX checks, which need no GPU and no simulator, live
+In any other process (the main ``pytest`` run) with no GPU, this directory is deselected and
+the session header says why. The PTX checks, which need no GPU and no simulator, live
 in tests/kernels/test_cuda_ptx.py and run in the main process.
 """
 
@@ -23,15 +23,24 @@ HERE = Path(__file__).resolve().parent
 UNAVAILABLE = flash.unavailable_reason()
 
 
+REASON = ("tests/cuda needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1 set before numba is imported "
+          f"(CI runs: NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cuda): {UNAVAILABLE}")
+
+
+def pytest_report_header(config):
+    if UNAVAILABLE is not None:
+        return f"deselecting tests/cuda: {REASON}"
+    return f"tests/cuda: running on {'the CUDA simulator' if flash.simulated() else 'a GPU'}"
+
+
 def pytest_collection_modifyitems(config, items):
+    """Without a GPU or the simulator, deselect this directory (one header line says why)."""
     if UNAVAILABLE is None:
         return
-    skip = pytest.mark.skip(
-        reason="tests/cuda needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1 set before numba is "
-               f"imported (CI: NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cuda): {UNAVAILABLE}")
-    for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(skip)
+    here = [item for item in items if HERE in Path(str(item.fspath)).resolve().parents]
+    if here:
+        config.hook.pytest_deselected(items=here)
+        items[:] = [item for item in items if item not in here]
 
 
 @pytest.fixture(autouse=True, scope="session")
