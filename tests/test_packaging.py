@@ -27,3 +27,13 @@ def test_every_package_is_listed_in_pyproject():
     for name, directory in listed.items():
         assert (ROOT / directory / "__init__.py").is_file(), name
     assert not any(name == "kernels" or name.startswith("kernels.") for name in listed)
+
+
+def test_ci_runs_the_readme_test_command():
+    """The README's second command (after creating the venv) is what .ci/run executes."""
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^python3 -m venv \.venv && \. \.venv/bin/activate && (.+)$", readme, re.M)
+    assert len(commands) == 2, "the README opens with two commands: the main job and the tests"
+    assert "microattn demo" in commands[0]
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert commands[1] in ci_lines
