@@ -2,7 +2,8 @@
 # CI step for the asv benchmark suite (issue 5): check it, then run every benchmark once
 # against the checkout, using the microattn installed in the active Python environment.
 #
-#   .ci/asv.sh            # from anywhere; needs asv and an installed microattn
+#   .ci/asv.sh                  # from anywhere; needs asv and an installed microattn
+#   .ci/asv.sh -b LinearAttention   # extra arguments go to `asv run` (here: one class)
 #
 # Fails (non-zero) if the suite does not import, a benchmark raises, or one times out.
 # Skipped combinations (NotImplementedError in setup: no GPU, over a size budget) are
@@ -22,7 +23,7 @@ asv machine --yes >/dev/null || exit 1
 asv check --python=same || { echo "asv.sh: asv check failed" >&2; exit 1; }
 
 start=$SECONDS
-asv run --python=same --quick --show-stderr --durations 10 2>&1 | tee "$log"
+asv run --python=same --quick --show-stderr --durations 10 "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 echo "asv.sh: quick run took $((SECONDS - start)) s, asv exit status $status"
 
