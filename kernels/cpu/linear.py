@@ -34,11 +34,20 @@ Only 2-2.5x apart: at D = Dv = 64 the (64, 64) tiles keep OpenBLAS at ~25 GFLOP/
 core, and numba vectorises rung 1's inner loops well. Wall times on this VM vary by up
 to 2x with other jobs' load; the CPU times are steadier.
 
-Parallel over (batch, query head) with ``prange``; each head is one sequential scan, so
-results are bit-identical over reruns. The GQA reduction of dk, dv (a sum over the
-``group`` query heads of one kv head) happens afterwards in NumPy, in a fixed order. No
-``fastmath`` here (the shared ``exp_sub`` carries its own explicit flag set, without
-``nnan``/``ninf``).
+Parallel over (batch, query head): contiguous ranges of heads go to ``numba.get_num_threads()``
+threads, each running a serial ``nogil`` driver (not a ``prange``, which compiled several
+times slower, see the drivers below); each head is one sequential scan, so results are
+bit-identical over reruns and whatever the split. The GQA reduction of dk, dv (a sum over
+the ``group`` query heads of one kv head) happens afterwards in NumPy, in a fixed order. No
+``fastmath`` here except in ``_exp_inplace`` (the flag set of ``_compile.FASTMATH``,
+without ``nnan``/``ninf``).
+
+Cold compile (empty cache, float32, causal, first forward then first backward, 2-core VM
+under load): fwd ~9 s, bwd ~7 s; it was ~29 s and ~58 s. The savings: no array expressions,
+slice assignments or ``sum(axis=0)`` in the chunked kernels (numba compiles each to a
+function of its own; ``sum(axis=0)`` alone took ~4 s, the backward's slice assignments ~9 s),
+no ``prange`` drivers, one driver per rung, and ``fast_exp`` called directly rather than
+through the ``inline="always"`` ``exp_sub``.
 """
 
 from __future__ import annotations
@@ -47,12 +56,12 @@ import numpy as np
 
 from ..spec import LinearSpec
 
-# _compile: NUMBA_ERROR, prange, the threading layer choice (workqueue unless the user set
-# NUMBA_THREADING_LAYER), blas_single_threaded() and a vectorisable exp_sub, shared with
-# the flash kernels.
-from ._compile import NUMBA_ERROR, blas_single_threaded, exp_sub, prange
+# _compile: NUMBA_ERROR, FASTMATH, blas_single_threaded() and the vectorisable fast_exp,
+# shared with the flash kernels.
+from ._compile import FASTMATH, NUMBA_ERROR, blas_single_threaded, fast_exp
 
 if NUMBA_ERROR is None:
+    import numba
     from numba import njit
 else:  # the reference backend still works without numba; this module must still import
 
@@ -70,22 +79,35 @@ def unavailable_reason() -> str | None:
 # -- helpers compiled once, used by both rungs --------------------------------------------------
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def _exp_inplace(x):
+    """x = exp(x) in place over a C-contiguous array, with ``fast_exp`` from ``_compile``.
+
+    The same sweep (and the same fastmath flags, no ``nnan``/``ninf``) as ``_compile.exp_sub``
+    with a zero shift, but an ordinary call, not an ``inline="always"`` one: numba's IR-level
+    inlining of that sweep into ``_phi`` was slow to compile and raised a
+    ``NumbaIRAssumptionWarning`` about variable scopes. LLVM still inlines and vectorises it.
+    """
+    flat = x.reshape(x.size)
+    for t in range(flat.shape[0]):
+        flat[t] = fast_exp(flat[t])
+
+
 @njit(cache=True)
 def _phi(x):
     """phi(x) = elu(x) + 1 on a 2-D array: x + 1 (x > 0), exp(x) (x <= 0).
 
-    ``exp_sub`` (from ``_compile``) is an exp the compiler vectorises for float32 (libm's
+    ``fast_exp`` (from ``_compile``) is an exp the compiler vectorises for float32 (libm's
     exp is a scalar call, and was 70% of the forward's time); float64 uses libm.
     """
     out = np.empty_like(x)
-    zeros = np.zeros(x.shape[1], dtype=x.dtype)
     for r in range(x.shape[0]):
-        row = out[r]
         for d in range(x.shape[1]):
-            row[d] = min(x[r, d], 0)
-        exp_sub(row, zeros)  # row = exp(row - 0)
+            out[r, d] = min(x[r, d], 0)
+    _exp_inplace(out)
+    for r in range(x.shape[0]):
         for d in range(x.shape[1]):
-            row[d] = x[r, d] + 1 if x[r, d] > 0 else row[d]
+            out[r, d] = x[r, d] + 1 if x[r, d] > 0 else out[r, d]
     return out
 
 
@@ -134,6 +156,35 @@ def _row_dots(x, y):
         for t in range(x.shape[1]):
             out[r] += x[r, t] * y[r, t]
     return out
+
+
+@njit(cache=True)
+def _col_sums(x):
+    """x.sum(axis=0) for a 2-D array, rows added in order (numba's own axis=0 sum took ~4 s
+    to compile, a third of the whole forward's cold compile)."""
+    out = np.zeros(x.shape[1], dtype=x.dtype)
+    for r in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            out[t] += x[r, t]
+    return out
+
+
+@njit(cache=True)
+def _copy(a, b):
+    """a[...] = b for two C-contiguous arrays of one shape (numba's slice assignment
+    compiled several times slower)."""
+    af, bf = a.reshape(a.size), b.reshape(b.size)
+    for t in range(af.shape[0]):
+        af[t] = bf[t]
+
+
+@njit(cache=True)
+def _add(a, b):
+    """a += b in place for two C-contiguous arrays of one shape (an explicit loop compiles
+    faster than numba's in-place ufunc, which is specialised per shape and layout)."""
+    af, bf = a.reshape(a.size), b.reshape(b.size)
+    for t in range(af.shape[0]):
+        af[t] += bf[t]
 
 
 @njit(cache=True)
@@ -242,29 +293,37 @@ def _backward_head_loops(q, k, v, out, dout, diag, eps, dq, dk, dv):
 
 @njit(cache=True)
 def _forward_head_chunked(q, k, v, diag, eps, chunk, out):
-    """One head, chunked: q (Nq, D), k (Nk, D), v (Nk, Dv) -> out (Nq, Dv), written in place."""
+    """One head, chunked: q (Nq, D), k (Nk, D), v (Nk, Dv) -> out (Nq, Dv), written in place.
+
+    Element-wise steps are written as loops: numba compiles each array expression and each
+    broadcast to a function of its own, and those dominated the cold compile.
+    """
     Nq = q.shape[0]
     Nk = k.shape[0]
     qf, kf = _phi(q), _phi(k)
     # the state starts with the keys every query sees (all of them when not causal)
     js0 = _chunk_keys(0, 0, diag, Nk)[0]
     S = np.dot(kf[:js0].T, v[:js0])  # (D, Dv)
-    z = kf[:js0].sum(axis=0)  # (D,)
+    z = _col_sums(kf[:js0])  # (D,)
     for i0 in range(0, Nq, chunk):
         i1 = min(i0 + chunk, Nq)
         js, je = _chunk_keys(i0, i1, diag, Nk)
         qc = qf[i0:i1]  # (c, D)
         num = np.dot(qc, S)  # (c, Dv): the keys before the chunk
-        den = np.dot(qc, z) + eps  # (c,)
+        den = np.dot(qc, z)  # (c,)
+        for r in range(den.shape[0]):
+            den[r] += eps
         if je > js:  # the diagonal block, quadratic in the chunk
             kc, vc = kf[js:je], v[js:je]  # (L, D), (L, Dv)
             scores = np.dot(qc, kc.T)  # (c, L)
             _mask_diagonal(scores, i0, js, diag)
-            num += np.dot(scores, vc)
-            den += _row_sums(scores)
-            S += np.dot(kc.T, vc)  # carry the chunk's keys forward
-            z += kc.sum(axis=0)
-        out[i0:i1] = num / den.reshape((-1, 1))
+            _add(num, np.dot(scores, vc))
+            _add(den, _row_sums(scores))
+            _add(S, np.dot(kc.T, vc))  # carry the chunk's keys forward
+            _add(z, _col_sums(kc))
+        for r in range(i1 - i0):  # out_i = num_i / den_i
+            for e in range(num.shape[1]):
+                out[i0 + r, e] = num[r, e] / den[r]
 
 
 @njit(cache=True)
@@ -272,13 +331,14 @@ def _backward_head_chunked(q, k, v, out, dout, diag, eps, chunk, dq, dk, dv):
     """One head's dq (Nq, D), dk (Nk, D), dv (Nk, Dv), chunked (dk, dv not GQA-summed)."""
     Nq = q.shape[0]
     Nk = k.shape[0]
+    D, Dv = q.shape[1], v.shape[1]
     qf, kf = _phi(q), _phi(k)
     a = np.empty_like(dout)  # (Nq, Dv) dnum_i
     c = np.empty(Nq, dtype=q.dtype)  # (Nq,) dden_i
     # pass 1, chunks in order: dq, with the running state S, z of the forward
     js0 = _chunk_keys(0, 0, diag, Nk)[0]
     S = np.dot(kf[:js0].T, v[:js0])  # (D, Dv)
-    z = kf[:js0].sum(axis=0)  # (D,)
+    z = _col_sums(kf[:js0])  # (D,)
     for i0 in range(0, Nq, chunk):
         i1 = min(i0 + chunk, Nq)
         js, je = _chunk_keys(i0, i1, diag, Nk)
@@ -286,23 +346,33 @@ def _backward_head_chunked(q, k, v, out, dout, diag, eps, chunk, dq, dk, dv):
         kc, vc = kf[js:je], v[js:je]
         scores = np.dot(qc, kc.T)  # (c, L), recomputed
         _mask_diagonal(scores, i0, js, diag)
-        den = np.dot(qc, z) + _row_sums(scores) + eps  # (c,)
+        den = np.dot(qc, z)  # (c,)
+        _add(den, _row_sums(scores))
+        dots = _row_dots(dout[i0:i1], out[i0:i1])
         # 1. forward: out_i = num_i / den_i
         #    -> a_i = dout_i / den_i,  c_i = -(dout_i . out_i) / den_i
-        ac = dout[i0:i1] / den.reshape((-1, 1))
-        cc = -_row_dots(dout[i0:i1], out[i0:i1]) / den
-        a[i0:i1] = ac
-        c[i0:i1] = cc
+        for r in range(i1 - i0):
+            den[r] += eps
+            for e in range(Dv):
+                a[i0 + r, e] = dout[i0 + r, e] / den[r]
+            c[i0 + r] = -dots[r] / den[r]
+        ac, cc = a[i0:i1], c[i0:i1]
         # 2. forward: num_i = q'_i^T S_i + sum_{j in chunk} scores_ij v_j,  den_i = q'_i . z_i + ...
         #    -> dq'_i = S_i a_i + c_i z_i + sum_{j in chunk} (a_i . v_j + c_i) k'_j
-        dqc = np.dot(ac, S.T) + cc.reshape((-1, 1)) * z.reshape((1, -1))
+        dqc = np.dot(ac, S.T)
+        for r in range(i1 - i0):
+            for d in range(D):
+                dqc[r, d] += cc[r] * z[d]
         if je > js:
-            dscores = np.dot(ac, vc.T) + cc.reshape((-1, 1))  # (c, L)
+            dscores = np.dot(ac, vc.T)  # (c, L)
+            for r in range(i1 - i0):
+                for t in range(je - js):
+                    dscores[r, t] += cc[r]
             _mask_diagonal(dscores, i0, js, diag)
-            dqc += np.dot(dscores, kc)
-            S += np.dot(kc.T, vc)
-            z += kc.sum(axis=0)
-        dq[i0:i1] = dqc
+            _add(dqc, np.dot(dscores, kc))
+            _add(S, np.dot(kc.T, vc))
+            _add(z, _col_sums(kc))
+        _copy(dq[i0:i1], dqc)
     # 3. forward: q' = phi(q)  ->  dq = dq' * elu'(q)
     _times_phi_grad(dq, q, qf)
     # pass 2, chunks in reverse: dk, dv, carrying G = sum q'_i a_i^T (D, Dv) and
@@ -319,49 +389,104 @@ def _backward_head_chunked(q, k, v, out, dout, diag, eps, chunk, dq, dk, dv):
             #    -> dk'_j = G_j v_j + g_j,   dv_j = G_j^T k'_j
             scores = np.dot(qc, kc.T)
             _mask_diagonal(scores, i0, js, diag)
-            dscores = np.dot(ac, vc.T) + cc.reshape((-1, 1))
+            dscores = np.dot(ac, vc.T)
+            for r in range(i1 - i0):
+                for t in range(je - js):
+                    dscores[r, t] += cc[r]
             _mask_diagonal(dscores, i0, js, diag)
-            dk[js:je] = np.dot(vc, G.T) + g.reshape((1, -1)) + np.dot(dscores.T, qc)
-            dv[js:je] = np.dot(kc, G) + np.dot(scores.T, ac)
-        G += np.dot(qc.T, ac)
-        g += np.dot(qc.T, cc)
+            dkc = np.dot(vc, G.T)
+            for t in range(je - js):
+                for d in range(D):
+                    dkc[t, d] += g[d]
+            _add(dkc, np.dot(dscores.T, qc))
+            _copy(dk[js:je], dkc)
+            dvc = np.dot(kc, G)
+            _add(dvc, np.dot(scores.T, ac))
+            _copy(dv[js:je], dvc)
+        _add(G, np.dot(qc.T, ac))
+        _add(g, np.dot(qc.T, cc))
     # the keys every query sees: all of G, g
-    dk[:js0] = np.dot(v[:js0], G.T) + g.reshape((1, -1))
-    dv[:js0] = np.dot(kf[:js0], G)
+    _copy(dk[:js0], np.dot(v[:js0], G.T))
+    for t in range(js0):
+        for d in range(D):
+            dk[t, d] += g[d]
+    _copy(dv[:js0], np.dot(kf[:js0], G))
     # 5. forward: k' = phi(k)  ->  dk = dk' * elu'(k)
     _times_phi_grad(dk, k, kf)
 
 
-# -- parallel drivers: one prange over (batch, query head) per call ---------------------------
+# -- drivers: the (batch, query head) grid, split over threads --------------------------------
+
+# Each driver runs heads [start, stop) of the grid, serially and without the GIL; _over_heads
+# hands contiguous ranges of heads to a thread pool. A ``parallel=True`` driver with a
+# ``prange`` did the same but was slow to compile: numba links every head kernel it reaches
+# into the parfor's gufunc and re-optimises it there (measured: 3.4 s for the forward's
+# driver, 14 s for the backward's, against 1 s and 3 s for these). One driver per rung, so the
+# default rung never compiles rung 1.
 
 
-@njit(parallel=True, cache=True)
-def _forward_all(q, k, v, diag, eps, chunk, out):
-    """chunk > 0: rung 2 with that chunk size; chunk == 0: rung 1 (loops)."""
-    B, Hq = q.shape[0], q.shape[1]
+@njit(cache=True, nogil=True)
+def _forward_heads_chunked(q, k, v, diag, eps, chunk, out, start, stop):
+    Hq = q.shape[1]
     group = Hq // k.shape[1]
-    for bh in prange(B * Hq):
+    for bh in range(start, stop):
         b, h = bh // Hq, bh % Hq
-        if chunk > 0:
-            _forward_head_chunked(q[b, h], k[b, h // group], v[b, h // group], diag, eps, chunk, out[b, h])
-        else:
-            _forward_head_loops(q[b, h], k[b, h // group], v[b, h // group], diag, eps, out[b, h])
+        _forward_head_chunked(q[b, h], k[b, h // group], v[b, h // group], diag, eps, chunk, out[b, h])
 
 
-@njit(parallel=True, cache=True)
-def _backward_all(q, k, v, out, dout, diag, eps, chunk, dq, dk_per_q, dv_per_q):
-    """dk_per_q (B, Hq, Nk, D), dv_per_q (B, Hq, Nk, Dv): one slot per query head, no races."""
-    B, Hq = q.shape[0], q.shape[1]
+@njit(cache=True, nogil=True)
+def _forward_heads_loops(q, k, v, diag, eps, chunk, out, start, stop):
+    Hq = q.shape[1]
     group = Hq // k.shape[1]
-    for bh in prange(B * Hq):
+    for bh in range(start, stop):
+        b, h = bh // Hq, bh % Hq
+        _forward_head_loops(q[b, h], k[b, h // group], v[b, h // group], diag, eps, out[b, h])
+
+
+@njit(cache=True, nogil=True)
+def _backward_heads_chunked(q, k, v, out, dout, diag, eps, chunk, dq, dk_per_q, dv_per_q, start, stop):
+    """dk_per_q (B, Hq, Nk, D), dv_per_q (B, Hq, Nk, Dv): one slot per query head, no races."""
+    Hq = q.shape[1]
+    group = Hq // k.shape[1]
+    for bh in range(start, stop):
         b, h = bh // Hq, bh % Hq
         kv = h // group
-        if chunk > 0:
-            _backward_head_chunked(q[b, h], k[b, kv], v[b, kv], out[b, h], dout[b, h], diag, eps,
-                                   chunk, dq[b, h], dk_per_q[b, h], dv_per_q[b, h])
-        else:
-            _backward_head_loops(q[b, h], k[b, kv], v[b, kv], out[b, h], dout[b, h], diag, eps,
-                                 dq[b, h], dk_per_q[b, h], dv_per_q[b, h])
+        _backward_head_chunked(q[b, h], k[b, kv], v[b, kv], out[b, h], dout[b, h], diag, eps,
+                               chunk, dq[b, h], dk_per_q[b, h], dv_per_q[b, h])
+
+
+@njit(cache=True, nogil=True)
+def _backward_heads_loops(q, k, v, out, dout, diag, eps, chunk, dq, dk_per_q, dv_per_q, start, stop):
+    Hq = q.shape[1]
+    group = Hq // k.shape[1]
+    for bh in range(start, stop):
+        b, h = bh // Hq, bh % Hq
+        kv = h // group
+        _backward_head_loops(q[b, h], k[b, kv], v[b, kv], out[b, h], dout[b, h], diag, eps,
+                             dq[b, h], dk_per_q[b, h], dv_per_q[b, h])
+
+
+_POOL: list = []  # [ThreadPoolExecutor], created on first use
+
+
+def _over_heads(driver, n_heads: int, *args) -> None:
+    """driver(*args, start, stop) over the n_heads heads, on numba.get_num_threads() threads.
+
+    Each head is one sequential scan wherever it runs, so results do not depend on the split.
+    """
+    threads = min(numba.get_num_threads(), n_heads)
+    if threads <= 1:
+        driver(*args, 0, n_heads)
+        return
+    if not _POOL or _POOL[0]._max_workers < threads:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL[:] = [ThreadPoolExecutor(threads, thread_name_prefix="microattn-linear")]
+    bounds = [n_heads * t // threads for t in range(threads + 1)]
+    jobs = [_POOL[0].submit(driver, *args, bounds[t], bounds[t + 1]) for t in range(1, threads)]
+    driver(*args, bounds[0], bounds[1])  # this thread takes the first range
+    for job in jobs:
+        job.result()
 
 
 # -- the protocol ---------------------------------------------------------------------------
@@ -385,8 +510,9 @@ def _check_chunk(chunk) -> int:
 def _run_forward(q, k, v, spec: LinearSpec, chunk: int) -> np.ndarray:
     q, k, v = _contiguous(spec, q, k, v)
     out = np.empty((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=spec.dtype)
-    with blas_single_threaded():  # each prange worker owns a core; OpenBLAS must not spawn more
-        _forward_all(q, k, v, _diag(spec), spec.dtype.type(spec.eps), chunk, out)
+    with blas_single_threaded():  # each of our threads owns a core; OpenBLAS must not spawn more
+        driver = _forward_heads_chunked if chunk > 0 else _forward_heads_loops
+        _over_heads(driver, spec.B * spec.Hq, q, k, v, _diag(spec), spec.dtype.type(spec.eps), chunk, out)
     return out
 
 
@@ -396,8 +522,9 @@ def _run_backward(q, k, v, out, dout, spec: LinearSpec, chunk: int):
     dk_per_q = np.empty((spec.B, spec.Hq, spec.Nk, spec.D), dtype=spec.dtype)
     dv_per_q = np.empty((spec.B, spec.Hq, spec.Nk, spec.Dv), dtype=spec.dtype)
     with blas_single_threaded():
-        _backward_all(q, k, v, out, dout, _diag(spec), spec.dtype.type(spec.eps), chunk,
-                      dq, dk_per_q, dv_per_q)
+        driver = _backward_heads_chunked if chunk > 0 else _backward_heads_loops
+        _over_heads(driver, spec.B * spec.Hq, q, k, v, out, dout, _diag(spec),
+                    spec.dtype.type(spec.eps), chunk, dq, dk_per_q, dv_per_q)
     if spec.group == 1:
         return dq, dk_per_q, dv_per_q
     # GQA: each kv head served `group` query heads, so its gradient is their sum
