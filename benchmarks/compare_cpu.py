@@ -7,11 +7,13 @@ slows both alike. Medians after a warm-up of ``--warmup`` calls each (the first 
 after start-up are slow: compilation-cache loading, page faults, thread-pool start).
 
 * dense: N = 1024 and 4096, full and causal; forward, and forward+backward.
-* window=(255, 0): ours at N and 2N (the O(N * w) path, so the ratio should be ~2), torch
-  at N given the equivalent boolean mask (it has no banded path).
+* window=(255, 0): ours at N against torch at N given the equivalent boolean mask (it has
+  no banded path); and, in a separate phase without torch, ours at N and 2N interleaved
+  (the O(N * w) path, so the time ratio should be ~2).
 * memory: the extra bytes of one forward+backward at N=8192 (window and causal), two ways:
-  NumPy allocations traced by ``tracemalloc``, and the peak resident set of a fresh
-  subprocess (which also sees numba's own allocations inside the kernels).
+  NumPy allocations traced by ``tracemalloc`` (outputs and any copies), and the growth of
+  the resident set of a fresh subprocess sampled every millisecond during the call (which
+  also sees numba's own allocations inside the kernels, invisible to tracemalloc).
 
 Ratios are ``other time / our time`` (> 1: ours is faster). Without torch installed the
 "other" is ``microattn.kernels.reference`` and cases whose score matrix would not fit in
@@ -19,9 +21,9 @@ memory are skipped. Torch is a benchmark oracle only: the package never imports 
 
 Usage::
 
-    python benchmarks/compare_cpu.py               # everything below (~10 minutes on 2 cores)
+    python benchmarks/compare_cpu.py --ladder      # everything (~15 minutes on 2 cores)
     python benchmarks/compare_cpu.py --quick       # fewer repetitions
-    python benchmarks/compare_cpu.py --ladder      # also time rungs 1 and 2 at N=1024
+    python benchmarks/compare_cpu.py               # without the ladder rungs 1 and 2
 """
 
 from __future__ import annotations
@@ -105,17 +107,25 @@ def other_name():
 
 
 def interleaved_medians(calls: dict, reps: int, warmup: int) -> dict:
-    """Median seconds of each zero-argument callable, their calls interleaved rep by rep."""
+    """Median wall seconds of each zero-argument callable, their calls interleaved rep by rep.
+
+    Also ``cpu:<name>``: the median process CPU seconds (all threads) of the same calls,
+    which measures the work done even while other processes hold the cores.
+    """
     for call in calls.values():
         for _ in range(warmup):
             call()
     times = {name: [] for name in calls}
+    cpu = {name: [] for name in calls}
     for _ in range(reps):
         for name, call in calls.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             call()
             times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
+            cpu[name].append(time.process_time() - start_cpu)
+    result = {name: float(np.median(t)) for name, t in times.items()}
+    result.update({f"cpu:{name}": float(np.median(t)) for name, t in cpu.items()})
+    return result
 
 
 def validate(causal=False, window=None, N=300):
@@ -155,23 +165,31 @@ def dense_rows(reps, warmup):
 
 
 def window_rows(N, reps, warmup):
+    """Two phases: ours at N and 2N interleaved with each other (the scaling, undisturbed
+    by torch's multi-GB temporaries), then ours at N interleaved with the other."""
     validate(window=WINDOW)
     q, k, v, dout, spec = make_problem(N, window=WINDOW)
     q2, k2, v2, dout2, spec2 = make_problem(2 * N, window=WINDOW)
-    calls = {
+    times = interleaved_medians({
         "ours_f": ours(flash, q, k, v, dout, spec, False),
         "ours_fb": ours(flash, q, k, v, dout, spec, True),
         "ours2_f": ours(flash, q2, k2, v2, dout2, spec2, False),
         "ours2_fb": ours(flash, q2, k2, v2, dout2, spec2, True),
-    }
+    }, reps, warmup)
+    del q2, k2, v2, dout2
     if torch is not None:  # the reference at N=8192 would need ~10 GB of scores
-        calls["other_f"] = theirs(q, k, v, dout, spec, False, window=WINDOW)
-        calls["other_fb"] = theirs(q, k, v, dout, spec, True, window=WINDOW)
-    return interleaved_medians(calls, reps, warmup)
+        versus = interleaved_medians({
+            "ours_f": ours(flash, q, k, v, dout, spec, False),
+            "other_f": theirs(q, k, v, dout, spec, False, window=WINDOW),
+            "ours_fb": ours(flash, q, k, v, dout, spec, True),
+            "other_fb": theirs(q, k, v, dout, spec, True, window=WINDOW),
+        }, reps, warmup)
+        times.update({f"vs_{name}": t for name, t in versus.items()})
+    return times
 
 
 MEMORY_CHILD = """
-import resource, sys, tracemalloc
+import os, sys, threading, time, tracemalloc
 import numpy as np
 from microattn.kernels.cpu import flash
 from microattn.kernels.spec import make_attention_spec
@@ -179,20 +197,33 @@ N, mode = int(sys.argv[1]), sys.argv[2]
 kw = dict(window=(255, 0)) if mode == "window" else dict(is_causal=True)
 def problem(n):
     rng = np.random.default_rng(0)
-    q, k, v, do = (rng.standard_normal((1, 8, n, 64)).astype(np.float32) for _ in range(4))
+    q, k, v, do = (rng.standard_normal((1, 8, n, 64), dtype=np.float32) for _ in range(4))
     return q, k, v, do, make_attention_spec(q.shape, k.shape, v.shape, (q.dtype,) * 3, **kw)
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 q, k, v, do, spec = problem(64)  # load the compiled kernels first: their memory is not "extra"
 out, lse = flash.forward(q, k, v, spec); flash.backward(q, k, v, out, lse, do, spec)
+del out, lse
 q, k, v, do, spec = problem(N)
 inputs = q.nbytes + k.nbytes + v.nbytes + q.nbytes  # q + k + v + o (o has q's shape here)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = rss()
+peak = [before]
+done = threading.Event()
+def sample():  # the resident set, every millisecond, while forward+backward runs
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.001)
+sampler = threading.Thread(target=sample)
+sampler.start()
 tracemalloc.start()
 out, lse = flash.forward(q, k, v, spec)
 grads = flash.backward(q, k, v, out, lse, do, spec)
 traced = tracemalloc.get_traced_memory()[1]
 tracemalloc.stop()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(inputs, traced, after - before)
+done.set()
+sampler.join()
+print(inputs, traced, max(peak[0], rss()) - before)
 """
 
 
@@ -243,7 +274,7 @@ def main(argv=None):
           f"{numba.config.THREADING_LAYER}), numpy {np.__version__}, other = {other_name()}"
           + (f" ({torch.get_num_threads()} threads)" if torch is not None else ""))
     print(f"float32, B={B}, H={H}, D={D}; medians of {reps} interleaved runs after {warmup} "
-          f"warm-up calls; load average at start {os.getloadavg()[0]:.1f}")
+          f"warm-up calls; times in ms; load average at start {os.getloadavg()[0]:.1f}")
     print()
 
     print(f"dense            ours fwd  other fwd  ratio | ours f+b  other f+b  ratio")
@@ -252,19 +283,24 @@ def main(argv=None):
     print()
 
     N = args.window_n
-    t = window_rows(N, max(3, reps // 2), max(2, warmup // 3))
+    t = window_rows(N, reps, max(2, warmup // 3))
     print(f"window {WINDOW}   ours fwd  other fwd  ratio | ours f+b  other f+b  ratio")
-    print(f"N={N:<12d} {ms(t['ours_f'])} {ms(t.get('other_f'))}  {ratio(t.get('other_f'), t['ours_f'])}"
-          f" | {ms(t['ours_fb'])} {ms(t.get('other_fb'))}  {ratio(t.get('other_fb'), t['ours_fb'])}")
-    print(f"N={2 * N:<12d} {ms(t['ours2_f'])}                   | {ms(t['ours2_fb'])}")
-    print(f"time(2N)/time(N): forward {t['ours2_f'] / t['ours_f']:.2f}, "
-          f"forward+backward {t['ours2_fb'] / t['ours_fb']:.2f}")
+    print(f"N={N:<12d} {ms(t.get('vs_ours_f'))} {ms(t.get('vs_other_f'))}  "
+          f"{ratio(t.get('vs_other_f'), t.get('vs_ours_f'))} | {ms(t.get('vs_ours_fb'))} "
+          f"{ms(t.get('vs_other_fb'))}  {ratio(t.get('vs_other_fb'), t.get('vs_ours_fb'))}")
+    print(f"ours alone, N and 2N interleaved: N={N} fwd {ms(t['ours_f']).strip()}, f+b "
+          f"{ms(t['ours_fb']).strip()}; N={2 * N} fwd {ms(t['ours2_f']).strip()}, f+b "
+          f"{ms(t['ours2_fb']).strip()} ms")
+    print(f"time(2N)/time(N), wall: forward {t['ours2_f'] / t['ours_f']:.2f}, "
+          f"forward+backward {t['ours2_fb'] / t['ours_fb']:.2f}; CPU time: forward "
+          f"{t['cpu:ours2_f'] / t['cpu:ours_f']:.2f}, forward+backward "
+          f"{t['cpu:ours2_fb'] / t['cpu:ours_fb']:.2f}")
     print()
 
     print(f"memory, one forward+backward at N={N}: extra bytes / bytes of q+k+v+o")
     for mode, inputs, traced, rss in memory_rows(N):
         print(f"{mode:8s} q+k+v+o {inputs / 2**20:6.1f} MiB | NumPy allocations (tracemalloc peak) "
-              f"{traced / 2**20:6.1f} MiB = {traced / inputs:.2f}x | peak RSS growth "
+              f"{traced / 2**20:6.1f} MiB = {traced / inputs:.2f}x | RSS growth "
               f"{rss / 2**20:6.1f} MiB = {rss / inputs:.2f}x")
     print()
 

@@ -4,8 +4,10 @@ What lives here, and why:
 
 * ``NUMBA_ERROR``: None when numba imports, else the reason (the kernel modules still
   import without numba, so ``unavailable_reason()`` can say why they cannot run).
-* ``kernel`` / ``helper``: the two decorators. Kernels are ``njit(parallel=True,
-  cache=True)`` with ``FASTMATH``; helpers are ``njit(inline="always")``.
+* ``kernel`` / ``helper`` / ``inline_helper``: the decorators. Kernels are
+  ``njit(parallel=PARALLEL, cache=True)`` with ``FASTMATH`` (``prange`` loops only);
+  helpers are plain ``njit``
+  functions the kernels call; the masking helpers are ``njit(inline="always")``.
 * ``FASTMATH``: fastmath *without* ``nnan`` and ``ninf``. Masking writes ``-inf`` into the
   scores and relies on ``exp(-inf) == 0`` and ``max(-inf, x) == x``; the flags that assume
   "no infinities" would make that undefined behaviour.
@@ -63,11 +65,18 @@ except ImportError as exc:
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}  # no "nnan", no "ninf"
 
 
+# Only explicit ``prange`` loops run in parallel. numba's other parallel transforms (array
+# expressions, np.* calls and slice assignments turned into parallel loops) would only
+# nest inside our prange, where they run serially anyway, and they tripled compile time.
+PARALLEL = {"prange": True, "comprehension": False, "reduction": False, "inplace_binop": False,
+            "setitem": False, "numpy": False, "stencil": False, "fusion": False}
+
+
 def kernel(fn):
-    """A parallel CPU kernel: njit(parallel=True, cache=True) with FASTMATH."""
+    """A parallel CPU kernel: njit(parallel=PARALLEL, cache=True) with FASTMATH."""
     if numba is None:
         return fn
-    return numba.njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)(fn)
+    return numba.njit(parallel=PARALLEL, cache=True, fastmath=FASTMATH, nogil=True)(fn)
 
 
 def serial_kernel(fn):
@@ -78,7 +87,17 @@ def serial_kernel(fn):
 
 
 def helper(fn):
-    """A small function inlined into the kernels that call it."""
+    """A function called from the kernels, compiled once per signature and shared by every
+    kernel that calls it (LLVM still inlines the small ones). Not numba's IR-level
+    ``inline="always"``, which re-types the body at every call site and made the first
+    compile several times slower."""
+    if numba is None:
+        return fn
+    return numba.njit(fastmath=FASTMATH)(fn)
+
+
+def inline_helper(fn):
+    """A tiny function inlined into its callers at numba's IR level (the masking helpers)."""
     if numba is None:
         return fn
     return numba.njit(inline="always", fastmath=FASTMATH)(fn)
@@ -97,8 +116,8 @@ if numba is not None:
     # them lets compiled code make those calls without touching masking.py.
     register_jitable(masking.mix32)
     register_jitable(masking.dropout_bits)
-in_band = helper(masking.in_band)
-keep = helper(masking.keep)
+in_band = inline_helper(masking.in_band)
+keep = inline_helper(masking.keep)
 
 
 # -- exp over a row ------------------------------------------------------------------------

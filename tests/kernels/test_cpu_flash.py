@@ -213,8 +213,9 @@ def test_band_ranges_match_the_spec():
 # -- rungs 1 and 2 of the ladder: the small cases --------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("rung", [1, 2])
-def test_ladder_matches_reference(rung, case, dtype):
-    check_against_reference(case, dtype, ladder.RUNGS[rung])
+def test_ladder_matches_reference(rung, case):
+    """float64 only: the rungs share rung 3's dtype handling, and each dtype is another
+    ~15 s of first-run compilation (benchmarks/compare_cpu.py --ladder runs them in float32)."""
+    check_against_reference(case, np.float64, ladder.RUNGS[rung])
