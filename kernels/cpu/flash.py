@@ -13,8 +13,8 @@ Shape legend (see ``spec.py``)::
 **Tiles are stored keys-major**, ``sT[jj, ii]`` = score of key ``j0 + jj`` for query
 ``i0 + ii`` (Triton's ``qkT``). Every per-query quantity (``m_i``, ``l_i``, ``lse``,
 ``delta``) is then a contiguous vector along the tile's rows, so the running max, the
-exp and the row sums are element-wise loops the compiler vectorises; there is no
-horizontal reduction anywhere. All tile products are ``np.dot`` (BLAS through SciPy).
+exp and the row sums are element-wise loops the compiler vectorises; no tile needs a
+horizontal reduction. All tile products are ``np.dot`` (BLAS through SciPy).
 
 Forward (``_flash_forward``), one task per (b, h, query block), the query block resident::
 
@@ -50,10 +50,11 @@ blocks it includes entirely skip the per-element band test.
 
 Measured (float32, B=1, H=8, D=64, shared 2-core VM, medians; docs/performance.md has the
 table and the command; ladder.py has the rung-by-rung speeds), against PyTorch 2.13's CPU
-``scaled_dot_product_attention``: forward+backward 1.03-1.6x as fast at N=1024/4096, forward
-alone 0.83-0.95x (our tile products run on SciPy's OpenBLAS at ~66-80 GF/s per core,
-PyTorch's on MKL at ~82); window (255, 0) at N=8192 14-16x as fast as PyTorch with the
-equivalent boolean mask, and twice N costs ~2.1x the time.
+``scaled_dot_product_attention``: forward+backward 1.04-1.7x as fast at N=1024/4096 (at
+parity, 0.99-1.04, for N=4096 without a mask), forward alone only 0.81-0.92x (our tile
+products run on SciPy's OpenBLAS at ~62-82 GF/s per core, PyTorch's on MKL at ~82-85);
+window (255, 0) at N=8192 14x (forward+backward) and 19x (forward) as fast as PyTorch
+given the equivalent boolean mask; twice N costs 2.0-2.1x the time.
 
 Threads: numba's ``workqueue`` layer unless ``NUMBA_THREADING_LAYER`` says otherwise, and
 SciPy's OpenBLAS pinned to one thread while a kernel runs (see ``_compile.py``).

@@ -8,25 +8,26 @@ tested against ``kernels/reference.py`` in tests/kernels/test_cpu_flash.py. Shap
 
 Measured on the shared 2-core VM (float32, B=1, H=8, N=1024, D=64, no mask; medians;
 ``python benchmarks/compare_cpu.py --ladder``; docs/performance.md has the run; other
-sessions kept about one of the two cores busy, so these are close to one-core figures):
+sessions kept the machine busy, so treat the milliseconds as +-30%, the ratios as firmer):
 
-    rung 1  forward_loops / backward_loops       fwd   546 ms    fwd+bwd  1747 ms
+    rung 1  forward_loops / backward_loops       fwd   494 ms    fwd+bwd  1422 ms
             One query row (forward, dQ) or one key row (dK/dV) per parallel task, one key
             at a time: online softmax with scalar m, l and a Dv-vector acc, rescaled at
             every key. Every score is a scalar dot product and a scalar libm exp, and the
             backward recomputes each one twice. Accumulates in float64.
-    rung 2  forward_tiles / backward_tiles       fwd   268 ms    fwd+bwd  1082 ms
+    rung 2  forward_tiles / backward_tiles       fwd   239 ms    fwd+bwd   892 ms
             BLOCK_M x BLOCK_N tiles with hand-written tile products (loops the compiler
             vectorises along the contiguous axis); the flash forward (m_i, l_i, acc
             rescaled once per key block) and Triton's backward split: dK/dV with the key
             block resident, dQ with the query block resident. Band-skipping as in rung 3.
-            Only 2x rung 1: the tile loops are still scalar-heavy (row max, libm exp,
+            About 2x rung 1: the tile loops are still scalar-heavy (row max, libm exp,
             dot products reduced along D), which is what rung 3 removes.
-    rung 3  flash.forward / flash.backward       fwd    51 ms    fwd+bwd   159 ms
+    rung 3  flash.forward / flash.backward       fwd    38 ms    fwd+bwd   118 ms
             (the "numba" backend, kernels/cpu/flash.py) tiles stored keys-major so the
             softmax is element-wise, tile products in BLAS (np.dot), a polynomial exp the
             compiler vectorises, and a fused single-pass backward when heads are plentiful.
-            10x rung 2. PyTorch 2.13's CPU SDPA in the same run: fwd 40 ms, fwd+bwd 179 ms.
+            6-8x rung 2. PyTorch 2.13's CPU SDPA, same machine and hour: fwd 38 ms,
+            fwd+bwd 182 ms (docs/performance.md).
 """
 
 from __future__ import annotations
