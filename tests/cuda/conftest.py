@@ -13,7 +13,11 @@ in tests/kernels/test_cuda_ptx.py and run in the main process.
 from __future__ import annotations
 
 import sys
+import threading
+import traceback
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 
@@ -58,3 +62,38 @@ def _fast_simulator_barriers():
     sys.setswitchinterval(1e-4)
     yield
     sys.setswitchinterval(previous)
+
+
+def _lock_simulator_shared_allocation():
+    """Work around a race in numba-cuda's simulator, which the fast switching above exposes.
+
+    ``FakeCUDAShared.array`` finds a block's shared array by the caller's source line with
+    an unlocked check-then-insert: two simulated threads that both find no entry each make
+    their own ``np.empty`` array, and one of them then reads the other's uninitialised
+    memory as if it were the block's tile (seen once in CI: dk of 1e19 on one case). The
+    replacement below is the simulator's own logic with the insert under a lock.
+    """
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+    from numba.core import types
+
+    original = kernelapi.FakeCUDAShared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory, or refused as before
+            return original(self, shape, dtype, alignment)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        caller = traceback.extract_stack(sys._getframe())[-2][0:2]  # (file, line) of the kernel
+        with lock:
+            allocated = self._allocations.get(caller)
+            if allocated is None:
+                allocated = self._allocations[caller] = np.empty(shape, dtype)
+        return allocated
+
+    kernelapi.FakeCUDAShared.array = array
+
+
+if UNAVAILABLE is None and flash.simulated():
+    _lock_simulator_shared_allocation()
