@@ -1,0 +1,66 @@
+"""kernels/cpu/microkernel.py: the register-tile matmul against NumPy in float64."""
+
+import numpy as np
+import pytest
+
+from microattn.kernels.cpu import microkernel
+from microattn.kernels.cpu._compile import numba
+
+SIZES = [(1, 1, 1), (7, 5, 3), (6, 64, 16), (37, 64, 113), (203, 37, 16), (13, 0, 17), (128, 256, 64)]
+
+
+@numba.njit
+def _matmul(A, B, C, accumulate):
+    microkernel.matmul(A, B, C, accumulate)
+
+
+@numba.njit
+def _matmul_a_transposed(AT, B, C, accumulate):
+    microkernel.matmul(AT.T, B, C, accumulate)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M,K,N", SIZES)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_matmul_matches_numpy(M, K, N, dtype, accumulate):
+    rng = np.random.default_rng(M * 1000 + K * 10 + N)
+    A = rng.standard_normal((M, K)).astype(dtype)
+    B = rng.standard_normal((K, N)).astype(dtype)
+    C0 = rng.standard_normal((M, N)).astype(dtype)
+    expected = A.astype(np.float64) @ B + (C0 if accumulate else 0.0)
+    tol = (1e-5 if dtype == np.float32 else 1e-13) * max(1, K) ** 0.5
+    for run, A_arg in ((_matmul, A), (_matmul_a_transposed, np.ascontiguousarray(A.T))):
+        C = C0.copy() if accumulate else np.full((M, N), np.nan, dtype)  # NaN: must be overwritten
+        run(A_arg, B, C, accumulate)
+        np.testing.assert_allclose(C, expected, rtol=tol, atol=tol)
+
+
+def test_matmul_on_padded_views():
+    """The kernels' case: B and C are column slices of wider buffers (rows strided)."""
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((40, 64)).astype(np.float32)
+    B_buf = rng.standard_normal((64, 144)).astype(np.float32)
+    C_buf = np.zeros((40, 144), np.float32)
+    _matmul(A, B_buf[:, :100], C_buf[:, :100], False)
+    np.testing.assert_allclose(C_buf[:, :100], A.astype(np.float64) @ B_buf[:, :100], rtol=1e-5, atol=1e-4)
+    assert not C_buf[:, 100:].any()  # nothing written past the view
+
+
+def test_micro_tile_reference_is_the_meaning():
+    """One micro-tile equals its NumPy statement (rows 6, width 16 float32)."""
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((6, 9)).astype(np.float32)
+    B = rng.standard_normal((9, 16)).astype(np.float32)
+    C, expected = np.zeros((6, 16), np.float32), np.zeros((6, 16), np.float32)
+    _matmul(A, B, C, False)
+    microkernel._micro_tile_reference(A, B, expected, 0, 0, False, 6)
+    np.testing.assert_allclose(C, expected, rtol=1e-5, atol=1e-5)
+    assert microkernel.micro_tile_width(np.float32) == 16 and microkernel.micro_tile_width(np.float64) == 8
+
+
+def test_matmul_rejects_bad_shapes_and_strided_rows():
+    A = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match="chain"):
+        _matmul(A, np.ones((5, 8), np.float32), np.ones((4, 8), np.float32), False)
+    with pytest.raises(ValueError, match="contiguous"):
+        _matmul(A, np.ones((3, 16), np.float32)[:, ::2], np.ones((4, 8), np.float32), False)
