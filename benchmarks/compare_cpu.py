@@ -24,6 +24,7 @@ Usage::
     python benchmarks/compare_cpu.py --ladder      # everything (~15 minutes on 2 cores)
     python benchmarks/compare_cpu.py --quick       # fewer repetitions
     python benchmarks/compare_cpu.py               # without the ladder rungs 1 and 2
+    python benchmarks/compare_cpu.py --dense-only  # only the N=1024/4096 rows
 """
 
 from __future__ import annotations
@@ -106,11 +107,21 @@ def other_name():
 # -- timing -----------------------------------------------------------------------------------
 
 
+PAUSE = 0.03  # seconds of sleep before each timed call
+
+
 def interleaved_medians(calls: dict, reps: int, warmup: int) -> dict:
     """Median wall seconds of each zero-argument callable, their calls interleaved rep by rep.
 
     Also ``cpu:<name>``: the median process CPU seconds (all threads) of the same calls,
     which measures the work done even while other processes hold the cores.
+
+    Every timed call starts after a ``PAUSE``: PyTorch's OpenMP workers keep spinning for
+    a while after each call returns, and on two cores a call started right after one of
+    torch's runs shares the cores with those spinning threads. Measured back to back,
+    our N=1024 forward took 22-28 ms right after a torch call and 15-17 ms otherwise;
+    with a 20 ms pause or more the difference vanished. (``OMP_WAIT_POLICY=PASSIVE``
+    also removes it, but slows torch itself by 10-15% at N=4096, so it is not used.)
     """
     for call in calls.values():
         for _ in range(warmup):
@@ -119,6 +130,7 @@ def interleaved_medians(calls: dict, reps: int, warmup: int) -> dict:
     cpu = {name: [] for name in calls}
     for _ in range(reps):
         for name, call in calls.items():
+            time.sleep(PAUSE)
             start, start_cpu = time.perf_counter(), time.process_time()
             call()
             times[name].append(time.perf_counter() - start)
@@ -264,6 +276,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--ladder", action="store_true", help="also time ladder rungs 1 and 2")
     parser.add_argument("--window-n", type=int, default=8192)
+    parser.add_argument("--dense-only", action="store_true", help="only the dense N=1024/4096 rows")
     args = parser.parse_args(argv)
     reps, warmup = (3, 3) if args.quick else (9, 10)
 
@@ -281,6 +294,8 @@ def main(argv=None):
     for name, of, tf, ofb, tfb in dense_rows(reps, warmup):
         print(f"{name:14s} {ms(of)} {ms(tf)}  {ratio(tf, of)} | {ms(ofb)} {ms(tfb)}  {ratio(tfb, ofb)}")
     print()
+    if args.dense_only:
+        return
 
     N = args.window_n
     t = window_rows(N, reps, max(2, warmup // 3))
