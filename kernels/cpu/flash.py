@@ -68,10 +68,11 @@ from ..spec import AttentionSpec
 from ._compile import (
     NUMBA_ERROR, blas_single_threaded, exp_sub, exp_sub_sum, helper, in_band, keep, kernel, prange,
 )
-from .microkernel import matmul
+from .microkernel import matmul, matmul_exp
 
 BLOCK_M = 128  # queries per tile (a runtime argument of the kernels: tests also run tiny tiles)
 BLOCK_N = 256  # keys per tile
+STALE_LIMIT = 10.0  # how far (in natural-log units) a score may exceed the kept shift m_i
 
 
 def unavailable_reason() -> str | None:
@@ -180,6 +181,14 @@ def bias_plane(bias, b, h):
 
 
 @helper
+def tile_in_band(i0, bm, j0, bn, offset, window_left, window_right):
+    """Whether every (query, key) pair of the tile is inside the band. The band is an
+    interval of diagonals, so two corners decide the whole tile."""
+    return in_band(i0 + bm - 1, j0, offset, window_left, window_right) and in_band(
+        i0, j0 + bn - 1, offset, window_left, window_right)
+
+
+@helper
 def scores_t(k_blk, qsT, s_rows, bias_qk, use_bias, i0, j0, offset, window_left, window_right):
     """sT = k_blk @ qsT (+ bias.T), with -inf where the band forbids a pair.
 
@@ -191,9 +200,7 @@ def scores_t(k_blk, qsT, s_rows, bias_qk, use_bias, i0, j0, offset, window_left,
     bn = k_blk.shape[0]
     bm = qsT.shape[1]
     matmul(k_blk, qsT, s_rows[:, :bm], False)
-    # the band is an interval of diagonals, so two corners decide the whole tile
-    whole = in_band(i0 + bm - 1, j0, offset, window_left, window_right) and in_band(
-        i0, j0 + bn - 1, offset, window_left, window_right)
+    whole = tile_in_band(i0, bm, j0, bn, offset, window_left, window_right)
     if whole and not use_bias:
         return
     for jj in range(bn):
@@ -297,11 +304,33 @@ def _flash_forward(q, k, vT, bias, use_bias, scale, offset, window_left, window_
         m_safe = np.empty(bm, dtype=q.dtype)
         alpha = np.empty(bm, dtype=q.dtype)
         s_buf = tile_buffer(BLOCK_N, bm, q)  # tile sT = s_buf[:bn, :bm]
+        x_max = np.empty(bm, dtype=q.dtype)
+        p_sum = np.empty(bm, dtype=q.dtype)
+        m_finite = False  # every row has a finite m_i: the stale shift below may be tried
 
         j_start, j_stop = key_range(i0, i1, Nk, offset, window_left, window_right)
         for j0 in range(j_start, j_stop, BLOCK_N):
             j1 = min(j0 + BLOCK_N, j_stop)
             bn = j1 - j0
+
+            # Fast path: keep the shift m_i instead of raising it to this block's max, so
+            # the exp can run inside the score product (matmul_exp) and nothing needs a
+            # rescale. Any shift gives the same softmax; the true max only guards against
+            # overflow, so the shift is kept while no score exceeds it by more than
+            # STALE_LIMIT (then every p <= e**STALE_LIMIT). Otherwise, or on masked or
+            # biased tiles, the block is redone the classic way below.
+            if m_finite and not use_bias and tile_in_band(i0, bm, j0, bn, offset, window_left, window_right):
+                x_max[:] = -np.inf
+                p_sum[:] = 0.0
+                matmul_exp(k[b, kv][j0:j1], qsT, s_buf[:bn, :bm], m_i, x_max, p_sum)
+                if np.max(x_max) <= STALE_LIMIT:
+                    for ii in range(bm):
+                        l_i[ii] += p_sum[ii]
+                    if use_dropout:
+                        dropout_t(s_buf[:bn], bm, seed_lo, seed_hi, threshold, drop_scale, b, h, i0, j0)
+                    matmul(vT[b, kv][:, j0:j1], s_buf[:bn, :bm], accT, True)  # accT += v_blk.T @ pT
+                    continue
+
             scores_t(k[b, kv][j0:j1], qsT, s_buf[:bn], bias_qk, use_bias, i0, j0,
                      offset, window_left, window_right)
 
@@ -325,6 +354,7 @@ def _flash_forward(q, k, vT, bias, use_bias, scale, offset, window_left, window_
             scale_columns(accT, alpha)
             matmul(vT[b, kv][:, j0:j1], s_buf[:bn, :bm], accT, True)  # accT += v_blk.T @ pT
             m_i[:] = m_new
+            m_finite = np.min(m_i) > -np.inf
 
         for ii in range(bm):
             if l_i[ii] > 0.0:

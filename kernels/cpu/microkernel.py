@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._compile import helper, numba
+from ._compile import FASTMATH, helper, numba
 
 ROWS = 6  # rows of C in one micro-tile
 VECTOR_BYTES = 32  # one AVX2 register; a micro-tile is two registers wide
@@ -57,93 +57,193 @@ def _micro_tile_reference(A, B, C, i, j, accumulate, rows):
 if numba is not None:
     from llvmlite import ir
     from numba.core import cgutils, types
-    from numba.extending import intrinsic
+    from numba.extending import intrinsic, overload
+
+    from ._compile import _C0, _C1, _C2, _C3, _C4, _C5, _C6, _EXP_MIN, _LN2_HI, _LN2_LO, _LOG2E, fast_exp
+
+    def _is_matrix(x, dtype=None):
+        return (isinstance(x, types.Array) and x.ndim == 2 and x.dtype in (types.float32, types.float64)
+                and (dtype is None or x.dtype == dtype))
+
+    class _Tile:
+        """IR helpers for one micro-tile of C = A @ B at (i, j): the K loop and C's addresses."""
+
+        def __init__(self, context, builder, signature, args, rows):
+            self.builder = builder
+            a_ty, b_ty, c_ty = signature.args[:3]
+            self.a, self.b, self.c = (context.make_array(t)(context, builder, v)
+                                      for t, v in zip(signature.args[:3], args[:3]))
+            self.i, self.j = (context.cast(builder, v, t, types.intp)
+                              for v, t in zip(args[3:5], signature.args[3:5]))
+            self.rows = rows
+            self.itemsize = np.dtype(str(c_ty.dtype)).itemsize
+            self.lanes = VECTOR_BYTES // self.itemsize
+            self.scalar = context.get_value_type(c_ty.dtype)
+            self.vector = ir.VectorType(self.scalar, self.lanes)
+            self.intp = context.get_value_type(types.intp)
+            self.bits = 8 * self.itemsize
+
+        def const(self, n):
+            return ir.Constant(self.intp, n)
+
+        def at(self, ary, offset, ty):
+            """A pointer to ty, ``offset`` bytes into ary's data."""
+            b = self.builder
+            raw = b.bitcast(ary.data, ir.IntType(8).as_pointer())
+            return b.bitcast(b.gep(raw, [offset]), ty.as_pointer())
+
+        def load(self, ary, offset):
+            return self.builder.load(self.at(ary, offset, self.vector), align=self.itemsize)
+
+        def store(self, value, ary, offset):
+            self.builder.store(value, self.at(ary, offset, self.vector), align=self.itemsize)
+
+        def intrinsic(self, name, n_args):
+            fnty = ir.FunctionType(self.vector, [self.vector] * n_args)
+            return cgutils.get_or_insert_function(self.builder.module, fnty,
+                                                  f"llvm.{name}.v{self.lanes}f{self.bits}")
+
+        def splat(self, value):
+            b = self.builder
+            lane0 = b.insert_element(ir.Constant(self.vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+            mask = ir.Constant(ir.VectorType(ir.IntType(32), self.lanes), [0] * self.lanes)
+            return b.shuffle_vector(lane0, ir.Constant(self.vector, ir.Undefined), mask)
+
+        def c_offsets(self):
+            """Byte offsets into C of the tile's 2 * rows vectors, row by row."""
+            b = self.builder
+            c_row_stride = cgutils.unpack_tuple(b, self.c.strides, 2)[0]
+            j_bytes = b.mul(self.j, self.const(self.itemsize))
+            offsets = []
+            for r in range(self.rows):
+                row = b.add(b.mul(b.add(self.i, self.const(r)), c_row_stride), j_bytes)
+                offsets += [b.add(row, self.const(half * VECTOR_BYTES)) for half in range(2)]
+            return offsets
+
+        def sums(self, initial):
+            """The K loop: ``initial[v] + sum_k A[i + r, k] * B[k, j + lanes]`` for each of the
+            2 * rows vectors v (LLVM keeps the accumulators, allocas here, in registers)."""
+            b = self.builder
+            slots = []
+            for value in initial:
+                slot = cgutils.alloca_once(b, self.vector)
+                b.store(value, slot)
+                slots.append(slot)
+            a_row_stride, a_k_stride = cgutils.unpack_tuple(b, self.a.strides, 2)
+            b_row_stride = cgutils.unpack_tuple(b, self.b.strides, 2)[0]
+            n_k = cgutils.unpack_tuple(b, self.a.shape, 2)[1]
+            j_bytes = b.mul(self.j, self.const(self.itemsize))
+            a_rows = [b.mul(b.add(self.i, self.const(r)), a_row_stride) for r in range(self.rows)]
+            fma = self.intrinsic("fma", 3)
+            with cgutils.for_range(b, n_k) as loop:
+                k = loop.index
+                b_row = b.add(b.mul(k, b_row_stride), j_bytes)
+                b_halves = [self.load(self.b, b.add(b_row, self.const(half * VECTOR_BYTES))) for half in range(2)]
+                a_col = b.mul(k, a_k_stride)
+                for r in range(self.rows):
+                    a_ik = b.load(self.at(self.a, b.add(a_rows[r], a_col), self.scalar))
+                    broadcast = self.splat(a_ik)
+                    for half in range(2):
+                        slot = slots[2 * r + half]
+                        b.store(b.call(fma, [broadcast, b_halves[half], b.load(slot)]), slot)
+            return [b.load(slot) for slot in slots]
+
+        def exp(self, x):
+            """exp(x) on a float32 vector: ``_compile.fast_exp``'s polynomial, in IR."""
+            b = self.builder
+            vec = self.vector
+            c = lambda value: ir.Constant(vec, [float(value)] * self.lanes)  # noqa: E731
+            fma = self.intrinsic("fma", 3)
+            xc = b.call(self.intrinsic("maxnum", 2), [x, c(_EXP_MIN)])
+            n = b.call(self.intrinsic("floor", 1), [b.call(fma, [xc, c(_LOG2E), c(0.5)])])
+            r = b.call(fma, [n, c(-_LN2_HI), xc])
+            r = b.call(fma, [n, c(-_LN2_LO), r])
+            p = c(_C6)
+            for coefficient in (_C5, _C4, _C3, _C2, _C1, _C0):
+                p = b.call(fma, [p, r, c(coefficient)])
+            i32 = ir.VectorType(ir.IntType(32), self.lanes)
+            biased = b.add(b.fptosi(n, i32), ir.Constant(i32, [127] * self.lanes))
+            two_n = b.bitcast(b.shl(biased, ir.Constant(i32, [23] * self.lanes)), vec)
+            e = b.fmul(p, two_n)
+            return b.select(b.fcmp_ordered(">", x, c(_EXP_MIN)), e, ir.Constant(vec, None))
 
     def _make_micro_tile(rows: int):
-        """The micro-tile intrinsic for ``rows`` rows of C (6, or 1 for the rows left over)."""
+        """The micro-tile intrinsic for ``rows`` rows of C (6; 4, 2, 1 for the rows left over)."""
 
         @intrinsic
         def micro_tile(typingctx, A, B, C, i, j, accumulate):
             """C[i:i+rows, j:j+W] (+)= A[i:i+rows, :] @ B[:, j:j+W], W = micro_tile_width."""
-            arrays = (A, B, C)
-            if not all(isinstance(x, types.Array) and x.ndim == 2 for x in arrays):
-                return None
-            if C.dtype not in (types.float32, types.float64) or A.dtype != C.dtype or B.dtype != C.dtype:
-                return None
-            if not (isinstance(i, types.Integer) and isinstance(j, types.Integer)
+            if not (_is_matrix(C) and _is_matrix(A, C.dtype) and _is_matrix(B, C.dtype)
+                    and isinstance(i, types.Integer) and isinstance(j, types.Integer)
                     and isinstance(accumulate, types.Boolean)):
                 return None
-            return types.void(A, B, C, i, j, accumulate), _codegen
+            return types.void(A, B, C, i, j, accumulate), codegen
 
-        def _codegen(context, builder, signature, args):
-            a_ty, b_ty, c_ty = signature.args[:3]
-            a, b, c = (context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:3], args[:3]))
-            i, j = (context.cast(builder, v, t, types.intp) for v, t in zip(args[3:5], signature.args[3:5]))
-            accumulate = args[5]
-
-            itemsize = np.dtype(str(c_ty.dtype)).itemsize
-            lanes = VECTOR_BYTES // itemsize
-            scalar = context.get_value_type(c_ty.dtype)
-            vector = ir.VectorType(scalar, lanes)
-            intp = context.get_value_type(types.intp)
-            byte_ptr = ir.IntType(8).as_pointer()
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{lanes}f{8 * itemsize}")
-
-            def const(n):
-                return ir.Constant(intp, n)
-
-            def at(ary, offset, ty):  # a pointer to ty, `offset` bytes into ary's data
-                return builder.bitcast(builder.gep(builder.bitcast(ary.data, byte_ptr), [offset]), ty.as_pointer())
-
-            a_row_stride, a_k_stride = cgutils.unpack_tuple(builder, a.strides, 2)
-            b_row_stride = cgutils.unpack_tuple(builder, b.strides, 2)[0]
-            c_row_stride = cgutils.unpack_tuple(builder, c.strides, 2)[0]
-            n_k = cgutils.unpack_tuple(builder, a.shape, 2)[1]
-            j_bytes = builder.mul(j, const(itemsize))
-
-            # the 2 * rows accumulators: C's tile if accumulating, else zeros (LLVM keeps them
-            # in registers: these allocas become SSA values)
-            c_offsets, sums = [], []
-            for r in range(rows):
-                row_offset = builder.add(builder.mul(builder.add(i, const(r)), c_row_stride), j_bytes)
-                for half in range(2):
-                    offset = builder.add(row_offset, const(half * VECTOR_BYTES))
-                    old = builder.load(at(c, offset, vector), align=itemsize)
-                    slot = cgutils.alloca_once(builder, vector)
-                    builder.store(builder.select(accumulate, old, ir.Constant(vector, None)), slot)
-                    c_offsets.append(offset)
-                    sums.append(slot)
-
-            a_rows = [builder.mul(builder.add(i, const(r)), a_row_stride) for r in range(rows)]
-            splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-            with cgutils.for_range(builder, n_k) as loop:
-                k = loop.index
-                b_row = builder.add(builder.mul(k, b_row_stride), j_bytes)
-                b_halves = [builder.load(at(b, builder.add(b_row, const(half * VECTOR_BYTES)), vector),
-                                         align=itemsize) for half in range(2)]
-                a_col = builder.mul(k, a_k_stride)
-                for r in range(rows):
-                    a_ik = builder.load(at(a, builder.add(a_rows[r], a_col), scalar))
-                    lane0 = builder.insert_element(ir.Constant(vector, ir.Undefined), a_ik,
-                                                   ir.Constant(ir.IntType(32), 0))
-                    broadcast = builder.shuffle_vector(lane0, ir.Constant(vector, ir.Undefined), splat_mask)
-                    for half in range(2):
-                        slot = sums[2 * r + half]
-                        builder.store(builder.call(fma, [broadcast, b_halves[half], builder.load(slot)]), slot)
-
-            for offset, slot in zip(c_offsets, sums):
-                builder.store(builder.load(slot), at(c, offset, vector), align=itemsize)
+        def codegen(context, builder, signature, args):
+            tile = _Tile(context, builder, signature, args, rows)
+            offsets = tile.c_offsets()
+            zero = ir.Constant(tile.vector, None)
+            initial = [builder.select(args[5], tile.load(tile.c, offset), zero) for offset in offsets]
+            for offset, value in zip(offsets, tile.sums(initial)):
+                tile.store(value, tile.c, offset)
             return context.get_dummy_value()
 
         return micro_tile
+
+    def _make_micro_tile_exp(rows: int):
+        """The float32 micro-tile with the softmax's exp fused in (see :func:`matmul_exp`)."""
+
+        @intrinsic
+        def micro_tile_exp(typingctx, A, B, C, i, j, shift, colmax, colsum):
+            """x = A[i:i+rows] @ B[:, j:j+16] - shift[j:j+16]; C[i:i+rows, j:j+16] = exp(x);
+            colmax[j:j+16] = max(colmax, max over rows of x); colsum[j:j+16] += sum over rows."""
+            vectors = (shift, colmax, colsum)
+            if not (_is_matrix(C, types.float32) and _is_matrix(A, types.float32)
+                    and _is_matrix(B, types.float32) and isinstance(i, types.Integer)
+                    and isinstance(j, types.Integer)
+                    and all(isinstance(x, types.Array) and x.ndim == 1 and x.dtype == types.float32
+                            for x in vectors)):
+                return None
+            return types.void(A, B, C, i, j, shift, colmax, colsum), codegen
+
+        def codegen(context, builder, signature, args):
+            tile = _Tile(context, builder, signature, args, rows)
+            shift, colmax, colsum = (context.make_array(t)(context, builder, v)
+                                     for t, v in zip(signature.args[5:8], args[5:8]))
+            zero = ir.Constant(tile.vector, None)
+            sums = tile.sums([zero] * (2 * rows))
+            j_bytes = builder.mul(tile.j, tile.const(tile.itemsize))
+            halves = [builder.add(j_bytes, tile.const(half * VECTOR_BYTES)) for half in range(2)]
+            shifts = [tile.load(shift, offset) for offset in halves]
+            maxnum = tile.intrinsic("maxnum", 2)
+            col_max = [tile.load(colmax, offset) for offset in halves]
+            col_sum = [tile.load(colsum, offset) for offset in halves]
+            for offset, index, value in zip(tile.c_offsets(), range(2 * rows), sums):
+                half = index % 2
+                x = builder.fsub(value, shifts[half])
+                e = tile.exp(x)
+                col_max[half] = builder.call(maxnum, [col_max[half], x])
+                col_sum[half] = builder.fadd(col_sum[half], e)
+                tile.store(e, tile.c, offset)
+            for half, offset in enumerate(halves):
+                tile.store(col_max[half], colmax, offset)
+                tile.store(col_sum[half], colsum, offset)
+            return context.get_dummy_value()
+
+        return micro_tile_exp
 
     _micro_tile_6 = _make_micro_tile(ROWS)
     _micro_tile_4 = _make_micro_tile(4)
     _micro_tile_2 = _make_micro_tile(2)
     _micro_tile_1 = _make_micro_tile(1)
+    _micro_tile_exp_6 = _make_micro_tile_exp(ROWS)
+    _micro_tile_exp_4 = _make_micro_tile_exp(4)
+    _micro_tile_exp_2 = _make_micro_tile_exp(2)
+    _micro_tile_exp_1 = _make_micro_tile_exp(1)
 else:  # without numba the helpers below are never called (the kernels cannot run)
     _micro_tile_6 = _micro_tile_4 = _micro_tile_2 = _micro_tile_1 = None
+    _micro_tile_exp_6 = _micro_tile_exp_4 = _micro_tile_exp_2 = _micro_tile_exp_1 = None
+    fast_exp = None
 
 
 @helper
@@ -181,3 +281,67 @@ def matmul(A, B, C, accumulate):
             for k in range(K):
                 total += A[i, k] * B[k, j]
             C[i, j] = total
+
+
+def matmul_exp(A, B, C, shift, colmax, colsum):
+    """The scores and their exponent in one pass over the tile, for the forward's softmax.
+
+    x = A @ B - shift (``shift`` per column); C = exp(x); ``colmax`` = max(colmax, column
+    maxima of x); ``colsum`` += column sums of C. A (M, K), B (K, N), C (M, N); shift,
+    colmax, colsum (N,). float32 fuses the exp into the micro-tile (the scores never reach
+    memory); float64 runs ``matmul`` and then a sweep with libm's exp. This body is the
+    meaning (NumPy); the compiled versions are registered below.
+    """
+    x = A @ B - shift
+    C[...] = np.exp(x)
+    colmax[...] = np.maximum(colmax, x.max(axis=0, initial=-np.inf))
+    colsum += C.sum(axis=0)
+
+
+def _matmul_exp_float32(A, B, C, shift, colmax, colsum):
+    M, K = A.shape
+    N = C.shape[1]
+    n_whole = N - N % 16
+    for j in range(0, n_whole, 16):
+        i = 0
+        while i + ROWS <= M:
+            _micro_tile_exp_6(A, B, C, i, j, shift, colmax, colsum)
+            i += ROWS
+        if i + 4 <= M:
+            _micro_tile_exp_4(A, B, C, i, j, shift, colmax, colsum)
+            i += 4
+        if i + 2 <= M:
+            _micro_tile_exp_2(A, B, C, i, j, shift, colmax, colsum)
+            i += 2
+        if i < M:
+            _micro_tile_exp_1(A, B, C, i, j, shift, colmax, colsum)
+    if n_whole < N:
+        matmul(A, B[:, n_whole:], C[:, n_whole:], False)
+        _exp_columns(C[:, n_whole:], shift[n_whole:], colmax[n_whole:], colsum[n_whole:])
+
+
+def _matmul_exp_float64(A, B, C, shift, colmax, colsum):
+    matmul(A, B, C, False)
+    _exp_columns(C, shift, colmax, colsum)
+
+
+@helper
+def _exp_columns(C, shift, colmax, colsum):
+    """The exp epilogue as a sweep over C (rows contiguous), in place."""
+    for r in range(C.shape[0]):
+        row = C[r]
+        for c in range(C.shape[1]):
+            x = row[c] - shift[c]
+            colmax[c] = max(colmax[c], x)
+            e = fast_exp(x)
+            row[c] = e
+            colsum[c] += e
+
+
+if numba is not None:
+
+    @overload(matmul_exp, jit_options={"fastmath": FASTMATH})
+    def _matmul_exp_overload(A, B, C, shift, colmax, colsum):
+        if C.dtype == types.float32:
+            return _matmul_exp_float32
+        return _matmul_exp_float64

@@ -219,3 +219,31 @@ def test_ladder_matches_reference(rung, case):
     """float64 only: the rungs share rung 3's dtype handling, and each dtype is another
     ~15 s of first-run compilation (benchmarks/compare_cpu.py --ladder runs them in float32)."""
     check_against_reference(case, np.float64, ladder.RUNGS[rung])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("growth", [0.0, 0.05, 3.0], ids=["flat", "slow", "steep"])
+def test_forward_stale_shift_and_its_fallback(growth, dtype):
+    """The forward keeps the shift m_i while later key blocks stay within STALE_LIMIT of it
+    and redoes a block the classic way when they do not. Keys whose scores rise along the
+    sequence by ``growth`` per key exercise both: flat (always kept), slow (kept, then
+    refreshed every few blocks), steep (every block falls back)."""
+    rng = np.random.default_rng(3)
+    N, D = 200, 16
+    q = rng.standard_normal((1, 2, N, D))
+    k = rng.standard_normal((1, 2, N, D)) * 0.3
+    direction = q.mean(axis=2, keepdims=True)  # a key direction every query agrees with
+    k += np.arange(N)[None, None, :, None] * growth * direction / (direction ** 2).sum() * np.sqrt(D)
+    v = rng.standard_normal((1, 2, N, D))
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    spec = make_attention_spec(q.shape, k.shape, v.shape, (q.dtype,) * 3)
+    out, lse = flash.forward(q, k, v, spec, blocks=(16, 24))
+    r_out, r_lse = reference.forward(*(x.astype(np.float64) for x in (q, k, v)),
+                                     make_attention_spec(q.shape, k.shape, v.shape, (np.float64,) * 3))
+    if dtype == np.float64:
+        bounds = (1e-9 * np.abs(r_out).max(), 1e-9 * np.abs(r_lse).max())
+    else:  # large logits: within 4x the float32 reference's own error (as in the grid)
+        f_out, f_lse = reference.forward(q, k, v, spec)
+        bounds = (4 * np.abs(f_out - r_out).max() + 1e-6, 4 * np.abs(f_lse - r_lse).max() + 1e-6)
+    assert np.abs(out - r_out).max() <= bounds[0]
+    assert np.abs(lse - r_lse).max() <= bounds[1]

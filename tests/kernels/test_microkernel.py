@@ -64,3 +64,36 @@ def test_matmul_rejects_bad_shapes_and_strided_rows():
         _matmul(A, np.ones((5, 8), np.float32), np.ones((4, 8), np.float32), False)
     with pytest.raises(ValueError, match="contiguous"):
         _matmul(A, np.ones((3, 16), np.float32)[:, ::2], np.ones((4, 8), np.float32), False)
+
+
+@numba.njit
+def _matmul_exp(A, B, C, shift, colmax, colsum):
+    microkernel.matmul_exp(A, B, C, shift, colmax, colsum)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M,K,N", SIZES)
+def test_matmul_exp_matches_numpy(M, K, N, dtype):
+    """The fused scores-and-exp pass (float32: exp inside the micro-tile) against its
+    NumPy statement, including -inf shifts' neighbours: x far below -87 gives exactly 0."""
+    rng = np.random.default_rng(M + 7 * K + 11 * N)
+    A = rng.standard_normal((M, K)).astype(dtype)
+    B = rng.standard_normal((K, N)).astype(dtype)
+    shift = rng.uniform(-3, 3, N).astype(dtype)
+    shift[::5] = 1000.0  # these columns underflow to exactly 0 (in float64 too)
+    colmax0 = rng.standard_normal(N).astype(dtype)
+    colsum0 = rng.uniform(0, 1, N).astype(dtype)
+    C = np.full((M, N), np.nan, dtype)
+    colmax, colsum = colmax0.copy(), colsum0.copy()
+    _matmul_exp(A, B, C, shift, colmax, colsum)
+    x = A.astype(np.float64) @ B - shift
+    expected = np.exp(x)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(C, expected, rtol=tol * max(1, K) ** 0.5, atol=1e-30)
+    assert (C[:, ::5] == 0).all()
+    np.testing.assert_allclose(colmax, np.maximum(colmax0, x.max(axis=0, initial=-np.inf)), rtol=tol, atol=tol * 10)
+    np.testing.assert_allclose(colsum, colsum0 + expected.sum(axis=0), rtol=tol * max(1, M), atol=tol)
+    C_np, colmax_np, colsum_np = np.empty((M, N)), colmax0.astype(np.float64), colsum0.astype(np.float64)
+    microkernel.matmul_exp(A.astype(np.float64), B.astype(np.float64), C_np, shift.astype(np.float64),
+                           colmax_np, colsum_np)  # the NumPy statement of what is compiled
+    np.testing.assert_allclose(C_np, expected, rtol=1e-12, atol=1e-30)
