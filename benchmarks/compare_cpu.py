@@ -3,7 +3,8 @@
 Validate, then time (llm.c's harness): every configuration is first checked against the
 NumPy reference on a small problem, then timed on B=1, H=8, D=64 float32 inputs in one
 process, ours and torch's calls *interleaved* repetition by repetition, so a busy machine
-slows both alike. Medians after a warm-up of ``--warmup`` calls each (the first ~10 calls
+slows both alike (each timed call preceded by an untimed one, see ``interleaved_medians``).
+Medians after a warm-up of ``--warmup`` calls each (the first ~10 calls
 after start-up are slow: compilation-cache loading, page faults, thread-pool start).
 
 * dense: N = 1024 and 4096, full and causal; forward, and forward+backward.
@@ -107,21 +108,20 @@ def other_name():
 # -- timing -----------------------------------------------------------------------------------
 
 
-PAUSE = 0.03  # seconds of sleep before each timed call
-
-
 def interleaved_medians(calls: dict, reps: int, warmup: int) -> dict:
     """Median wall seconds of each zero-argument callable, their calls interleaved rep by rep.
 
     Also ``cpu:<name>``: the median process CPU seconds (all threads) of the same calls,
     which measures the work done even while other processes hold the cores.
 
-    Every timed call starts after a ``PAUSE``: PyTorch's OpenMP workers keep spinning for
-    a while after each call returns, and on two cores a call started right after one of
-    torch's runs shares the cores with those spinning threads. Measured back to back,
-    our N=1024 forward took 22-28 ms right after a torch call and 15-17 ms otherwise;
-    with a 20 ms pause or more the difference vanished. (``OMP_WAIT_POLICY=PASSIVE``
-    also removes it, but slows torch itself by 10-15% at N=4096, so it is not used.)
+    Each rep of each callable is **one untimed call, then the timed one**: steady state for
+    both libraries. The untimed call absorbs the switch from the other library: PyTorch's
+    OpenMP workers keep spinning for a while after a call returns, and on two cores the
+    next call shares the cores with them (measured back to back: our N=1024 forward took
+    22-28 ms right after a torch call, 15-17 ms otherwise). Two other cures were tried and
+    rejected: ``OMP_WAIT_POLICY=PASSIVE`` slows torch itself by 10-15% at N=4096, and a
+    sleep before each call measures a cold machine (a 30 ms sleep made our single-thread
+    N=1024 forward 31 -> 42 ms).
     """
     for call in calls.values():
         for _ in range(warmup):
@@ -130,7 +130,7 @@ def interleaved_medians(calls: dict, reps: int, warmup: int) -> dict:
     cpu = {name: [] for name in calls}
     for _ in range(reps):
         for name, call in calls.items():
-            time.sleep(PAUSE)
+            call()  # untimed: see the docstring
             start, start_cpu = time.perf_counter(), time.process_time()
             call()
             times[name].append(time.perf_counter() - start)
