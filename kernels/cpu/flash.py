@@ -14,17 +14,28 @@ Shape legend (see ``spec.py``)::
 ``i0 + ii`` (Triton's ``qkT``). Every per-query quantity (``m_i``, ``l_i``, ``lse``,
 ``delta``) is then a contiguous vector along the tile's rows, so the running max, the
 exp and the row sums are element-wise loops the compiler vectorises; no tile needs a
-horizontal reduction. All tile products are ``np.dot`` (BLAS through SciPy).
+horizontal reduction. All tile products are ``microkernel.matmul`` (a register-tile FMA
+micro-kernel; ``microkernel.py`` says why not BLAS), on tile buffers whose rows are padded
+off power-of-two strides (``tile_buffer``).
 
 Forward (``_flash_forward``), one task per (b, h, query block), the query block resident::
 
     for each key block in key_range(query block):          # band-skipping, see below
-        sT    = k_blk @ (scale * q_blk).T (+ bias), -inf outside the band
+        if every m_i is finite and the block is unmasked:    # the kept shift, see below
+            pT = exp(k_blk @ qsT - m_i) in one pass (matmul_exp); if max(sT - m_i) <= STALE_LIMIT:
+                l_i += sum_j pT[j];  accT += vT_blk @ (pT * dropout);  next block
+        sT    = k_blk @ qsT (+ bias), -inf outside the band  # qsT = (scale * q_blk).T
         m_new = max(m_i, max_j sT[j])
         alpha = exp(m_i - m_new)                             # rescales what was summed so far
         pT    = exp(sT - m_new);  l_i = alpha * l_i + sum_j pT[j]
-        acc   = alpha * acc + (pT * dropout).T @ v_blk
-    out = acc / l_i;  lse = m_i + log(l_i)                   # empty row: 0 and -inf
+        accT  = alpha * accT + vT_blk @ (pT * dropout)       # accT = acc.T (Dv, bm)
+    out = accT.T / l_i;  lse = m_i + log(l_i)                # empty row: 0 and -inf
+
+The kept shift: any shift gives the same softmax (out and lse do not depend on it); the
+running max only prevents overflow. So while a block's scores stay within
+``STALE_LIMIT`` of the shift a row already has, the exp runs inside the score product and
+nothing is rescaled; otherwise the block is redone the classic way. docs/flash-cpu.md has
+the details.
 
 Backward (Triton's three pieces): ``_bwd_preprocess`` (delta = rowsum(dO * O)),
 ``_bwd_dkdv`` (one task per (b, kv head, key block), the key block resident, looping over
@@ -49,15 +60,15 @@ query blocks in ``query_range(j0, j1)``. With ``window=(w, 0)`` a query block of
 blocks it includes entirely skip the per-element band test.
 
 Measured (float32, B=1, H=8, D=64, shared 2-core VM, medians; docs/performance.md has the
-table and the command; ladder.py has the rung-by-rung speeds), against PyTorch 2.13's CPU
-``scaled_dot_product_attention``: forward+backward 1.04-1.7x as fast at N=1024/4096 (at
-parity, 0.99-1.04, for N=4096 without a mask), forward alone only 0.81-0.92x (our tile
-products run on SciPy's OpenBLAS at ~62-82 GF/s per core, PyTorch's on MKL at ~82-85);
-window (255, 0) at N=8192 14x (forward+backward) and 19x (forward) as fast as PyTorch
-given the equivalent boolean mask; twice N costs 2.0-2.1x the time.
+tables, the command and how much the figures move from run to run), against PyTorch 2.13's
+CPU ``scaled_dot_product_attention`` in the same process: forward+backward 1.1-1.4x as fast
+at N=1024/4096; forward alone 0.9-1.2x (at parity or ahead at N=4096, behind by up to 10%
+at N=1024 full); window (255, 0) at N=8192 ~17x as fast as PyTorch given the equivalent
+boolean mask; twice N costs ~2x the time. Single-threaded inside the forward (N=4096) the
+two tile products run at ~91 and ~87 GF/s (1.4-1.5 ns per score each).
 
-Threads: numba's ``workqueue`` layer unless ``NUMBA_THREADING_LAYER`` says otherwise, and
-SciPy's OpenBLAS pinned to one thread while a kernel runs (see ``_compile.py``).
+Threads: numba's ``workqueue`` layer unless ``NUMBA_THREADING_LAYER`` says otherwise (see
+``_compile.py``).
 """
 
 from __future__ import annotations
@@ -66,7 +77,7 @@ import numpy as np
 
 from ..spec import AttentionSpec
 from ._compile import (
-    NUMBA_ERROR, blas_single_threaded, exp_sub, exp_sub_sum, helper, in_band, keep, kernel, prange,
+    NUMBA_ERROR, exp_sub, exp_sub_sum, helper, in_band, keep, kernel, prange,
 )
 from .microkernel import matmul, matmul_exp
 
@@ -92,9 +103,8 @@ def forward(q, k, v, spec: AttentionSpec, blocks=(BLOCK_M, BLOCK_N)):
     q, k, v = (np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v))
     out = np.empty((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=spec.dtype)
     lse = np.empty((spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
-    with blas_single_threaded():
-        vT = _transpose_values(v)
-        _flash_forward(q, k, vT, *_spec_args(spec), *blocks, out, lse)
+    vT = _transpose_values(v)  # (B, Hkv, Dv, Nk)
+    _flash_forward(q, k, vT, *_spec_args(spec), *blocks, out, lse)
     return out, lse
 
 
@@ -115,13 +125,12 @@ def backward(q, k, v, out, lse, dout, spec: AttentionSpec, fused=None, blocks=(B
     if fused is None:
         fused = spec.B * spec.Hkv >= 2 * _num_threads()
     args = _spec_args(spec) + tuple(blocks)
-    with blas_single_threaded():
-        _bwd_preprocess(out, dout, delta)
-        if fused:
-            _bwd_fused(q, k, v, dout, lse, delta, *args, dq, dk, dv)
-        else:
-            _bwd_dkdv(q, k, v, dout, lse, delta, *args, dk, dv)
-            _bwd_dq(q, k, v, dout, lse, delta, *args, dq)
+    _bwd_preprocess(out, dout, delta)
+    if fused:
+        _bwd_fused(q, k, v, dout, lse, delta, *args, dq, dk, dv)
+    else:
+        _bwd_dkdv(q, k, v, dout, lse, delta, *args, dk, dv)
+        _bwd_dq(q, k, v, dout, lse, delta, *args, dq)
     return dq, dk, dv
 
 
