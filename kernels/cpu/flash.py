@@ -103,7 +103,7 @@ def forward(q, k, v, spec: AttentionSpec, blocks=(BLOCK_M, BLOCK_N)):
     q, k, v = (np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v))
     out = np.empty((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=spec.dtype)
     lse = np.empty((spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
-    vT = _transpose_values(v)  # (B, Hkv, Dv, Nk)
+    vT = _transposed(v)  # (B, Hkv, Dv, Nk)
     _flash_forward(q, k, vT, *_spec_args(spec), *blocks, out, lse)
     return out, lse
 
@@ -126,11 +126,12 @@ def backward(q, k, v, out, lse, dout, spec: AttentionSpec, fused=None, blocks=(B
         fused = spec.B * spec.Hkv >= 2 * _num_threads()
     args = _spec_args(spec) + tuple(blocks)
     _bwd_preprocess(out, dout, delta)
+    kT = _transposed(k)  # (B, Hkv, D, Nk)
     if fused:
-        _bwd_fused(q, k, v, dout, lse, delta, *args, dq, dk, dv)
+        _bwd_fused(q, k, v, kT, dout, lse, delta, *args, dq, dk, dv)
     else:
         _bwd_dkdv(q, k, v, dout, lse, delta, *args, dk, dv)
-        _bwd_dq(q, k, v, dout, lse, delta, *args, dq)
+        _bwd_dq(q, k, v, kT, dout, lse, delta, *args, dq)
     return dq, dk, dv
 
 
@@ -270,21 +271,22 @@ def scale_columns(x, factors):
 
 
 @kernel
-def _transpose_values(v):
-    """vT (B, Hkv, Dv, Nk) = v with the last two axes swapped, as a view of a buffer whose
-    rows are padded (see :func:`tile_buffer`): the left operand of ``accT += vT @ pT``."""
-    B, Hkv, Nk, Dv = v.shape
-    per_line = 64 // v.itemsize
-    lines = (Nk + per_line - 1) // per_line
+def _transposed(x):
+    """xT (B, H, D, N) = x (B, H, N, D) with the last two axes swapped, as a view of a buffer
+    whose rows are padded (see :func:`tile_buffer`). The left operand of ``accT += vT @ pT``
+    (forward) and ``dqT += kT @ dsT`` (backward): six contiguous rows per micro-tile."""
+    B, H, N, D = x.shape
+    per_line = 64 // x.itemsize
+    lines = (N + per_line - 1) // per_line
     lines += 1 - lines % 2
-    vT = np.empty((B, Hkv, Dv, lines * per_line), dtype=v.dtype)
-    for task in prange(B * Hkv):
-        b = task // Hkv
-        kv = task % Hkv
-        for j in range(Nk):
-            for d in range(Dv):
-                vT[b, kv, d, j] = v[b, kv, j, d]
-    return vT[:, :, :, :Nk]
+    xT = np.empty((B, H, D, lines * per_line), dtype=x.dtype)
+    for task in prange(B * H):
+        b = task // H
+        h = task % H
+        for j in range(N):
+            for d in range(D):
+                xT[b, h, d, j] = x[b, h, j, d]
+    return xT[:, :, :, :N]
 
 
 @kernel
@@ -441,16 +443,27 @@ def lse_shift_of(lse_blk, lse_shift):
 
 
 @helper
-def load_query_block(q, dout, lse, scale, b, h, i0, i1, qsT_buf, doT_buf, lse_shift):
-    """The query block's operands of a backward tile: qsT (D, bm) = scale * q.T,
-    doT (Dv, bm) = dO.T, and the lse shift; returns the views in use."""
+def load_query_block(q, dout, lse, scale, b, h, i0, i1, bufs, lse_shift):
+    """The query block's operands of a backward tile, copied into the padded tile buffers
+    ``bufs`` = (qsT, doT, q, dO) of shapes (D, *), (Dv, *), (*, D), (*, Dv): qsT (D, bm)
+    = scale * q.T and doT (Dv, bm) = dO.T (the right operands of the score products), q
+    and dO themselves (of dk += dsT @ q and dv += pT @ dO), and the lse shift. Returns
+    the views in use."""
     bm = i1 - i0
-    qsT = qsT_buf[:, :bm]
-    doT = doT_buf[:, :bm]
+    qsT, doT, q_blk, do_blk = bufs[0][:, :bm], bufs[1][:, :bm], bufs[2][:bm], bufs[3][:bm]
     transposed_copy(q[b, h][i0:i1], scale, qsT)
     transposed_copy(dout[b, h][i0:i1], 1.0, doT)
+    q_blk[:] = q[b, h][i0:i1]
+    do_blk[:] = dout[b, h][i0:i1]
     lse_shift_of(lse[b, h][i0:i1], lse_shift[:bm])
-    return qsT, doT, lse_shift[:bm]
+    return qsT, doT, q_blk, do_blk, lse_shift[:bm]
+
+
+@helper
+def query_block_buffers(rows, D, Dv, like):
+    """The four padded buffers :func:`load_query_block` fills, for up to ``rows`` queries."""
+    return (tile_buffer(D, rows, like), tile_buffer(Dv, rows, like),
+            tile_buffer(rows, D, like)[:, :D], tile_buffer(rows, Dv, like)[:, :Dv])
 
 
 @kernel
@@ -472,8 +485,7 @@ def _bwd_dkdv(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_l
         dv_acc = np.zeros((bn, Dv), dtype=q.dtype)
         s_buf = tile_buffer(bn, BLOCK_M, q)
         dp_buf = tile_buffer(bn, BLOCK_M, q)
-        qsT_buf = tile_buffer(D, BLOCK_M, q)
-        doT_buf = tile_buffer(Dv, BLOCK_M, q)
+        bufs = query_block_buffers(BLOCK_M, D, Dv, q)
         lse_shift = np.empty(BLOCK_M, dtype=q.dtype)
 
         i_start, i_stop = query_range(j0, j1, Nq, offset, window_left, window_right)
@@ -482,15 +494,15 @@ def _bwd_dkdv(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_l
             for i0 in range(i_start, i_stop, BLOCK_M):
                 i1 = min(i0 + BLOCK_M, i_stop)
                 bm = i1 - i0
-                qsT, doT, shift = load_query_block(q, dout, lse, scale, b, h, i0, i1,
-                                                   qsT_buf, doT_buf, lse_shift)
+                qsT, doT, q_blk, do_blk, shift = load_query_block(q, dout, lse, scale, b, h, i0, i1,
+                                                                  bufs, lse_shift)
                 bwd_tile(k_blk, v_blk, qsT, doT, shift, delta[b, h][i0:i1], s_buf, dp_buf,
                          bias_qk, use_bias, i0, j0, offset, window_left, window_right,
                          use_dropout, seed_lo, seed_hi, threshold, drop_scale, b, h)
                 # forward: out = (pT * z).T @ v  ->  dv = (pT * z) @ dO
-                matmul(s_buf[:, :bm], dout[b, h][i0:i1], dv_acc, True)
+                matmul(s_buf[:, :bm], do_blk, dv_acc, True)
                 # forward: sT = k @ (scale * q).T  ->  dk = scale * dsT @ q
-                matmul(dp_buf[:, :bm], q[b, h][i0:i1], dk_acc, True)
+                matmul(dp_buf[:, :bm], q_blk, dk_acc, True)
         for jj in range(bn):
             for d in range(D):
                 dk[b, kv, j0 + jj, d] = dk_acc[jj, d] * scale
@@ -499,7 +511,7 @@ def _bwd_dkdv(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_l
 
 
 @kernel
-def _bwd_dq(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left, window_right,
+def _bwd_dq(q, k, v, kT, dout, lse, delta, bias, use_bias, scale, offset, window_left, window_right,
             use_dropout, seed_lo, seed_hi, threshold, drop_scale, BLOCK_M, BLOCK_N, dq):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -513,10 +525,11 @@ def _bwd_dq(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_lef
         bm = i1 - i0
         kv = h // group
         lse_shift = np.empty(bm, dtype=q.dtype)
-        qsT, doT, shift = load_query_block(q, dout, lse, scale, b, h, i0, i1, tile_buffer(D, bm, q),
-                                           tile_buffer(Dv, bm, q), lse_shift)  # resident
+        qsT, doT, _, _, shift = load_query_block(q, dout, lse, scale, b, h, i0, i1,
+                                                 query_block_buffers(bm, D, Dv, q), lse_shift)
         bias_qk = bias_plane(bias, b, h)
-        dq_acc = np.zeros((bm, D), dtype=q.dtype)  # dQ / scale (scale applied at the end)
+        dqT = tile_buffer(D, bm, q)[:, :bm]  # dQ.T / scale (scale applied at the end)
+        dqT[:] = 0.0
         s_buf = tile_buffer(BLOCK_N, bm, q)
         dp_buf = tile_buffer(BLOCK_N, bm, q)
 
@@ -528,15 +541,15 @@ def _bwd_dq(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_lef
             bwd_tile(k_blk, v[b, kv][j0:j1], qsT, doT, shift, delta[b, h][i0:i1], s_buf[:bn],
                      dp_buf[:bn], bias_qk, use_bias, i0, j0, offset, window_left, window_right,
                      use_dropout, seed_lo, seed_hi, threshold, drop_scale, b, h)
-            # forward: sT = scale * k @ q.T  ->  dq = scale * dsT.T @ k
-            matmul(dp_buf[:bn, :bm].T, k_blk, dq_acc, True)
+            # forward: sT = scale * k @ q.T  ->  dq.T = scale * k.T @ dsT
+            matmul(kT[b, kv][:, j0:j1], dp_buf[:bn, :bm], dqT, True)
         for ii in range(bm):
             for d in range(D):
-                dq[b, h, i0 + ii, d] = dq_acc[ii, d] * scale
+                dq[b, h, i0 + ii, d] = dqT[d, ii] * scale
 
 
 @kernel
-def _bwd_fused(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left, window_right,
+def _bwd_fused(q, k, v, kT, dout, lse, delta, bias, use_bias, scale, offset, window_left, window_right,
                use_dropout, seed_lo, seed_hi, threshold, drop_scale, BLOCK_M, BLOCK_N, dq, dk, dv):
     """dkdv with the key block resident, plus dq added from the same tiles (see the module
     docstring). One task per (b, kv head): it owns dq of the group's query heads."""
@@ -550,9 +563,9 @@ def _bwd_fused(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_
         dv_acc = np.empty((BLOCK_N, Dv), dtype=q.dtype)
         s_buf = tile_buffer(BLOCK_N, BLOCK_M, q)
         dp_buf = tile_buffer(BLOCK_N, BLOCK_M, q)
-        qsT_buf = tile_buffer(D, BLOCK_M, q)
-        doT_buf = tile_buffer(Dv, BLOCK_M, q)
+        bufs = query_block_buffers(BLOCK_M, D, Dv, q)
         lse_shift = np.empty(BLOCK_M, dtype=q.dtype)
+        dqT = np.zeros((group, D, Nq), dtype=q.dtype)  # the group's dQ.T / scale
         for j0 in range(0, Nk, BLOCK_N):
             j1 = min(j0 + BLOCK_N, Nk)
             bn = j1 - j0
@@ -566,17 +579,18 @@ def _bwd_fused(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_
                 for i0 in range(i_start, i_stop, BLOCK_M):
                     i1 = min(i0 + BLOCK_M, i_stop)
                     bm = i1 - i0
-                    qsT, doT, shift = load_query_block(q, dout, lse, scale, b, h, i0, i1,
-                                                       qsT_buf, doT_buf, lse_shift)
+                    qsT, doT, q_blk, do_blk, shift = load_query_block(q, dout, lse, scale, b, h, i0,
+                                                                      i1, bufs, lse_shift)
                     bwd_tile(k_blk, v_blk, qsT, doT, shift, delta[b, h][i0:i1], s_buf[:bn],
                              dp_buf[:bn], bias_qk, use_bias, i0, j0, offset, window_left,
                              window_right, use_dropout, seed_lo, seed_hi, threshold, drop_scale,
                              b, h)
                     pT = s_buf[:bn, :bm]
                     dsT = dp_buf[:bn, :bm]
-                    matmul(pT, dout[b, h][i0:i1], dv_acc[:bn], True)  # dv += (pT * z) @ dO
-                    matmul(dsT, q[b, h][i0:i1], dk_acc[:bn], True)  # dk += dsT @ q (x scale)
-                    matmul(dsT.T, k_blk, dq[b, h][i0:i1], True)  # dq += dsT.T @ k: only this task writes it
+                    matmul(pT, do_blk, dv_acc[:bn], True)  # dv += (pT * z) @ dO
+                    matmul(dsT, q_blk, dk_acc[:bn], True)  # dk += dsT @ q (x scale)
+                    # dq.T += k.T @ dsT: only this task writes the group's dq
+                    matmul(kT[b, kv][:, j0:j1], dsT, dqT[h - kv * group][:, i0:i1], True)
             for jj in range(bn):
                 for d in range(D):
                     dk[b, kv, j0 + jj, d] = dk_acc[jj, d] * scale
@@ -585,4 +599,4 @@ def _bwd_fused(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_
         for h in range(kv * group, (kv + 1) * group):
             for i in range(Nq):
                 for d in range(D):
-                    dq[b, h, i, d] *= scale
+                    dq[b, h, i, d] = dqT[h - kv * group, d, i] * scale
