@@ -62,9 +62,9 @@ blocks it includes entirely skip the per-element band test.
 Measured (float32, B=1, H=8, D=64, shared 2-core VM, medians; docs/performance.md has the
 tables, the command and how much the figures move from run to run), against PyTorch 2.13's
 CPU ``scaled_dot_product_attention`` in the same process: forward+backward 1.1-1.4x as fast
-at N=1024/4096; forward alone 0.9-1.2x (at parity or ahead at N=4096, behind by up to 10%
-at N=1024 full); window (255, 0) at N=8192 ~17x as fast as PyTorch given the equivalent
-boolean mask; twice N costs ~2x the time. Single-threaded inside the forward (N=4096) the
+at N=1024/4096 in the final run (0.94-1.41 over the session's runs); forward alone
+0.85-1.22x (behind by up to 15% at N=1024 full); window (255, 0) at N=8192 14-17x as fast
+as PyTorch given the equivalent boolean mask; twice N costs ~2x the time. Single-threaded inside the forward (N=4096) the
 two tile products run at ~91 and ~87 GF/s (1.4-1.5 ns per score each).
 
 Threads: numba's ``workqueue`` layer unless ``NUMBA_THREADING_LAYER`` says otherwise (see

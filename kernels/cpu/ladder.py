@@ -10,25 +10,25 @@ Measured on the shared 2-core VM (float32, B=1, H=8, N=1024, D=64, no mask; medi
 ``python benchmarks/compare_cpu.py --ladder``; docs/performance.md has the run; other
 sessions share the machine, so treat the milliseconds as +-30%, the ratios as firmer):
 
-    rung 1  forward_loops / backward_loops       fwd   221 ms    fwd+bwd   722 ms
+    rung 1  forward_loops / backward_loops       fwd   232 ms    fwd+bwd   841 ms
             One query row (forward, dQ) or one key row (dK/dV) per parallel task, one key
             at a time: online softmax with scalar m, l and a Dv-vector acc, rescaled at
             every key. Every score is a scalar dot product and a scalar libm exp, and the
             backward recomputes each one twice. Accumulates in float64.
-    rung 2  forward_tiles / backward_tiles       fwd   122 ms    fwd+bwd   470 ms
+    rung 2  forward_tiles / backward_tiles       fwd   194 ms    fwd+bwd   697 ms
             BLOCK_M x BLOCK_N tiles with hand-written tile products (loops the compiler
             vectorises along the contiguous axis); the flash forward (m_i, l_i, acc
             rescaled once per key block) and Triton's backward split: dK/dV with the key
             block resident, dQ with the query block resident. Band-skipping as in rung 3.
-            About 2x rung 1: the tile loops are still scalar-heavy (row max, libm exp,
+            1.2-2x rung 1: the tile loops are still scalar-heavy (row max, libm exp,
             dot products reduced along D), which is what rung 3 removes.
-    rung 3  flash.forward / flash.backward       fwd    15 ms    fwd+bwd    49 ms
+    rung 3  flash.forward / flash.backward       fwd    20 ms    fwd+bwd    61 ms
             (the "numba" backend, kernels/cpu/flash.py) tiles stored keys-major so the
             softmax is element-wise, tile products on a register-tile FMA micro-kernel
             (microkernel.py: 6 x 16 tiles written in LLVM IR, ~90 GF/s per core), the exp
             fused into the score product while the shift can be kept, and a fused
-            single-pass backward when heads are plentiful. 8-10x rung 2. PyTorch 2.13's CPU
-            SDPA, same machine and run: fwd 15-22 ms, fwd+bwd 74 ms (docs/performance.md).
+            single-pass backward when heads are plentiful. ~10x rung 2. PyTorch 2.13's CPU
+            SDPA, same machine and run: fwd 18.5 ms, fwd+bwd 71 ms (docs/performance.md).
 """
 
 from __future__ import annotations
