@@ -243,10 +243,16 @@ def tile_buffer(rows, cols, like):
     (128 float32 = 512 bytes) the column panels that ``matmul`` walks down map to a few
     L1 cache sets and evict each other (measured: 58 -> 87 GF/s for ``sT.T @ v``).
     """
+    return np.empty((rows, padded_length(cols, like)), dtype=like.dtype)
+
+
+@helper
+def padded_length(n, like):
+    """n rounded up to an odd number of 64-byte lines of ``like``'s items."""
     per_line = 64 // like.itemsize
-    lines = (cols + per_line - 1) // per_line
+    lines = (n + per_line - 1) // per_line
     lines += 1 - lines % 2
-    return np.empty((rows, lines * per_line), dtype=like.dtype)
+    return lines * per_line
 
 
 @helper
@@ -276,10 +282,7 @@ def _transposed(x):
     whose rows are padded (see :func:`tile_buffer`). The left operand of ``accT += vT @ pT``
     (forward) and ``dqT += kT @ dsT`` (backward): six contiguous rows per micro-tile."""
     B, H, N, D = x.shape
-    per_line = 64 // x.itemsize
-    lines = (N + per_line - 1) // per_line
-    lines += 1 - lines % 2
-    xT = np.empty((B, H, D, lines * per_line), dtype=x.dtype)
+    xT = np.empty((B, H, D, padded_length(N, x)), dtype=x.dtype)
     for task in prange(B * H):
         b = task // H
         h = task % H
