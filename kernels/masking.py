@@ -7,7 +7,8 @@ These are plain Python functions on integers. They are used three ways, unchange
 * compiled for the GPU kernels with ``numba.cuda.jit(device=True)`` (``cuda/``).
 
 So they only use ``+ - * ^ & | >> >= <=``: no ``if``, no ``and``/``or`` (which do not
-broadcast over arrays), no Python-only builtins. All integer arithmetic is int64 with
+broadcast over arrays), no Python-only builtins. The exceptions are :func:`key_range` and
+:func:`query_range`, which take scalar tile edges (never arrays) and may branch. All integer arithmetic is int64 with
 explicit 32-bit masking, which gives the same bits in Python (unbounded ints), NumPy
 (wrapping int64), numba on the CPU and numba on the GPU.
 """
@@ -27,6 +28,34 @@ def in_band(i, j, offset, window_left, window_right):
     """
     d = j - (i + offset)
     return ((window_left < 0) | (d >= -window_left)) & ((window_right < 0) | (d <= window_right))
+
+
+def key_range(i_start, i_stop, Nk, offset, window_left, window_right):
+    """Keys [j_start, j_stop) that queries [i_start, i_stop) may see through the band: the
+    key blocks a query block visits (band-skipping). Scalars only.
+
+    Worked example: Nq = Nk = 8, window (2, 0) (causal sliding window of 3 keys);
+    queries 4..5 see keys 2..5, so key_range(4, 6, 8, 0, 2, 0) == (2, 6).
+    """
+    j_start = 0
+    j_stop = Nk
+    if window_left >= 0:
+        j_start = max(0, i_start + offset - window_left)
+    if window_right >= 0:
+        j_stop = min(Nk, i_stop - 1 + offset + window_right + 1)
+    return j_start, max(j_start, j_stop)
+
+
+def query_range(j_start, j_stop, Nq, offset, window_left, window_right):
+    """Queries [i_start, i_stop) that may see some key in [j_start, j_stop) through the
+    band: the query blocks a key block visits in the dK/dV pass. Scalars only."""
+    i_start = 0
+    i_stop = Nq
+    if window_right >= 0:
+        i_start = max(0, j_start - offset - window_right)
+    if window_left >= 0:
+        i_stop = min(Nq, j_stop - 1 - offset + window_left + 1)
+    return i_start, max(i_start, i_stop)
 
 
 def mix32(x):

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import masking
+
 NO_BOUND = -1  # a window side of -1 means "unbounded on that side"
 
 
@@ -90,28 +92,13 @@ class AttentionSpec:
         return 1.0 / (1.0 - self.dropout_p)
 
     def key_range(self, i_start: int, i_stop: int) -> tuple[int, int]:
-        """Keys [j_start, j_stop) that queries [i_start, i_stop) may see through the band.
-
-        Worked example: Nq = Nk = 8, window (2, 0) (causal sliding window of 3 keys);
-        queries 4..5 see keys 2..5, so key_range(4, 6) == (2, 6).
-        """
-        j_start = 0
-        j_stop = self.Nk
-        if self.window_left != NO_BOUND:
-            j_start = max(0, i_start + self.offset - self.window_left)
-        if self.window_right != NO_BOUND:
-            j_stop = min(self.Nk, i_stop - 1 + self.offset + self.window_right + 1)
-        return j_start, max(j_start, j_stop)
+        """Keys [j_start, j_stop) that queries [i_start, i_stop) may see (masking.key_range)."""
+        return masking.key_range(i_start, i_stop, self.Nk, self.offset, self.window_left, self.window_right)
 
     def query_range(self, j_start: int, j_stop: int) -> tuple[int, int]:
-        """Queries [i_start, i_stop) that may see some key in [j_start, j_stop) through the band."""
-        i_start = 0
-        i_stop = self.Nq
-        if self.window_right != NO_BOUND:
-            i_start = max(0, j_start - self.offset - self.window_right)
-        if self.window_left != NO_BOUND:
-            i_stop = min(self.Nq, j_stop - 1 - self.offset + self.window_left + 1)
-        return i_start, max(i_start, i_stop)
+        """Queries [i_start, i_stop) that may see a key in [j_start, j_stop) (masking.query_range)."""
+        return masking.query_range(j_start, j_stop, self.Nq, self.offset, self.window_left,
+                                   self.window_right)
 
     def bias_index(self, b: int, h: int) -> tuple[int, int]:
         """Index into bias for batch b, query head h (broadcast dims are size 1)."""

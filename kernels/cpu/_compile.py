@@ -11,8 +11,9 @@ What lives here, and why:
 * ``FASTMATH``: fastmath *without* ``nnan`` and ``ninf``. Masking writes ``-inf`` into the
   scores and relies on ``exp(-inf) == 0`` and ``max(-inf, x) == x``; the flags that assume
   "no infinities" would make that undefined behaviour.
-* ``in_band`` and ``keep``: the mask and dropout helpers of ``kernels/masking.py``,
-  compiled as they are (never rewritten), so every backend draws the same mask.
+* ``in_band``, ``keep``, ``key_range`` and ``query_range``: the mask, dropout and band
+  helpers of ``kernels/masking.py``, compiled as they are (never rewritten), so every
+  backend draws the same mask and skips the same tiles.
 * ``fast_exp`` and the row sweeps ``exp_sub`` / ``exp_sub_sum`` built on it. pip's llvmlite has no SVML, so ``math.exp`` stays a scalar libm call (~8 ns); the
   float32 version here is a polynomial the compiler vectorises (~0.5 ns, within 3e-7 of
   ``np.exp``, ``exp(-inf) == 0`` exactly). float64 keeps ``math.exp``.
@@ -118,6 +119,8 @@ if numba is not None:
     register_jitable(masking.dropout_bits)
 in_band = inline_helper(masking.in_band)
 keep = inline_helper(masking.keep)
+key_range = helper(masking.key_range)  # band-skipping: the tiles a block visits
+query_range = helper(masking.query_range)
 
 
 # -- exp over a row ------------------------------------------------------------------------

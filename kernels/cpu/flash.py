@@ -77,7 +77,7 @@ import numpy as np
 
 from ..spec import AttentionSpec
 from ._compile import (
-    NUMBA_ERROR, exp_sub, exp_sub_sum, helper, in_band, keep, kernel, prange,
+    NUMBA_ERROR, exp_sub, exp_sub_sum, helper, in_band, keep, kernel, key_range, prange, query_range,
 )
 from .microkernel import matmul, matmul_exp
 
@@ -158,30 +158,6 @@ def _num_threads() -> int:
 
 
 # -- shared tile helpers ------------------------------------------------------------------
-
-
-@helper
-def key_range(i_start, i_stop, Nk, offset, window_left, window_right):
-    """Keys [j_start, j_stop) that queries [i_start, i_stop) may see (AttentionSpec.key_range)."""
-    j_start = 0
-    j_stop = Nk
-    if window_left >= 0:
-        j_start = max(0, i_start + offset - window_left)
-    if window_right >= 0:
-        j_stop = min(Nk, i_stop - 1 + offset + window_right + 1)
-    return j_start, max(j_start, j_stop)
-
-
-@helper
-def query_range(j_start, j_stop, Nq, offset, window_left, window_right):
-    """Queries [i_start, i_stop) that may see a key in [j_start, j_stop) (AttentionSpec.query_range)."""
-    i_start = 0
-    i_stop = Nq
-    if window_right >= 0:
-        i_start = max(0, j_start - offset - window_right)
-    if window_left >= 0:
-        i_stop = min(Nq, j_stop - 1 - offset + window_left + 1)
-    return i_start, max(i_start, i_stop)
 
 
 @helper

@@ -39,8 +39,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..spec import AttentionSpec
-from ._compile import helper, in_band, keep, kernel, prange
-from .flash import _spec_args, bias_plane, key_range, query_range
+from ._compile import helper, in_band, keep, kernel, key_range, prange, query_range
+from .flash import _spec_args, bias_plane
 
 # -- rung 1: plain loops ------------------------------------------------------------------
 

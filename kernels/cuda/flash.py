@@ -28,8 +28,8 @@ Every output element is written by exactly one thread after a fixed-order loop, 
 and backward are deterministic (bit-identical from run to run).
 
 Masking: the band (causal + window, ``spec.window_left/right``, bottom-right aligned) decides
-which tiles are visited at all: :func:`band_key_range` / :func:`band_query_range` are the
-arithmetic of ``AttentionSpec.key_range`` / ``query_range`` (tests check they agree), compiled
+which tiles are visited at all: ``masking.key_range`` / ``masking.query_range`` (what
+``AttentionSpec.key_range`` / ``query_range`` call), compiled
 as device functions, so tiles outside the band are skipped. Inside a tile each pair is
 checked with ``masking.in_band`` and the additive ``spec.bias`` (``-inf`` forbids); dropout
 uses ``masking.keep``, the same counter-based hash as every other backend. Those helpers are
@@ -76,7 +76,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import masking
-from ..spec import NO_BOUND, AttentionSpec
+from ..spec import AttentionSpec
 
 try:
     import numba
@@ -143,32 +143,6 @@ def shared_memory_bytes(dtype, D: int, Dv: int, tiles: Tiles) -> dict[str, int]:
     }
 
 
-# -- band arithmetic: AttentionSpec.key_range / query_range as free functions ----------------
-# Written once in plain Python, used by the host tests and compiled as device functions.
-
-
-def band_key_range(i_start, i_stop, Nk, offset, window_left, window_right):
-    """Keys [j_start, j_stop) that queries [i_start, i_stop) may see through the band."""
-    j_start = 0
-    j_stop = Nk
-    if window_left != NO_BOUND:
-        j_start = max(0, i_start + offset - window_left)
-    if window_right != NO_BOUND:
-        j_stop = min(Nk, i_stop - 1 + offset + window_right + 1)
-    return j_start, max(j_start, j_stop)
-
-
-def band_query_range(j_start, j_stop, Nq, offset, window_left, window_right):
-    """Queries [i_start, i_stop) that may see some key in [j_start, j_stop) through the band."""
-    i_start = 0
-    i_stop = Nq
-    if window_right != NO_BOUND:
-        i_start = max(0, j_start - offset - window_right)
-    if window_left != NO_BOUND:
-        i_stop = min(Nq, j_stop - 1 - offset + window_left + 1)
-    return i_start, max(i_start, i_stop)
-
-
 # -- availability and transfers -------------------------------------------------------------
 
 
@@ -230,7 +204,7 @@ def compile_device_function(fn, compiled: dict | None = None):
 def device_helpers() -> tuple:
     """masking.in_band / masking.keep and the band ranges, compiled as device functions."""
     return tuple(compile_device_function(fn) for fn in (
-        masking.in_band, masking.keep, band_key_range, band_query_range))
+        masking.in_band, masking.keep, masking.key_range, masking.query_range))
 
 
 _shared_device_helpers = functools.lru_cache(maxsize=None)(device_helpers)

@@ -9,7 +9,6 @@ of microattn); skipped only when that compiler is missing.
 * float32 kernels contain no float64 instruction (no stray double constant or promotion);
 * the shared memory each kernel declares is what ``flash.shared_memory_bytes`` says and fits
   the 48 KiB static budget;
-* the band arithmetic compiled into the kernels is AttentionSpec's key_range / query_range.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import numpy as np
 import pytest
 
 from microattn.kernels.cuda import flash
-from microattn.kernels.spec import make_attention_spec
 
 CCS = [(8, 0), (9, 0)]
 DTYPES = ["float32", "float64"]
@@ -129,24 +127,7 @@ def test_specialisation_without_bias_or_dropout(ptx):
     assert MIX32_MULTIPLIER in ptx["float32", (8, 0)][0]["_attn_fwd"]
 
 
-# -- host-side arithmetic shared with the kernels (no compiler needed) ------------------------
-
-
-@pytest.mark.parametrize("Nq, Nk", [(1, 1), (7, 7), (9, 40), (40, 9), (33, 64)])
-def test_band_ranges_are_the_spec_ranges(Nq, Nk):
-    """The device band arithmetic is AttentionSpec.key_range / query_range, tile by tile."""
-    windows = [(-1, -1), (0, 0), (3, 0), (-1, 0), (0, -1), (16, 16), (40, -1), (-1, 5), (2, 50)]
-    for left, right in windows:
-        spec = make_attention_spec((1, 1, Nq, 4), (1, 1, Nk, 4), (1, 1, Nk, 4), (np.float64,) * 3,
-                                   window=(left, right))
-        band = (spec.offset, spec.window_left, spec.window_right)
-        for block in (1, 4, 8):
-            for start in range(0, Nq, block):
-                stop = min(Nq, start + block)
-                assert flash.band_key_range(start, stop, Nk, *band) == spec.key_range(start, stop)
-            for start in range(0, Nk, block):
-                stop = min(Nk, start + block)
-                assert flash.band_query_range(start, stop, Nq, *band) == spec.query_range(start, stop)
+# -- host-side arithmetic (no compiler needed) ------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
