@@ -146,3 +146,76 @@ def gradient_floors(q, k, v, dout, spec) -> dict:
     dk = spec.scale * np.einsum("bhij,bhid->bhjd", ds_terms, np.abs(q))
     dv = np.einsum("bhij,bhid->bhjd", p_drop, np.abs(dout))
     return {"dq": dq.max(), "dk": dk.max(), "dv": dv.max()}
+
+
+# -- NaN inputs ------------------------------------------------------------------------------
+
+NAN_SOURCES = ("q", "k", "v")
+NAN_CASES = [
+    Case(37, 37, 2, 1, B=1),
+    Case(37, 37, 2, 1, B=1, masking="causal"),
+    Case(37, 37, 2, 2, B=1, masking="window", window=(3, 0)),
+    Case(37, 37, 2, 1, B=1, masking="bool_mask"),
+    Case(7, 37, 2, 1, B=1, masking="causal"),
+    Case(37, 7, 2, 2, B=1, masking="causal"),
+]
+
+
+def nan_inputs(case: Case, dtype, source: str, seed=0):
+    """make_inputs with ``source`` ("q", "k" or "v") NaN at one element of (batch 0, head 0,
+    the middle row); returns q, k, v, dout, kwargs and that row."""
+    q, k, v, dout, kwargs = make_inputs(case, dtype, seed=seed)
+    x = {"q": q, "k": k, "v": v}[source]
+    row = x.shape[2] // 2
+    x[0, 0, row, 0] = np.nan
+    return q, k, v, dout, kwargs, row
+
+
+def nan_dependents(allowed, group: int, source: str, row: int) -> dict:
+    """Which rows of each output depend on the NaN of :func:`nan_inputs`: those must be NaN.
+
+    allowed (B, Hq, Nq, Nk): the pairs the mask lets through (``reference.allowed_pairs``);
+    ``group`` = Hq // Hkv. Returns out, lse, dq as (B, Hq, Nq) and dk, dv as (B, Hkv, Nk)
+    boolean arrays. A NaN query or key poisons the softmax of every row that sees it (its
+    out, lse and dq, and the dk and dv of every key such a row sees); a NaN value reaches
+    the out and dq of the rows that see it and, through delta = rowsum(dO * O), their dk.
+    """
+    B, Hq, Nq, Nk = allowed.shape
+    softmax = np.zeros((B, Hq, Nq), dtype=bool)  # rows whose softmax sees the NaN
+    values = np.zeros((B, Hq, Nq), dtype=bool)  # rows whose weighted sum sees it
+    if source == "q":
+        softmax[0, 0, row] = allowed[0, 0, row].any()
+    elif source == "k":
+        softmax[0, :group] = allowed[0, :group, :, row]
+    else:
+        values[0, :group] = allowed[0, :group, :, row]
+    out = softmax | values
+
+    def keys_seen_by(rows):  # (B, Hq, Nq) -> (B, Hkv, Nk)
+        seen = (allowed & rows[..., None]).any(axis=2)
+        return seen.reshape(B, Hq // group, group, Nk).any(axis=2)
+
+    return {"out": out, "lse": softmax, "dq": out, "dk": keys_seen_by(out), "dv": keys_seen_by(softmax)}
+
+
+def check_nan_propagation(got: dict, clean: dict, must: dict, rtol, source, row):
+    """``got`` (name -> array: out, lse, dq, dk, dv, or a subset) from NaN inputs, ``clean``
+    from the same inputs with the NaN replaced by 0, ``must`` from :func:`nan_dependents`.
+
+    Every dependent row is NaN (never a silent finite answer). A row that does not depend on
+    the NaN may still be NaN (a tile product multiplies it by a probability of 0, as a dense
+    matmul does), otherwise it equals the clean result. A NaN query row reaches no other
+    row's forward output in any backend: there, the other rows must be finite.
+    """
+    others = np.ones(must["out"].shape, dtype=bool)  # for a NaN query: every other query row
+    if source == "q":
+        others[0, 0, row] = False
+    for name, x in got.items():
+        want = clean[name]
+        rows = np.isnan(x).reshape(x.shape[:3] + (-1,)).any(axis=-1)
+        missing = must[name] & ~rows
+        assert not missing.any(), f"{name}: rows {np.argwhere(missing).tolist()} depend on the NaN but are not NaN"
+        finite = ~rows
+        np.testing.assert_allclose(x[finite], want[finite], rtol=rtol, atol=rtol, err_msg=name)
+        if source == "q" and name in ("out", "lse"):
+            assert not (rows & others).any(), f"{name}: a NaN query row reached another row"

@@ -347,14 +347,14 @@ def _flash_forward(q, k, vT, bias, use_bias, scale, offset, window_left, window_
             m_finite = np.min(m_i) > -np.inf
 
         for ii in range(bm):
-            if l_i[ii] > 0.0:
+            if l_i[ii] == 0.0:  # no key allowed: zeros out, lse -inf
+                out[b, h, i0 + ii, :] = 0.0
+                lse[b, h, i0 + ii] = -np.inf
+            else:  # (a NaN l_i, from a NaN input, lands here and stays NaN)
                 inv = 1.0 / l_i[ii]
                 for d in range(Dv):
                     out[b, h, i0 + ii, d] = accT[d, ii] * inv
                 lse[b, h, i0 + ii] = m_i[ii] + np.log(l_i[ii])
-            else:  # no key allowed: zeros out, lse -inf
-                out[b, h, i0 + ii, :] = 0.0
-                lse[b, h, i0 + ii] = -np.inf
 
 
 # -- backward -----------------------------------------------------------------------------

@@ -108,13 +108,13 @@ def _forward_loops(q, k, v, bias, use_bias, scale, offset, window_left, window_r
             for d in range(Dv):
                 acc[d] = acc[d] * alpha + p * v[b, kv, j, d]
             m = m_new
-        if l > 0.0:
+        if l == 0.0:  # no key allowed
+            out[b, h, i, :] = 0.0
+            lse[b, h, i] = -np.inf
+        else:  # (NaN from a NaN input stays NaN)
             for d in range(Dv):  # a loop, not `acc / l`: an array expression inside prange
                 out[b, h, i, d] = acc[d] / l  # fails to compile when it is the first kernel built
             lse[b, h, i] = m + math.log(l)
-        else:  # no key allowed
-            out[b, h, i, :] = 0.0
-            lse[b, h, i] = -np.inf
 
 
 @kernel
@@ -258,13 +258,13 @@ def _forward_tiles(q, k, v, bias, use_bias, scale, offset, window_left, window_r
                         acc[ii, d] += p * v[b, kv, j0 + jj, d]
                 m_i[ii] = m_new
         for ii in range(bm):
-            if l_i[ii] > 0.0:
+            if l_i[ii] == 0.0:  # no key allowed
+                out[b, h, i0 + ii, :] = 0.0
+                lse[b, h, i0 + ii] = -np.inf
+            else:
                 for d in range(Dv):  # a loop, not an array expression (see _forward_loops)
                     out[b, h, i0 + ii, d] = acc[ii, d] / l_i[ii]
                 lse[b, h, i0 + ii] = m_i[ii] + math.log(l_i[ii])
-            else:
-                out[b, h, i0 + ii, :] = 0.0
-                lse[b, h, i0 + ii] = -np.inf
 
 
 @helper

@@ -59,7 +59,9 @@ if numba is not None:
     from numba.core import cgutils, types
     from numba.extending import intrinsic, overload
 
-    from ._compile import _C0, _C1, _C2, _C3, _C4, _C5, _C6, _EXP_MIN, _LN2_HI, _LN2_LO, _LOG2E, fast_exp
+    from ._compile import (
+        _C0, _C1, _C2, _C3, _C4, _C5, _C6, _EXP_MIN, _LN2_HI, _LN2_LO, _LOG2E, _ROUND, fast_exp,
+    )
 
     def _is_matrix(x, dtype=None):
         return (isinstance(x, types.Array) and x.ndim == 2 and x.dtype in (types.float32, types.float64)
@@ -149,23 +151,23 @@ if numba is not None:
             return [b.load(slot) for slot in slots]
 
         def exp(self, x):
-            """exp(x) on a float32 vector: ``_compile.fast_exp``'s polynomial, in IR."""
+            """exp(x) on a float32 vector: ``_compile.fast_exp`` (``_fast_exp_meaning``), in IR."""
             b = self.builder
             vec = self.vector
             c = lambda value: ir.Constant(vec, [float(value)] * self.lanes)  # noqa: E731
             fma = self.intrinsic("fma", 3)
-            xc = b.call(self.intrinsic("maxnum", 2), [x, c(_EXP_MIN)])
-            n = b.call(self.intrinsic("floor", 1), [b.call(fma, [xc, c(_LOG2E), c(0.5)])])
+            below = b.fcmp_ordered("<", x, c(_EXP_MIN))  # False for NaN, which passes through
+            xc = b.select(below, c(_EXP_MIN), x)
+            t = b.call(fma, [xc, c(_LOG2E), c(_ROUND)])
+            n = b.fsub(t, c(_ROUND))
             r = b.call(fma, [n, c(-_LN2_HI), xc])
             r = b.call(fma, [n, c(-_LN2_LO), r])
             p = c(_C6)
             for coefficient in (_C5, _C4, _C3, _C2, _C1, _C0):
                 p = b.call(fma, [p, r, c(coefficient)])
             i32 = ir.VectorType(ir.IntType(32), self.lanes)
-            biased = b.add(b.fptosi(n, i32), ir.Constant(i32, [127] * self.lanes))
-            two_n = b.bitcast(b.shl(biased, ir.Constant(i32, [23] * self.lanes)), vec)
-            e = b.fmul(p, two_n)
-            return b.select(b.fcmp_ordered(">", x, c(_EXP_MIN)), e, ir.Constant(vec, None))
+            two_n = b.bitcast(b.shl(b.bitcast(t, i32), ir.Constant(i32, [23] * self.lanes)), vec)
+            return b.select(below, ir.Constant(vec, None), b.fmul(p, two_n))
 
     def _make_micro_tile(rows: int):
         """The micro-tile intrinsic for ``rows`` rows of C (6; 4, 2, 1 for the rows left over)."""
@@ -215,14 +217,14 @@ if numba is not None:
             j_bytes = builder.mul(tile.j, tile.const(tile.itemsize))
             halves = [builder.add(j_bytes, tile.const(half * VECTOR_BYTES)) for half in range(2)]
             shifts = [tile.load(shift, offset) for offset in halves]
-            maxnum = tile.intrinsic("maxnum", 2)
             col_max = [tile.load(colmax, offset) for offset in halves]
             col_sum = [tile.load(colsum, offset) for offset in halves]
             for offset, index, value in zip(tile.c_offsets(), range(2 * rows), sums):
                 half = index % 2
                 x = builder.fsub(value, shifts[half])
                 e = tile.exp(x)
-                col_max[half] = builder.call(maxnum, [col_max[half], x])
+                bigger = builder.fcmp_ordered(">", x, col_max[half])  # vmaxps (a NaN p is NaN anyway)
+                col_max[half] = builder.select(bigger, x, col_max[half])
                 col_sum[half] = builder.fadd(col_sum[half], e)
                 tile.store(e, tile.c, offset)
             for half, offset in enumerate(halves):

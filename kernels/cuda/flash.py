@@ -280,8 +280,9 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                     if HAS_BIAS:
                         s += bias[b_bias, h_bias, i, j]
                 s_row[jj] = s
-                m_tile = max(m_tile, s)
-            m_new = max(m_i, m_tile)
+                if s > m_tile or s != s:  # max, but a NaN score sticks (NaN in, NaN out)
+                    m_tile = s
+            m_new = m_tile if (m_tile > m_i or m_tile != m_tile) else m_i
             if m_new == NEG_INF:
                 continue  # nothing allowed so far: acc and l_i stay zero
             alpha = math.exp(m_i - m_new)  # exp(-inf) = 0 on the first allowed tile
@@ -302,15 +303,15 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
             m_i = m_new
 
         if row_valid:
-            if l_i > ZERO:
+            if l_i == ZERO:  # no allowed key: zeros and lse = -inf
+                for d in range(DV):
+                    out[b, h, i, d] = ZERO
+                lse[b, h, i] = NEG_INF
+            else:  # (a NaN l_i, from a NaN input, stays NaN)
                 inv_l = ONE / l_i
                 for d in range(DV):
                     out[b, h, i, d] = acc[d] * inv_l
                 lse[b, h, i] = m_i + math.log(l_i)
-            else:  # no allowed key: zeros and lse = -inf
-                for d in range(DV):
-                    out[b, h, i, d] = ZERO
-                lse[b, h, i] = NEG_INF
 
     def _attn_bwd_preprocess(out, dout, delta):
         BLOCK_M = RESIDENT

@@ -18,7 +18,9 @@ import pytest
 from microattn.kernels import reference
 from microattn.kernels.cuda import flash
 from microattn.kernels.spec import make_attention_spec
-from tests.grid import Case, grid, make_inputs, rel_err
+from tests.grid import (
+    NAN_CASES, NAN_SOURCES, Case, check_nan_propagation, grid, make_inputs, nan_dependents, nan_inputs, rel_err,
+)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -41,6 +43,7 @@ CASES = [simulator_case(c) for c in grid(sizes=(1, 7, 37), unequal=((7, 37), (37
 # the score by float32's 6e-8 relative error moves exp(s - lse) by ~1e-4 relative: the
 # problem is that ill-conditioned, whichever kernel computes it.
 TOL = {np.float64: 1e-9, np.float32: 2e-5}
+NAMES = ("out", "lse", "dq", "dk", "dv")
 TOL_LARGE_LOGITS_F32 = 1e-3
 
 
@@ -124,6 +127,19 @@ def test_everything_at_once_matches_reference():
     q, k, v, dout, kwargs = mixed_case()
     got = run_flash(q, k, v, dout, spec_for(q, k, v, kwargs))
     assert_matches_reference(got, run_reference_f64(q, k, v, dout, kwargs), TOL[np.float64])
+
+
+@pytest.mark.parametrize("source", NAN_SOURCES)
+@pytest.mark.parametrize("case", [NAN_CASES[1], NAN_CASES[3], NAN_CASES[4]], ids=lambda c: c.id)
+def test_nan_inputs_give_nan_outputs(case, source):
+    """As tests/kernels/test_cpu_flash.py: every output that depends on a NaN input is NaN."""
+    q, k, v, dout, kwargs, row = nan_inputs(case, np.float32, source)
+    spec = spec_for(q, k, v, kwargs)
+    got = run_flash(q, k, v, dout, spec)
+    clean = run_flash(*(np.nan_to_num(x, nan=0.0) for x in (q, k, v)), dout, spec)
+    allowed = np.broadcast_to(reference.allowed_pairs(spec), (spec.B, spec.Hq, spec.Nq, spec.Nk))
+    must = nan_dependents(allowed, spec.Hq // spec.Hkv, source, row)
+    check_nan_propagation(dict(zip(NAMES, got)), dict(zip(NAMES, clean)), must, 1e-4, source, row)
 
 
 @pytest.mark.parametrize("tiles", [flash.Tiles(resident=4, staged=16),

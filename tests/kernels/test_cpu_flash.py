@@ -25,7 +25,9 @@ import pytest
 from microattn.kernels import reference
 from microattn.kernels.cpu import flash
 from microattn.kernels.spec import AttentionSpec, make_attention_spec
-from tests.grid import Case, grid, make_inputs
+from tests.grid import (
+    NAN_CASES, NAN_SOURCES, Case, check_nan_propagation, grid, make_inputs, nan_dependents, nan_inputs,
+)
 
 if flash.unavailable_reason() is not None:  # numba is a dependency: its absence is a failure
     pytest.fail(f"the numba CPU kernels cannot run: {flash.unavailable_reason()}", pytrace=False)
@@ -182,6 +184,42 @@ def test_empty_rows_are_zero_and_never_nan(dtype):
             assert not np.isnan(x).any()
         assert np.all(out[:, :, empty] == 0) and np.all(dq[:, :, empty] == 0)
         assert np.all(np.isneginf(lse[:, :, empty])) and np.all(np.isfinite(lse[:, :, ~empty]))
+
+
+NAN_MODULES = {
+    "reference": reference,
+    "flash": flash,
+    "flash-split-tiny": flash_variant(False, blocks=TINY),
+    "flash-fused-tiny": flash_variant(True, blocks=TINY),
+}
+
+
+@pytest.mark.parametrize("source", NAN_SOURCES)
+@pytest.mark.parametrize("case", NAN_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", list(NAN_MODULES))
+def test_nan_inputs_give_nan_outputs(name, dtype, case, source):
+    """A NaN in q, k or v makes every output that depends on it NaN, as in NumPy and
+    PyTorch: never a finite answer computed as if the NaN were not there (a row whose
+    running sum is NaN is not an empty row)."""
+    check_nan_inputs(NAN_MODULES[name], case, dtype, source)
+
+
+@pytest.mark.parametrize("source", NAN_SOURCES)
+@pytest.mark.parametrize("rung", [1, 2])
+def test_ladder_nan_inputs_give_nan_outputs(rung, source):
+    for case in NAN_CASES[:3]:
+        check_nan_inputs(ladder.RUNGS[rung], case, np.float64, source)
+
+
+def check_nan_inputs(module, case, dtype, source):
+    q, k, v, dout, kwargs, row = nan_inputs(case, dtype, source)
+    spec = make_attention_spec(q.shape, k.shape, v.shape, (q.dtype,) * 3, **kwargs)
+    got = run(module, q, k, v, dout, spec)
+    clean = run(module, *(np.nan_to_num(x, nan=0.0) for x in (q, k, v)), dout, spec)
+    allowed = np.broadcast_to(reference.allowed_pairs(spec), (spec.B, spec.Hq, spec.Nq, spec.Nk))
+    must = nan_dependents(allowed, spec.Hq // spec.Hkv, source, row)
+    check_nan_propagation(dict(zip(NAMES, got)), dict(zip(NAMES, clean)), must, 1e-4 if dtype == np.float32 else 1e-10, source, row)
 
 
 def test_any_strides_in():

@@ -23,7 +23,9 @@ import pytest
 from microattn.kernels import linear_reference
 from microattn.kernels.cpu import linear as linear_numba
 from microattn.kernels.spec import make_linear_spec
-from tests.grid import HEADS, SIZES, UNEQUAL, rel_err
+from tests.grid import (
+    HEADS, NAN_SOURCES, SIZES, UNEQUAL, Case, check_nan_propagation, nan_dependents, nan_inputs, rel_err,
+)
 
 NUMBA_MISSING = linear_numba.unavailable_reason()
 needs_numba = pytest.mark.skipif(NUMBA_MISSING is not None, reason=str(NUMBA_MISSING))
@@ -213,6 +215,33 @@ def test_numba_backward_matches_reference(case, causal, dtype, backend):
     for name, g, ref, s, x in zip("qkv", grads, expected, scales, (q, k, v)):
         assert g.shape == x.shape and g.dtype == dtype, name
         assert grad_err(g, ref, s) < TOL[dtype], f"d{name}"
+
+
+# -- NaN inputs -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("source", NAN_SOURCES)
+@pytest.mark.parametrize("shape", [(37, 37), (7, 37), (37, 7)], ids=["Nq37-Nk37", "Nq7-Nk37", "Nq37-Nk7"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_nan_inputs_give_nan_outputs(causal, shape, source, dtype, backend):
+    """Every output that depends on a NaN input is NaN (phi(NaN) is NaN, also in the float32
+    exp); the rules are the softmax attention's (tests/grid.py), with causal as 'j <= i + Nk - Nq'."""
+    Nq, Nk = shape
+    q, k, v, dout, _, row = nan_inputs(Case(Nq, Nk, 2, 1, D=8, Dv=5, B=1), dtype, source)
+    spec = make_linear_spec(q.shape, k.shape, v.shape, (q.dtype,) * 3, causal=causal)
+    forward, backward = BACKENDS[backend]
+
+    def run(q, k, v):
+        out = forward(q, k, v, spec)
+        return dict(zip(("out", "dq", "dk", "dv"), (out,) + tuple(backward(q, k, v, out, dout, spec))))
+
+    i, j = np.arange(Nq)[:, None], np.arange(Nk)[None, :]
+    allowed = np.broadcast_to(j <= i + (Nk - Nq) if causal else np.ones((Nq, Nk), bool), (1, 2, Nq, Nk))
+    must = nan_dependents(allowed, 2, source, row)
+    clean = run(*(np.nan_to_num(x, nan=0.0) for x in (q, k, v)))
+    check_nan_propagation(run(q, k, v), clean, must, 1e-4 if dtype == np.float32 else 1e-10, source, row)
 
 
 # -- rows with no key ------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from microattn.kernels.cpu import microkernel
+from microattn.kernels.cpu import _compile, microkernel
 from microattn.kernels.cpu._compile import numba
 
 SIZES = [(1, 1, 1), (7, 5, 3), (6, 64, 16), (37, 64, 113), (203, 37, 16), (13, 0, 17), (128, 256, 64)]
@@ -97,3 +97,44 @@ def test_matmul_exp_matches_numpy(M, K, N, dtype):
     microkernel.matmul_exp(A.astype(np.float64), B.astype(np.float64), C_np, shift.astype(np.float64),
                            colmax_np, colsum_np)  # the NumPy statement of what is compiled
     np.testing.assert_allclose(C_np, expected, rtol=1e-12, atol=1e-30)
+
+
+@numba.njit(fastmath=_compile.FASTMATH)
+def _exp_rows(x):
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):  # a loop LLVM vectorises, as in the kernels' sweeps
+        out[i] = _compile.fast_exp(x[i])
+    return out
+
+
+@numba.njit
+def _exp_in_matmul_exp(x):
+    """fast_exp as the micro-tile computes it: x = 1 @ x.T - 0, one row of 16 per tile."""
+    n = x.shape[0]
+    C = np.empty((1, n), np.float32)
+    A = np.ones((1, 1), np.float32)
+    colmax = np.full(n, -np.inf, np.float32)
+    colsum = np.zeros(n, np.float32)
+    microkernel.matmul_exp(A, x.reshape(1, n), C, np.zeros(n, np.float32), colmax, colsum)
+    return C[0]
+
+
+@pytest.mark.parametrize("where", ["row sweep", "micro-tile"])
+def test_float32_fast_exp(where):
+    """The float32 exp of the kernels (``_compile.fast_exp``, and the same steps in the
+    micro-tile's IR): within 1 ulp of exp on [-87, 88], exactly 0 below -87 and at -inf,
+    NaN for NaN (a NaN input must not vanish into a probability of 0); and step for step
+    what ``_fast_exp_meaning`` says."""
+    x = np.concatenate([np.float32([-np.inf, np.nan, -87.0, 0.0, 1e-30, -1e-30]),
+                        np.linspace(-100, 88, 1_000_000, dtype=np.float32)])
+    x = x[: x.size - x.size % 16]  # whole micro-tiles only: the columns past them use the sweep
+    got = _exp_rows(x) if where == "row sweep" else _exp_in_matmul_exp(x)
+    with np.errstate(over="ignore"):
+        truth = np.exp(x.astype(np.float64))
+    normal = (x >= -87) & (x <= 88)
+    assert np.abs(got[normal] / truth[normal] - 1).max() < 2.0**-23  # 1 ulp of [1, 2)
+    assert (got[(x < -87)] == 0).all()
+    assert np.isnan(got[np.isnan(x)]).all()
+    with np.errstate(invalid="ignore", over="ignore"):
+        meaning = _compile._fast_exp_meaning(x)
+    np.testing.assert_allclose(got[normal], meaning[normal], rtol=2.0**-22)
