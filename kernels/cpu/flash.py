@@ -61,11 +61,12 @@ blocks it includes entirely skip the per-element band test.
 
 Measured (float32, B=1, H=8, D=64, shared 2-core VM, medians; docs/performance.md has the
 tables, the command and how much the figures move from run to run), against PyTorch 2.13's
-CPU ``scaled_dot_product_attention`` in the same process: forward+backward 1.1-1.4x as fast
-at N=1024/4096 in the final run (0.94-1.41 over the session's runs); forward alone
-0.85-1.22x (behind by up to 15% at N=1024 full); window (255, 0) at N=8192 14-17x as fast
-as PyTorch given the equivalent boolean mask; twice N costs ~2x the time. Single-threaded inside the forward (N=4096) the
-two tile products run at ~91 and ~87 GF/s (1.4-1.5 ns per score each).
+CPU ``scaled_dot_product_attention`` in the same process: forward+backward 0.95-1.52x
+as fast at N=1024/4096 over the runs of stops 8 and 9 (below 1.0 only at N=1024 full, in
+one run of each); forward alone 0.85-1.24x (at parity at N=1024 full); window (255, 0) at
+N=8192 14-17x as fast as PyTorch given the equivalent boolean mask; twice N costs ~2x the
+time (2.07-2.33x on a noisy day). Single-threaded inside the forward (N=4096) the two tile
+products run at ~91 and ~89 GF/s (1.4 ns per score each), the exp adds ~0.4 ns.
 
 Threads: numba's ``workqueue`` layer unless ``NUMBA_THREADING_LAYER`` says otherwise (see
 ``_compile.py``).
