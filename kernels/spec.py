@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -91,19 +92,51 @@ class AttentionSpec:
     def dropout_scale(self) -> float:
         return 1.0 / (1.0 - self.dropout_p)
 
+    @property
+    def band(self) -> tuple[int, int, int]:
+        """The band record ``(offset, window_left, window_right)`` (see masking.in_band)."""
+        return (self.offset, self.window_left, self.window_right)
+
     def key_range(self, i_start: int, i_stop: int) -> tuple[int, int]:
         """Keys [j_start, j_stop) that queries [i_start, i_stop) may see (masking.key_range)."""
-        return masking.key_range(i_start, i_stop, self.Nk, self.offset, self.window_left, self.window_right)
+        return masking.key_range(self.band, i_start, i_stop, self.Nk)
 
     def query_range(self, j_start: int, j_stop: int) -> tuple[int, int]:
         """Queries [i_start, i_stop) that may see a key in [j_start, j_stop) (masking.query_range)."""
-        return masking.query_range(j_start, j_stop, self.Nq, self.offset, self.window_left,
-                                   self.window_right)
+        return masking.query_range(self.band, j_start, j_stop, self.Nq)
 
-    def bias_index(self, b: int, h: int) -> tuple[int, int]:
-        """Index into bias for batch b, query head h (broadcast dims are size 1)."""
-        Bm, Hm = self.bias.shape[:2]
-        return (b if Bm > 1 else 0), (h if Hm > 1 else 0)
+    def pack(self) -> "Packed":
+        """The spec as compiled kernels take it: a few records (see ``Packed``).
+
+        Everything that varies between calls is a runtime value, so each kernel compiles
+        once per dtype and never again.
+        """
+        t = self.dtype.type
+        bias = self.bias if self.has_bias else np.zeros((1, 1, 0, 0), dtype=self.dtype)
+        threshold = self.dropout_threshold if self.dropout_p > 0.0 else 0
+        return Packed(
+            bias=bias,
+            band=self.band,
+            dropout=(threshold, self.seed_lo, self.seed_hi),
+            reals=(t(self.scale), t(self.dropout_scale if threshold > 0 else 1.0)),
+        )
+
+
+class Packed(NamedTuple):
+    """An AttentionSpec as a few records, unpacked by the rules in ``masking.py``.
+
+    ``bias``     (Bm, Hm, Nq, Nk) additive, or an empty (1, 1, 0, 0) array: no bias
+    ``band``     (offset, window_left, window_right)      ints (masking.in_band)
+    ``dropout``  (threshold, seed_lo, seed_hi)            ints (masking.keep; 0: off)
+    ``reals``    (scale, dropout_scale)                   the spec's dtype
+
+    Kernels take them in this order (``*spec.pack()``).
+    """
+
+    bias: np.ndarray
+    band: tuple
+    dropout: tuple
+    reals: tuple
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,19 @@
 """Backend names -> kernel modules, what is available here, and what "auto" picks.
 
-Adding a backend is one kernel module (the protocol in ``microattn.kernels``) and one line
-in a table below. A kernel module may define ``unavailable_reason() -> str | None``
-(checked before first use) and ``to_device`` / ``to_host`` (used to keep the arrays that
-backward needs on the device between forward and backward).
+Adding a backend is one kernel module (the protocol in ``kernels/protocol.py``) and one line
+in a table below. Each module is checked against its family's protocol when it is loaded
+(a module that does not conform is a TypeError naming what is missing). A kernel module may
+define ``unavailable_reason() -> str | None`` (checked before first use) and ``to_device`` /
+``to_host`` (used to keep the arrays that backward needs on the device between forward and
+backward).
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+
+from .kernels import protocol
 
 # "composed" has no kernel module: it is built from Tensor ops in functional.py.
 SDPA_KERNELS = {
@@ -23,13 +27,16 @@ LINEAR_KERNELS = {
     "numba": "microattn.kernels.cpu.linear",
 }
 FAMILIES = {"scaled_dot_product_attention": SDPA_KERNELS, "linear_attention": LINEAR_KERNELS}
+PROTOCOLS = {"scaled_dot_product_attention": protocol.AttentionKernel,
+             "linear_attention": protocol.LinearKernel}
 
 
-def _import(module_name: str) -> tuple[ModuleType | None, str | None]:
+def _import(module_name: str, family: str) -> tuple[ModuleType | None, str | None]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:  # numba (or numba-cuda) missing, or a broken install
         return None, f"{module_name} cannot be imported: {exc}"
+    protocol.check(module, PROTOCOLS[family])
     check = getattr(module, "unavailable_reason", None)
     reason = check() if check is not None else None
     return (None, reason) if reason else (module, None)
@@ -42,7 +49,7 @@ def unavailable_reason(name: str, family: str = "scaled_dot_product_attention") 
         return f"unknown backend {name!r}"
     if table[name] is None:
         return None
-    return _import(table[name])[1]
+    return _import(table[name], family)[1]
 
 
 def available_backends(family: str = "scaled_dot_product_attention") -> list[str]:
@@ -75,13 +82,13 @@ def resolve(backend: str, family: str = "scaled_dot_product_attention") -> tuple
         if "cuda" in table and not _is_simulated_gpu():
             order.insert(0, "cuda")
         for name in order:
-            module, reason = _import(table[name])
+            module, reason = _import(table[name], family)
             if reason is None:
                 return name, module
         raise RuntimeError(f"no {family} backend is available here")  # reference always is
     if table[backend] is None:
         return backend, None
-    module, reason = _import(table[backend])
+    module, reason = _import(table[backend], family)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is not available here: {reason}")
     return backend, module

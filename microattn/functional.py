@@ -22,6 +22,7 @@ import numpy as np
 from . import backends
 from .autograd import Function
 from .kernels.masking import in_band, keep
+from .kernels.protocol import lse_of
 from .kernels.spec import AttentionSpec, make_attention_spec, make_linear_spec
 from .losses import cross_entropy
 from .tensor import Tensor
@@ -35,9 +36,11 @@ def _identity(x):
 
 
 class Attention(Function):
-    """Softmax attention through any kernel module of the protocol in microattn.kernels.
+    """Softmax attention through any kernel module of the protocol (``kernels/protocol.py``).
 
-    ``lse`` is an extra, non-differentiable result: it is left on ``ctx.lse``.
+    The kernel returns ``out`` and the row statistics ``stats`` = (m, l) that its backward
+    recomputes probabilities from; ``lse = m + log(l)`` is an extra, non-differentiable
+    result, left on ``ctx.lse``.
     """
 
     @staticmethod
@@ -45,19 +48,19 @@ class Attention(Function):
         to_device = getattr(kernel, "to_device", _identity)
         to_host = getattr(kernel, "to_host", _identity)
         q, k, v = to_device(q), to_device(k), to_device(v)  # stay there until backward
-        out, lse = kernel.forward(q, k, v, spec)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, stats = kernel.forward(q, k, v, spec)
+        ctx.save_for_backward(q, k, v, out, stats)
         ctx.spec, ctx.kernel = spec, kernel
-        ctx.lse = to_host(lse)
+        ctx.lse = lse_of(to_host(stats))
         return to_host(out)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, stats = ctx.saved_tensors
         kernel = ctx.kernel
         to_device = getattr(kernel, "to_device", _identity)
         to_host = getattr(kernel, "to_host", _identity)
-        dq, dk, dv = kernel.backward(q, k, v, out, lse, to_device(np.ascontiguousarray(dout)), ctx.spec)
+        dq, dk, dv = kernel.backward(q, k, v, out, stats, to_device(np.ascontiguousarray(dout)), ctx.spec)
         return to_host(dq), to_host(dk), to_host(dv)
 
 
@@ -146,8 +149,7 @@ def _composed_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
         kv_head = np.arange(spec.Hq) // spec.group  # query head h reads kv head h // group
         k, v = k[:, kv_head], v[:, kv_head]  # (B, Hq, Nk, D), (B, Hq, Nk, Dv)
     s = (q @ k.swapaxes(-1, -2)) * spec.scale  # (B, Hq, Nq, Nk)
-    allowed = in_band(np.arange(spec.Nq)[:, None], np.arange(spec.Nk)[None, :], spec.offset,
-                      spec.window_left, spec.window_right)  # (Nq, Nk)
+    allowed = in_band(spec.band, np.arange(spec.Nq)[:, None], np.arange(spec.Nk)[None, :])  # (Nq, Nk)
     if spec.has_bias:
         s = s + spec.bias
         allowed = allowed & (spec.bias > -np.inf)  # (Bm, Hm, Nq, Nk)
@@ -155,7 +157,7 @@ def _composed_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
     p = s.softmax(axis=-1)  # a row with no allowed key gives zeros, not NaN
     if spec.dropout_p > 0:
         b, h, i, j = np.ix_(*(np.arange(n) for n in (spec.B, spec.Hq, spec.Nq, spec.Nk)))
-        kept = keep(spec.seed_lo, spec.seed_hi, b, h, i, j, spec.dropout_threshold)
+        kept = keep(spec.pack().dropout, b, h, i, j)
         p = p * (kept * spec.dropout_scale).astype(spec.dtype)
     out = p @ v  # (B, Hq, Nq, Dv)
     lse = _logsumexp(s.data)
