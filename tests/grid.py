@@ -19,8 +19,9 @@ WINDOWS = ((0, 0), (3, 0), (16, 16), (40, -1), (-1, 5))
 
 MASKINGS = (
     "none", "causal", "window", "causal+window", "bool_mask", "float_mask",
-    "padding_mask", "empty_rows", "dropout", "dropout+causal", "large_logits",
+    "padding_mask", "empty_rows", "dropout", "dropout+causal", "large_logits", "huge_mask",
 )
+HUGE = (-1e9, "finfo.min", -1e30)  # finite "forbid" values users put in float masks
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,16 @@ def make_inputs(case: Case, dtype=np.float64, seed=0):
         # window that lets no key through for rows on the far side
         kwargs["is_causal"] = True
         kwargs["attn_mask"] = np.broadcast_to(np.arange(Nk) % 3 != 1, (Nq, Nk))
+    elif m == "huge_mask":
+        # Hugging Face style padding masks: huge finite negatives instead of -inf, over whole
+        # rows (the row must give the plain average of v, as softmax does) and parts of rows
+        mask = rng.standard_normal((Nq, Nk))
+        for r, big in enumerate(HUGE):
+            value = np.finfo(dtype).min if big == "finfo.min" else big
+            row = (r * Nq) // len(HUGE)
+            mask[row, :] = value  # the whole row
+            mask[(row + 1) % Nq, : (Nk + 1) // 2] = value  # part of the next row
+        kwargs["attn_mask"] = mask.astype(dtype)
     if "dropout" in m:
         kwargs["dropout_p"] = 0.3
         kwargs["seed"] = 1234 + seed
@@ -106,6 +117,124 @@ def make_inputs(case: Case, dtype=np.float64, seed=0):
         q = q * 300.0  # scores of order 300 * sqrt(D): exp would overflow without max-subtraction
     cast = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
     return cast(q), cast(k), cast(v), cast(dout), kwargs
+
+
+# -- the one error yardstick ------------------------------------------------------------------
+#
+# Every kernel module (reference rungs, flash variants, CUDA rungs) is judged the same way:
+#
+# * float64: within 1e-9 of the float64 reference, each output divided by
+#   max(max |expected|, its natural scale) -- the size of the terms it is a sum of, so that
+#   a result that cancels to ~0 (dq of a one-key row, large logits) is judged by the
+#   rounding of its terms, not by its own tiny size;
+# * float32: the float64 reference on the same (float32-rounded) inputs is the truth; the
+#   kernel must be within 4x the float32 reference's own error, floored at 1e-6;
+# * float32 with huge finite masks (-1e9, finfo.min): float64 keeps q.k beside -1e9 where
+#   float32 rounds it away (the float32 row is uniform, the float64 row is not), so there is
+#   no common truth; the float32 reference (the same rule: p = exp(s - m) / l) is the
+#   oracle, within 2e-5;
+# * lse: -inf exactly where the reference's is; empty rows give out 0 and dq 0; nothing is
+#   NaN (the NaN-input tests below are the only place NaN is expected).
+
+NAMES = ("out", "lse", "dq", "dk", "dv")
+
+
+def build(case: Case, dtype, seed=0):
+    """q, k, v, dout and the AttentionSpec of one case."""
+    from microattn.kernels.spec import make_attention_spec
+
+    q, k, v, dout, kwargs = make_inputs(case, dtype, seed=seed)
+    return q, k, v, dout, make_attention_spec(q.shape, k.shape, v.shape, (q.dtype,) * 3, **kwargs)
+
+
+def run_kernel(module, q, k, v, dout, spec) -> dict:
+    """out, lse, dq, dk, dv of one kernel module (the protocol of kernels/protocol.py); its
+    backward sees its own forward's out and stats. Device arrays come back as NumPy."""
+    from microattn.kernels.protocol import lse_of
+
+    host = getattr(module, "to_host", lambda x: x)
+    out, stats = module.forward(q, k, v, spec)
+    grads = module.backward(q, k, v, out, stats, dout, spec)
+    out, stats = host(out), host(stats)
+    return dict(zip(NAMES, (out, lse_of(stats)) + tuple(host(g) for g in grads)))
+
+
+def natural_scales(q, k, v, dout, spec) -> dict:
+    """The size of the terms each output is a sum of."""
+    aq, ak, av, ado = (float(np.abs(x).max()) for x in (q, k, v, dout))
+    drop = spec.dropout_scale if spec.dropout_p > 0 else 1.0
+    return {
+        "out": drop * av,
+        "lse": 1.0 + spec.scale * aq * ak,
+        "dq": drop * spec.scale * ak * ado * av,
+        "dk": drop * spec.scale * aq * ado * av,
+        "dv": drop * ado,
+    }
+
+
+def errors(got: dict, want: dict, scales: dict) -> dict:
+    """Normalised max error per output; lse compared where finite, inf if -inf differs."""
+    result = {}
+    for name in NAMES:
+        a = np.asarray(got[name], dtype=np.float64)
+        e = np.asarray(want[name], dtype=np.float64)
+        if np.isnan(a).any():
+            result[name] = np.inf
+            continue
+        if name == "lse":
+            if not np.array_equal(np.isneginf(a), np.isneginf(e)):
+                result[name] = np.inf
+                continue
+            finite = np.isfinite(e)
+            a, e = a[finite], e[finite]
+        denominator = max(np.abs(e).max(initial=0.0), scales[name])
+        result[name] = np.abs(a - e).max(initial=0.0) / denominator
+    return result
+
+
+def spec_in_float64(spec):
+    """The same spec for float64 inputs (the bias goes in as a float64 float mask)."""
+    from microattn.kernels.spec import make_attention_spec
+
+    shapes = ((spec.B, spec.Hq, spec.Nq, spec.D), (spec.B, spec.Hkv, spec.Nk, spec.D),
+              (spec.B, spec.Hkv, spec.Nk, spec.Dv))
+    window = (spec.window_left, spec.window_right) if spec.has_band else None
+    return make_attention_spec(*shapes, (np.float64,) * 3,
+                               attn_mask=None if spec.bias is None else spec.bias.astype(np.float64),
+                               dropout_p=spec.dropout_p, seed=spec.seed, scale=spec.scale,
+                               window=window)
+
+
+def check_against_reference(module, case: Case, dtype, seed=0) -> dict:
+    """Run ``module`` on ``case`` and hold it to the yardstick above; returns its errors."""
+    from microattn.kernels import reference
+
+    q, k, v, dout, spec = build(case, dtype, seed)
+    got = run_kernel(module, q, k, v, dout, spec)
+    for name in NAMES:
+        assert got[name].dtype == np.dtype(dtype), f"{name} is {got[name].dtype}, not {np.dtype(dtype)}"
+    empty = np.isneginf(got["lse"])
+    assert (got["out"][empty] == 0).all() and (got["dq"][empty] == 0).all(), \
+        "a row that allows no key must give out 0 and dq 0"
+    if dtype == np.float64:
+        want = run_kernel(reference, q, k, v, dout, spec)
+        err = errors(got, want, natural_scales(q, k, v, dout, spec))
+        assert max(err.values()) <= 1e-9, err
+        return err
+    if case.masking == "huge_mask":
+        want = run_kernel(reference, q, k, v, dout, spec)
+        err = errors(got, want, natural_scales(q, k, v, dout, spec))
+        assert max(err.values()) <= 2e-5, err
+        return err
+    q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, dout))
+    spec64 = spec_in_float64(spec)
+    truth = run_kernel(reference, q64, k64, v64, do64, spec64)
+    scales = natural_scales(q64, k64, v64, do64, spec64)
+    ours = errors(got, truth, scales)
+    ref32 = errors(run_kernel(reference, q, k, v, dout, spec), truth, scales)
+    for name in NAMES:
+        assert ours[name] <= 4 * max(ref32[name], 1e-6), (name, ours, ref32)
+    return ours
 
 
 def rel_err(actual, expected, floor=0.0) -> float:
