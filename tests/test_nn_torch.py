@@ -1,8 +1,8 @@
 """microattn.nn / optim / cross_entropy against PyTorch as an independent oracle.
 
 Identical weights in float64 must give the same outputs and the same gradients (for a
-random cotangent) to 1e-9; optimizer steps must give the same parameters. Skipped when
-torch is not installed; the package itself never imports torch.
+random cotangent) to 1e-9; optimizer steps must give the same parameters. torch comes with
+the test extra `oracle`: skipped without it, a failure in CI. The package never imports torch.
 """
 
 import numpy as np
@@ -11,8 +11,9 @@ import pytest
 import microattn as ma
 import microattn.nn as nn
 from microattn import optim
+from tests.conftest import require
 
-torch = pytest.importorskip("torch")
+torch = require("torch")
 TF = torch.nn.functional
 TOL = dict(rtol=1e-9, atol=1e-9)
 

@@ -30,10 +30,38 @@ def test_every_package_is_listed_in_pyproject():
 
 
 def test_ci_runs_the_readme_test_command():
-    """The README's second command (after creating the venv) is what .ci/run executes."""
+    """The README's second command (after creating the venv) is what .ci/run executes, with
+    `|| exit 1` so that a failure in the middle of its && list fails CI (set -e ignores it)."""
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"^python3 -m venv \.venv && \. \.venv/bin/activate && (.+)$", readme, re.M)
     assert len(commands) == 2, "the README opens with two commands: the main job and the tests"
     assert "microattn demo" in commands[0]
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert commands[1] in ci_lines
+    assert f"{commands[1]} || exit 1" in ci_lines
+
+
+def optional_dependencies() -> dict:
+    """{extra: [requirement, ...]} from [project.optional-dependencies]."""
+    text = (ROOT / "pyproject.toml").read_text()
+    table = re.search(r"^\[project\.optional-dependencies\]$(.*?)^\[", text, re.S | re.M).group(1)
+    return {name: re.findall(r'"([^"]+)"', body)
+            for name, body in re.findall(r"^(\w+) = \[(.*?)\]$", table, re.S | re.M)}
+
+
+def test_the_test_command_installs_the_oracles_and_cuda():
+    """The PyTorch-parity, PNG and PTX tests need these extras; under CI=true their absence is a
+    failure (tests/conftest.py), so the command CI runs must install them."""
+    readme = (ROOT / "README.md").read_text()
+    extras = re.search(r'pip install -e "\.\[([\w,]+)\]" && python -m pytest', readme).group(1)
+    assert set(extras.split(",")) >= {"test", "cuda", "oracle"}
+    oracle = optional_dependencies()["oracle"]
+    assert any(req.startswith("matplotlib") for req in oracle)
+    # exactly the CPU build on this workplace's disk: anything looser downloads a CUDA build
+    assert "torch==2.13.0" in oracle
+
+
+def test_the_package_never_imports_torch():
+    """torch is a test oracle only: no module of the package imports it."""
+    for top in ("microattn", "kernels"):
+        for source in (ROOT / top).rglob("*.py"):
+            assert not re.search(r"^\s*(?:import|from)\s+torch\b", source.read_text(), re.M), source
