@@ -85,10 +85,18 @@ class Pow(Function):
     def backward(ctx, grad):
         base, exponent, out = ctx.saved_tensors
         # forward: out = base ** exponent
-        #   ->  dbase = grad * exponent * base ** (exponent - 1)
-        #   ->  dexponent = grad * out * log(base)   (only when asked: log needs base > 0)
-        dbase = grad * exponent * base ** (exponent - 1) if ctx.needs_input_grad[0] else None
-        dexponent = grad * out * np.log(base) if ctx.needs_input_grad[1] else None
+        #   ->  dbase = grad * exponent * base ** (exponent - 1),  0 where exponent == 0
+        #   ->  dexponent = grad * out * log(base),  0 where base == 0 and exponent >= 0
+        # The two zeros are PyTorch's: out does not move with base when exponent == 0
+        # (the formula gives 0 * 0 ** -1 = NaN at base 0), nor with exponent at base 0
+        # (out == 0 there for every exponent > 0; the formula gives 0 * log(0) = NaN).
+        # Other bases <= 0 keep the formula's inf / NaN, as in PyTorch, without warnings.
+        dbase = dexponent = None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if ctx.needs_input_grad[0]:
+                dbase = np.where(exponent == 0, 0.0, grad * exponent * base ** (exponent - 1))
+            if ctx.needs_input_grad[1]:
+                dexponent = np.where((base == 0) & (exponent >= 0), 0.0, grad * out * np.log(base))
         return dbase, dexponent
 
 

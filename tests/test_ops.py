@@ -71,6 +71,31 @@ def test_pow_tensor_exponent(data):
     check_op(lambda x, y: x**y, np.power, base, exponent)
 
 
+def test_pow_at_a_zero_base_has_pytorchs_gradients():
+    """At x = 0, d(x ** e)/de is 0 for e >= 0 (x ** e is 0 for every nearby e > 0), not
+    0 * log(0) = NaN, and d(x ** 0)/dx is 0, not 0 * 0 ** -1 = NaN: PyTorch's values
+    (torch.pow's backward masks exactly these two cases)."""
+    x = leaf(np.array([0.0, 0.0, 0.0, 2.0, 0.0]))
+    e = leaf(np.array([2.0, 0.5, 0.0, 0.0, 1.0]))
+    out = x**e
+    with np.errstate(divide="raise", invalid="raise"):  # no NumPy warnings on the way either
+        out.backward(np.ones(5))
+    np.testing.assert_array_equal(e.grad, [0.0, 0.0, 0.0, np.log(2.0), 0.0])
+    np.testing.assert_array_equal(x.grad, [0.0, np.inf, 0.0, 0.0, 1.0])  # 0.5 * 0 ** -0.5 = inf, as PyTorch
+
+    scalar_exponent = leaf(np.array([0.0, 1.0]))
+    (scalar_exponent**0).backward(np.ones(2))
+    np.testing.assert_array_equal(scalar_exponent.grad, [0.0, 0.0])
+
+
+def test_pow_keeps_the_formulas_where_pytorch_does():
+    """x = 0 with e < 0 (inf * log 0 = -inf) and x < 0 (log of a negative: NaN) are not masked."""
+    x, e = leaf(np.array([0.0, -1.0])), leaf(np.array([-1.0, 0.5]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        (x**e).backward(np.ones(2))
+    assert np.isneginf(e.grad[0]) and np.isnan(e.grad[1])
+
+
 @fast_settings
 @given(a=arrays(low=-2.0, high=2.0))
 def test_rpow_scalar_base(a):
