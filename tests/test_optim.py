@@ -165,3 +165,104 @@ def test_cosine_schedule_min_lr_and_no_warmup():
     assert schedule.lr_at(4) == schedule.lr_at(100) == 0.02
     with pytest.raises(ValueError):
         optim.CosineSchedule(opt, warmup_steps=5, total_steps=4)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("make, argument", [
+    (lambda p: optim.SGD(p, lr=NAN), "lr"),
+    (lambda p: optim.SGD(p, lr=INF), "lr"),
+    (lambda p: optim.SGD(p, lr=-0.1), "lr"),
+    (lambda p: optim.SGD(p, lr=0.1, momentum=NAN), "momentum"),
+    (lambda p: optim.SGD(p, lr=0.1, momentum=-0.5), "momentum"),
+    (lambda p: optim.SGD(p, lr=0.1, weight_decay=INF), "weight_decay"),
+    (lambda p: optim.SGD(p, lr=0.1, weight_decay=-1.0), "weight_decay"),
+    (lambda p: optim.AdamW(p, lr=NAN), "lr"),
+    (lambda p: optim.AdamW(p, lr=INF), "lr"),
+    (lambda p: optim.AdamW(p, lr=-INF), "lr"),
+    (lambda p: optim.AdamW(p, betas=(NAN, 0.9)), "betas"),
+    (lambda p: optim.AdamW(p, betas=(0.9, 1.0)), "betas"),
+    (lambda p: optim.AdamW(p, betas=(0.9,)), "betas"),
+    (lambda p: optim.AdamW(p, betas=0.9), "betas"),
+    (lambda p: optim.AdamW(p, eps=NAN), "eps"),
+    (lambda p: optim.AdamW(p, eps=-1e-8), "eps"),
+    (lambda p: optim.AdamW(p, eps=INF), "eps"),
+    (lambda p: optim.AdamW(p, weight_decay=NAN), "weight_decay"),
+    (lambda p: optim.AdamW(p, weight_decay=-0.01), "weight_decay"),
+    (lambda p: optim.CosineSchedule(optim.SGD(p, lr=0.1), 0, 10, min_lr=NAN), "min_lr"),
+    (lambda p: optim.CosineSchedule(optim.SGD(p, lr=0.1), 0, 10, min_lr=-1.0), "min_lr"),
+])
+def test_nonsense_hyperparameters_are_value_errors_naming_the_argument(make, argument):
+    """Before: lr=nan, inf, nan betas/eps/weight decay were accepted and trained to NaN."""
+    with pytest.raises(ValueError, match=rf"\b{argument}\b.*expected|\b{argument} must be"):
+        make([quadratic_param()])
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: optim.SGD(p, lr=0.1, momentum="0.9"),
+    lambda p: optim.AdamW(p, lr="0.1"),
+    lambda p: optim.AdamW(p, eps=None),
+])
+def test_hyperparameters_that_are_not_numbers_are_type_errors(make):
+    with pytest.raises(TypeError, match="must be a number"):
+        make([quadratic_param()])
+
+
+def test_zero_lr_and_infinite_clipping_norm_stay_allowed():
+    p = quadratic_param()
+    take_step(optim.AdamW([p], lr=0.0, weight_decay=0.0), p)
+    np.testing.assert_array_equal(p.data, P0)  # as PyTorch: lr 0 is a no-op, not an error
+    p.grad = np.ones(3)
+    assert optim.clip_grad_norm_([p], INF) == pytest.approx(math.sqrt(3))
+    np.testing.assert_array_equal(p.grad, 1.0)
+
+
+@pytest.mark.parametrize("max_norm", [NAN, -1.0])
+def test_clip_grad_norm_refuses_nan_and_negative_norms(max_norm):
+    p = quadratic_param()
+    p.grad = np.ones(3)
+    with pytest.raises(ValueError, match="max_norm"):
+        optim.clip_grad_norm_([p], max_norm)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s["hyperparameters"].update(lr=NAN), "lr"),
+    (lambda s: s["hyperparameters"].update(betas=(0.9, 2.0)), "betas"),
+    (lambda s: s["hyperparameters"].pop("eps"), "eps"),
+    (lambda s: s["hyperparameters"].update(momentum=0.9), "momentum"),
+    (lambda s: s["state"][0].pop("exp_avg_sq"), "exp_avg_sq"),
+    (lambda s: s["state"][0].update(step=-1), "step"),
+    (lambda s: s["state"][0].update(exp_avg=np.zeros(3, dtype=np.float32)), "float32"),
+    (lambda s: s["state"][0].update(exp_avg=np.zeros(2)), "shape"),
+    (lambda s: s["state"].update({5: s["state"][0]}), "parameter 5"),
+])
+def test_load_state_dict_checks_what_it_loads(change, message):
+    """Before: a state dict with lr nan or a missing moment loaded, and failed (or went NaN) later."""
+    p = quadratic_param()
+    opt = optim.AdamW([p], lr=0.1)
+    take_step(opt, p)
+    state = opt.state_dict()
+    change(state)
+    fresh = optim.AdamW([quadratic_param()], lr=0.1)
+    with pytest.raises((KeyError, TypeError, ValueError), match=message):
+        fresh.load_state_dict(state)
+    assert fresh.lr == 0.1 and fresh.state == {}  # nothing changed
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(min_lr=NAN), "min_lr"),
+    (lambda s: s.update(base_lr=INF), "base_lr"),
+    (lambda s: s.update(step_count=-3), "step_count"),
+    (lambda s: s.update(warmup_steps=20), "warmup_steps"),
+    (lambda s: s.pop("total_steps"), "total_steps"),
+])
+def test_schedule_load_state_dict_checks_what_it_loads(change, message):
+    schedule = optim.CosineSchedule(optim.SGD([quadratic_param()], lr=0.1), warmup_steps=2, total_steps=10)
+    state = schedule.state_dict()
+    change(state)
+    with pytest.raises((KeyError, TypeError, ValueError), match=message):
+        schedule.load_state_dict(state)
