@@ -58,13 +58,18 @@ class Context:
     ``needs_input_grad`` (one bool per positional forward input)."""
 
     def __init__(self, needs_input_grad=()):
-        self.needs_input_grad = tuple(needs_input_grad)
+        self.needs_input_grad = needs_input_grad
         self.saved_tensors = ()
         self.function = None  # the Function subclass that made this context
         self.parents = ()  # input Tensors needing grad (None elsewhere); empty if no graph
 
     def save_for_backward(self, *arrays):
         self.saved_tensors = arrays
+
+
+# Tensor is defined in tensor.py, which imports this module; tensor.py binds the name here
+# once the class exists (``autograd.Tensor = Tensor``), so apply needs no import per call.
+Tensor = None
 
 
 class Function:
@@ -88,26 +93,30 @@ class Function:
     def apply(cls, *args, **kwargs):
         """Tensors (positional or keyword) are unwrapped to their ``.data``; anything
         else (arrays, Python numbers, ...) is passed as is and treated as a constant.
-        Only positional Tensors can receive gradients."""
-        from .tensor import Tensor  # tensor.py imports this module
+        Only positional Tensors can receive gradients.
 
-        record = is_grad_enabled() and any(
-            isinstance(arg, Tensor) and arg.requires_grad for arg in args
-        )
-        needs_grad = tuple(
-            record and isinstance(arg, Tensor) and arg.requires_grad for arg in args
-        )
-        ctx = Context(needs_grad)
-        ctx.function = cls
+        Two paths. With no graph to record (grad mode off, or no input requiring grad)
+        the forward runs and its array is wrapped: nothing else. Otherwise the context
+        also records which inputs need a gradient and the input Tensors (the graph's edges).
+        """
         arrays = [arg.data if isinstance(arg, Tensor) else arg for arg in args]
-        options = {k: v.data if isinstance(v, Tensor) else v for k, v in kwargs.items()}
-        out = Tensor(cls.forward(ctx, *arrays, **options))
-        record = record and np.issubdtype(out.dtype, np.floating)  # e.g. no grad for indices
-        out.requires_grad = record
-        if record:
-            ctx.parents = tuple(arg if needs else None for arg, needs in zip(args, needs_grad))
+        if kwargs:
+            kwargs = {k: v.data if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+        needs_grad = _needs_grad(args) if is_grad_enabled() else None
+        ctx = Context(needs_grad or (False,) * len(args))
+        ctx.function = cls
+        out = Tensor(cls.forward(ctx, *arrays, **kwargs))
         out._ctx = ctx  # always attached: callers read extra results stored on ctx
+        if needs_grad and out.data.dtype.kind == "f":  # e.g. no grad for indices
+            out.requires_grad = True
+            ctx.parents = tuple(arg if needs else None for arg, needs in zip(args, needs_grad))
         return out
+
+
+def _needs_grad(args):
+    """One bool per positional argument (a Tensor that requires grad), or None if none does."""
+    needs = tuple(isinstance(arg, Tensor) and arg.requires_grad for arg in args)
+    return needs if any(needs) else None
 
 
 # ----------------------------------------------------------------------------- the graph walk

@@ -22,7 +22,9 @@ class Tensor:
         """Wrap ``data`` without copying (use ``microattn.tensor`` for a copy)."""
         self.data = np.asarray(data.data if isinstance(data, Tensor) else data)
         self.grad = None
-        self.requires_grad = requires_grad
+        self._requires_grad = False
+        if requires_grad:
+            self.requires_grad = True  # the setter checks the dtype
         self._ctx = None  # the autograd.Context of the op that made this tensor
 
     # ------------------------------------------------------------------ attributes
@@ -222,6 +224,9 @@ class Tensor:
         """Put ``value`` where the bool ``mask`` (broadcastable to this shape) is True;
         those positions get zero gradient."""
         return ops.MaskedFill.apply(self, mask=mask, value=value)
+
+
+autograd.Tensor = Tensor  # the engine wraps every Function output in this class
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -360,3 +360,24 @@ def test_scalar_conversions():
     assert float(ma.tensor(2.5)) == 2.5 and int(ma.tensor(3)) == 3
     with pytest.raises(ValueError):
         bool(ma.tensor([1.0, 2.0]))
+
+
+def test_no_grad_forward_sees_no_input_needing_grad():
+    seen = []
+
+    class Probe(ma.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            seen.append(ctx.needs_input_grad)
+            return a + b
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, grad
+
+    x = ma.tensor([1.0], requires_grad=True)
+    with ma.no_grad():
+        out = Probe.apply(x, x)
+    Probe.apply(x, 1.0)
+    assert seen == [(False, False), (True, False)]
+    assert not out.requires_grad and out._ctx.function is Probe
