@@ -10,9 +10,10 @@ Shape legend: see ``spec.py``. Here ``q' = phi(q)`` and ``k' = phi(k)`` are the 
     den_i  = q'_i . z_i + eps                                     scalar
     out_i  = num_i / den_i
 
-Query ``i`` sees every key, or (causal, bottom-right aligned) keys ``j <= i + offset`` with
-``offset = Nk - Nq``. A query that sees no key has ``S_i = 0, z_i = 0``, so
-``out_i = 0 / eps = 0`` and every gradient through it is 0: nothing turns into NaN.
+Query ``i`` sees key ``j`` where ``masking.in_band(spec.band, i, j)``: every key, or
+(causal, bottom-right aligned) keys ``j <= i + offset`` with ``offset = Nk - Nq``. A query
+that sees no key has ``S_i = 0, z_i = 0``, so ``out_i = 0 / eps = 0`` and every gradient
+through it is 0: nothing turns into NaN.
 
 Non-causal, ``S`` and ``z`` are one sum over all keys: O(N * D * Dv) time, O(D * Dv)
 memory. Causal, every query needs its own prefix state, which this reference builds with a
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .masking import in_band
+from .reference import expand_kv, reduce_kv
 from .spec import LinearSpec
 
 
@@ -43,37 +46,30 @@ def feature_map_grad(x: np.ndarray) -> np.ndarray:
     return np.where(x > 0, np.ones_like(x), np.exp(np.minimum(x, 0)))
 
 
-def expand_kv(x: np.ndarray, spec: LinearSpec) -> np.ndarray:
-    """(B, Hkv, ..., X) -> (B, Hq, ..., X): query head h reads kv head h // group."""
-    return np.repeat(x, spec.group, axis=1)
-
-
-def reduce_kv(dx: np.ndarray, spec: LinearSpec) -> np.ndarray:
-    """(B, Hq, Nk, X) -> (B, Hkv, Nk, X): the adjoint of expand_kv sums each group."""
-    B, Hq, Nk, X = dx.shape
-    return dx.reshape(B, spec.Hkv, spec.group, Nk, X).sum(axis=2)  # (B, Hkv, group, Nk, X)
+def allowed_pairs(spec: LinearSpec) -> np.ndarray:
+    """(Nq, Nk) bool: query i may see key j (``masking.in_band`` on the spec's band)."""
+    return in_band(spec.band, np.arange(spec.Nq)[:, None], np.arange(spec.Nk)[None, :])
 
 
 def keys_seen(spec: LinearSpec) -> np.ndarray:
     """(Nq,) int: query i sees keys [0, keys_seen[i]).
 
+    The band (``spec.band``, ``masking.in_band``) has no left edge, so the keys a query
+    sees are a prefix and their count is where it ends.
+
     Worked example: Nq = 3, Nk = 5, causal (offset 2): query 0 sees keys 0..2, so
     keys_seen == [3, 4, 5]. With Nq = 5, Nk = 3 (offset -2): [0, 0, 1, 2, 3], the first two
     queries see nothing. Non-causal: every entry is Nk.
     """
-    if not spec.causal:
-        return np.full(spec.Nq, spec.Nk)
-    return np.clip(np.arange(spec.Nq) + spec.offset + 1, 0, spec.Nk)
+    return allowed_pairs(spec).sum(axis=1)
 
 
 def queries_seeing(spec: LinearSpec) -> np.ndarray:
     """(Nk,) int: key j is seen by queries [queries_seeing[j], Nq) (the transpose of keys_seen).
 
-    Causal: query i sees key j iff j <= i + offset iff i >= j - offset.
+    Causal: query i sees key j iff j <= i + offset iff i >= j - offset, a suffix of queries.
     """
-    if not spec.causal:
-        return np.zeros(spec.Nk, dtype=np.int64)
-    return np.clip(np.arange(spec.Nk) - spec.offset, 0, spec.Nq)
+    return spec.Nq - allowed_pairs(spec).sum(axis=0)
 
 
 def prefix_states(kf, v, spec: LinearSpec):
@@ -85,8 +81,8 @@ def prefix_states(kf, v, spec: LinearSpec):
     if not spec.causal:
         S = np.einsum("bhjd,bhje->bhde", kf, v)  # (B, Hkv, D, Dv)
         z = kf.sum(axis=2)  # (B, Hkv, D)
-        S_q = np.broadcast_to(expand_kv(S, spec)[:, :, None], (spec.B, spec.Hq, spec.Nq, spec.D, spec.Dv))
-        z_q = np.broadcast_to(expand_kv(z, spec)[:, :, None], (spec.B, spec.Hq, spec.Nq, spec.D))
+        S_q = np.broadcast_to(expand_kv(S, spec.group)[:, :, None], (spec.B, spec.Hq, spec.Nq, spec.D, spec.Dv))
+        z_q = np.broadcast_to(expand_kv(z, spec.group)[:, :, None], (spec.B, spec.Hq, spec.Nq, spec.D))
         return S_q, z_q
     B, Hkv, Nk, D, Dv = spec.B, spec.Hkv, spec.Nk, spec.D, spec.Dv
     S_cum = np.zeros((B, Hkv, Nk + 1, D, Dv), dtype=kf.dtype)
@@ -94,7 +90,7 @@ def prefix_states(kf, v, spec: LinearSpec):
     z_cum = np.zeros((B, Hkv, Nk + 1, D), dtype=kf.dtype)
     np.cumsum(kf, axis=2, out=z_cum[:, :, 1:])
     seen = keys_seen(spec)  # query i reads prefix index seen[i]
-    return expand_kv(S_cum[:, :, seen], spec), expand_kv(z_cum[:, :, seen], spec)
+    return expand_kv(S_cum[:, :, seen], spec.group), expand_kv(z_cum[:, :, seen], spec.group)
 
 
 def suffix_states(qf, a, c, spec: LinearSpec):
@@ -151,14 +147,14 @@ def backward(q, k, v, out, dout, spec: LinearSpec):
     #    -> with G_j = sum_{i sees j} q'_i a_i^T and g_j = sum_{i sees j} c_i q'_i:
     #       dk'_j = G_j v_j + g_j,   dv_j = G_j^T k'_j   (per query head, then summed)
     G, g = suffix_states(qf, a, c, spec)  # (B, Hq, Nk, D, Dv), (B, Hq, Nk, D)
-    v_q, kf_q = expand_kv(v, spec), expand_kv(kf, spec)
+    v_q, kf_q = expand_kv(v, spec.group), expand_kv(kf, spec.group)
     dkf_q = np.einsum("bhjde,bhje->bhjd", G, v_q) + g
     dv_q = np.einsum("bhjde,bhjd->bhje", G, kf_q)
     # 4. forward: q' = phi(q), k' = phi(k), phi(x) = elu(x) + 1
     #    -> dq = dq' * elu'(q), elu'(x) = 1 (x > 0), exp(x) (x <= 0); likewise dk
     dq = dqf * feature_map_grad(q)
     # 5. GQA: each kv head served `group` query heads, so its gradient is their sum
-    dk = reduce_kv(dkf_q, spec) * feature_map_grad(k)
-    dv = reduce_kv(dv_q, spec)
+    dk = reduce_kv(dkf_q, spec.group) * feature_map_grad(k)
+    dv = reduce_kv(dv_q, spec.group)
     return (dq.astype(spec.dtype, copy=False), dk.astype(spec.dtype, copy=False),
             dv.astype(spec.dtype, copy=False))

@@ -141,7 +141,7 @@ class Packed(NamedTuple):
 
 @dataclass(frozen=True)
 class LinearSpec:
-    """Linear attention: phi(x) = elu(x) + 1; shapes and GQA rule as AttentionSpec."""
+    """Linear attention: phi(x) = elu(x) + 1; shapes, GQA rule and band as AttentionSpec."""
 
     B: int
     Hq: int
@@ -161,6 +161,13 @@ class LinearSpec:
     @property
     def offset(self) -> int:
         return self.Nk - self.Nq
+
+    @property
+    def band(self) -> tuple[int, int, int]:
+        """The band record ``(offset, window_left, window_right)`` (see masking.in_band):
+        causal is ``(offset, -1, 0)``, query i seeing keys ``j <= i + offset``; otherwise
+        ``(offset, -1, -1)``, every key. No left window, so a query sees a prefix of keys."""
+        return (self.offset, NO_BOUND, 0 if self.causal else NO_BOUND)
 
 
 # -- validation ---------------------------------------------------------------------------

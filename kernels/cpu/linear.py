@@ -10,10 +10,13 @@ kernels are tested against). In short, with ``q' = phi(q)``, ``k' = phi(k)``,
 Shape legend: see ``spec.py``. Per head: ``qf (Nq, D)``, ``kf (Nk, D)``, ``v (Nk, Dv)``,
 state ``S (D, Dv)``, ``z (D,)``; a chunk holds ``C`` queries and at most ``C`` keys.
 
-Which keys a query sees is folded into one integer, ``diag``: query ``i`` sees keys
-``j < i + diag + 1``, i.e. ``diag = offset = Nk - Nq`` when causal, and ``diag = Nk`` when not
-(then every query sees every key, and the chunked code below has no diagonal work at all:
-non-causal is the causal algorithm with everything in the prefix state).
+Which keys a query sees is the spec's band record (``LinearSpec.band``), read only through
+the rules of ``masking.py`` (``key_range``, ``query_range``, compiled once for every CPU
+kernel in ``_compile`` by ``compile.compile_rules``): causal ``(offset, -1, 0)``, query
+``i`` seeing keys ``j <= i + offset``; non-causal ``(offset, -1, -1)``, every key (then the
+chunked code below has no diagonal work at all: non-causal is the causal algorithm with
+everything in the prefix state). With no left edge, the keys a query sees are a prefix ``[0, _keys_end(i))``
+and the queries that see a key a suffix ``[_queries_start(j), Nq)``.
 
 The ladder (both validated against ``linear_reference`` in tests/kernels/test_linear.py).
 Measured with ``python benchmarks/linear_scaling.py [--rung loops]``: float32, B=1, H=8,
@@ -38,7 +41,8 @@ Parallel over (batch, query head): contiguous ranges of heads go to ``numba.get_
 threads, each running a serial ``nogil`` driver (not a ``prange``, which compiled several
 times slower, see the drivers below); each head is one sequential scan, so results are
 bit-identical over reruns and whatever the split. The GQA reduction of dk, dv (a sum over
-the ``group`` query heads of one kv head) happens afterwards in NumPy, in a fixed order. No
+the ``group`` query heads of one kv head) happens afterwards in ``reference.reduce_kv``, in a
+fixed order; the drivers read kv head ``h // group`` for query head ``h``. No
 ``fastmath`` here except in ``_exp_inplace`` (the flag set of ``_compile.FASTMATH``,
 without ``nnan``/``ninf``).
 
@@ -54,11 +58,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..reference import reduce_kv
 from ..spec import LinearSpec
 
-# _compile: NUMBA_ERROR, FASTMATH, blas_single_threaded() and the vectorisable fast_exp,
-# shared with the flash kernels.
-from ._compile import FASTMATH, NUMBA_ERROR, blas_single_threaded, fast_exp
+# _compile: NUMBA_ERROR, FASTMATH, blas_single_threaded(), the vectorisable fast_exp and
+# masking.py's band rules, shared with the flash kernels.
+from ._compile import FASTMATH, NUMBA_ERROR, blas_single_threaded, fast_exp, key_range, query_range
 
 if NUMBA_ERROR is None:
     import numba
@@ -121,21 +126,35 @@ def _times_phi_grad(g, x, xf):
 
 
 @njit(cache=True)
-def _keys_seen(i, diag, Nk):
-    """Query i sees keys [0, _keys_seen(i)): j <= i + diag, clipped to [0, Nk]."""
-    return min(max(i + diag + 1, 0), Nk)
+def _keys_end(band, i, Nk):
+    """Query i sees keys [0, _keys_end(band, i, Nk)) (masking.key_range; the band has no
+    left edge, so they are a prefix). Causal: j <= i + offset, clipped to [0, Nk].
+
+    ``i = -1`` is a virtual query just before the first: causal with offset > 0 it sees keys
+    [0, offset), the keys every real query sees.
+    """
+    return key_range(band, i, i + 1, Nk)[1]
 
 
 @njit(cache=True)
-def _chunk_keys(i0, i1, diag, Nk):
+def _queries_start(band, j, Nq):
+    """Key j is seen by queries [_queries_start(band, j, Nq), Nq) (masking.query_range, a
+    suffix). Causal: i >= j - offset, clipped to [0, Nq]."""
+    return query_range(band, j, j + 1, Nq)[0]
+
+
+@njit(cache=True)
+def _chunk_keys(band, i0, i1, Nk):
     """Keys [js, je) on the diagonal of the query chunk [i0, i1).
 
-    Keys before js are seen by every query of the chunk (they are in the carried state);
-    keys in [js, je) are seen by some of its queries: query i sees key j iff j <= i + diag.
-    Worked example: diag = 0, chunk [64, 128): js, je = 64, 128, and query 70 sees keys
-    64..70 of the diagonal block. Non-causal (diag = Nk): js = je = Nk, no diagonal block.
+    Keys before js, those query i0 - 1 sees, are in the state carried into the chunk (and
+    every query of the chunk sees them); keys in [js, je) are seen by some of its queries,
+    je being where the chunk's last query stops. So the diagonal blocks of consecutive
+    chunks tile the keys. Worked example: causal, offset 0, chunk [64, 128): js, je = 64,
+    128, and query 70 sees keys 64..70 of the diagonal block. Non-causal: js = je = Nk, no
+    diagonal block.
     """
-    return min(max(i0 + diag, 0), Nk), min(max(i1 + diag, 0), Nk)
+    return _keys_end(band, i0 - 1, Nk), _keys_end(band, i1 - 1, Nk)
 
 
 @njit(cache=True)
@@ -188,10 +207,10 @@ def _add(a, b):
 
 
 @njit(cache=True)
-def _mask_diagonal(block, i0, js, diag):
+def _mask_diagonal(block, band, i0, js, Nk):
     """Zero block[r, t] (query i0 + r, key js + t) where the query may not see the key."""
     for r in range(block.shape[0]):
-        for t in range(max(i0 + r + diag + 1 - js, 0), block.shape[1]):
+        for t in range(max(_keys_end(band, i0 + r, Nk) - js, 0), block.shape[1]):
             block[r, t] = 0
 
 
@@ -199,7 +218,7 @@ def _mask_diagonal(block, i0, js, diag):
 
 
 @njit(cache=True)
-def _forward_head_loops(q, k, v, diag, eps, out):
+def _forward_head_loops(q, k, v, band, eps, out):
     """One head: q (Nq, D), k (Nk, D), v (Nk, Dv) -> out (Nq, Dv), written in place."""
     Nq, D = q.shape
     Nk, Dv = v.shape
@@ -208,12 +227,13 @@ def _forward_head_loops(q, k, v, diag, eps, out):
     z = np.zeros(D, dtype=q.dtype)
     added = 0  # keys [0, added) are in S, z
     for i in range(Nq):
-        for j in range(added, _keys_seen(i, diag, Nk)):  # S += k'_j v_j^T, z += k'_j
+        seen = _keys_end(band, i, Nk)
+        for j in range(added, seen):  # S += k'_j v_j^T, z += k'_j
             for d in range(D):
                 z[d] += kf[j, d]
                 for e in range(Dv):
                     S[d, e] += kf[j, d] * v[j, e]
-        added = max(added, _keys_seen(i, diag, Nk))
+        added = max(added, seen)
         den = eps
         for d in range(D):
             den += qf[i, d] * z[d]
@@ -225,7 +245,7 @@ def _forward_head_loops(q, k, v, diag, eps, out):
 
 
 @njit(cache=True)
-def _backward_head_loops(q, k, v, out, dout, diag, eps, dq, dk, dv):
+def _backward_head_loops(q, k, v, out, dout, band, eps, dq, dk, dv):
     """One head's dq (Nq, D), dk (Nk, D), dv (Nk, Dv), written in place (dk, dv not GQA-summed)."""
     Nq, D = q.shape
     Nk, Dv = v.shape
@@ -237,12 +257,13 @@ def _backward_head_loops(q, k, v, out, dout, diag, eps, dq, dk, dv):
     z = np.zeros(D, dtype=q.dtype)
     added = 0
     for i in range(Nq):
-        for j in range(added, _keys_seen(i, diag, Nk)):
+        seen = _keys_end(band, i, Nk)
+        for j in range(added, seen):
             for d in range(D):
                 z[d] += kf[j, d]
                 for e in range(Dv):
                     S[d, e] += kf[j, d] * v[j, e]
-        added = max(added, _keys_seen(i, diag, Nk))
+        added = max(added, seen)
         den = eps
         for d in range(D):
             den += qf[i, d] * z[d]
@@ -261,12 +282,12 @@ def _backward_head_loops(q, k, v, out, dout, diag, eps, dq, dk, dv):
     # forward: q' = phi(q)  ->  dq = dq' * elu'(q)
     _times_phi_grad(dq, q, qf)
     # pass 2, keys in reverse: G_j = sum_{i sees j} q'_i a_i^T, g_j = sum_{i sees j} c_i q'_i
-    # grow as j falls, because query i sees j iff i >= j - diag
+    # grow as j falls, because the queries that see key j are a suffix [first(j), Nq)
     G = np.zeros_like(S)  # (D, Dv)
     g = np.zeros(D, dtype=q.dtype)
     first = Nq  # queries [first, Nq) are in G, g
     for j in range(Nk - 1, -1, -1):
-        new_first = min(max(j - diag, 0), Nq)
+        new_first = _queries_start(band, j, Nq)
         for i in range(new_first, first):
             for d in range(D):
                 g[d] += c[i] * qf[i, d]
@@ -292,7 +313,7 @@ def _backward_head_loops(q, k, v, out, dout, diag, eps, dq, dk, dv):
 
 
 @njit(cache=True)
-def _forward_head_chunked(q, k, v, diag, eps, chunk, out):
+def _forward_head_chunked(q, k, v, band, eps, chunk, out):
     """One head, chunked: q (Nq, D), k (Nk, D), v (Nk, Dv) -> out (Nq, Dv), written in place.
 
     Element-wise steps are written as loops: numba compiles each array expression and each
@@ -302,12 +323,12 @@ def _forward_head_chunked(q, k, v, diag, eps, chunk, out):
     Nk = k.shape[0]
     qf, kf = _phi(q), _phi(k)
     # the state starts with the keys every query sees (all of them when not causal)
-    js0 = _chunk_keys(0, 0, diag, Nk)[0]
+    js0 = _keys_end(band, -1, Nk)
     S = np.dot(kf[:js0].T, v[:js0])  # (D, Dv)
     z = _col_sums(kf[:js0])  # (D,)
     for i0 in range(0, Nq, chunk):
         i1 = min(i0 + chunk, Nq)
-        js, je = _chunk_keys(i0, i1, diag, Nk)
+        js, je = _chunk_keys(band, i0, i1, Nk)
         qc = qf[i0:i1]  # (c, D)
         num = np.dot(qc, S)  # (c, Dv): the keys before the chunk
         den = np.dot(qc, z)  # (c,)
@@ -316,7 +337,7 @@ def _forward_head_chunked(q, k, v, diag, eps, chunk, out):
         if je > js:  # the diagonal block, quadratic in the chunk
             kc, vc = kf[js:je], v[js:je]  # (L, D), (L, Dv)
             scores = np.dot(qc, kc.T)  # (c, L)
-            _mask_diagonal(scores, i0, js, diag)
+            _mask_diagonal(scores, band, i0, js, Nk)
             _add(num, np.dot(scores, vc))
             _add(den, _row_sums(scores))
             _add(S, np.dot(kc.T, vc))  # carry the chunk's keys forward
@@ -327,7 +348,7 @@ def _forward_head_chunked(q, k, v, diag, eps, chunk, out):
 
 
 @njit(cache=True)
-def _backward_head_chunked(q, k, v, out, dout, diag, eps, chunk, dq, dk, dv):
+def _backward_head_chunked(q, k, v, out, dout, band, eps, chunk, dq, dk, dv):
     """One head's dq (Nq, D), dk (Nk, D), dv (Nk, Dv), chunked (dk, dv not GQA-summed)."""
     Nq = q.shape[0]
     Nk = k.shape[0]
@@ -336,16 +357,16 @@ def _backward_head_chunked(q, k, v, out, dout, diag, eps, chunk, dq, dk, dv):
     a = np.empty_like(dout)  # (Nq, Dv) dnum_i
     c = np.empty(Nq, dtype=q.dtype)  # (Nq,) dden_i
     # pass 1, chunks in order: dq, with the running state S, z of the forward
-    js0 = _chunk_keys(0, 0, diag, Nk)[0]
+    js0 = _keys_end(band, -1, Nk)
     S = np.dot(kf[:js0].T, v[:js0])  # (D, Dv)
     z = _col_sums(kf[:js0])  # (D,)
     for i0 in range(0, Nq, chunk):
         i1 = min(i0 + chunk, Nq)
-        js, je = _chunk_keys(i0, i1, diag, Nk)
+        js, je = _chunk_keys(band, i0, i1, Nk)
         qc = qf[i0:i1]
         kc, vc = kf[js:je], v[js:je]
         scores = np.dot(qc, kc.T)  # (c, L), recomputed
-        _mask_diagonal(scores, i0, js, diag)
+        _mask_diagonal(scores, band, i0, js, Nk)
         den = np.dot(qc, z)  # (c,)
         _add(den, _row_sums(scores))
         dots = _row_dots(dout[i0:i1], out[i0:i1])
@@ -368,7 +389,7 @@ def _backward_head_chunked(q, k, v, out, dout, diag, eps, chunk, dq, dk, dv):
             for r in range(i1 - i0):
                 for t in range(je - js):
                     dscores[r, t] += cc[r]
-            _mask_diagonal(dscores, i0, js, diag)
+            _mask_diagonal(dscores, band, i0, js, Nk)
             _add(dqc, np.dot(dscores, kc))
             _add(S, np.dot(kc.T, vc))
             _add(z, _col_sums(kc))
@@ -381,19 +402,19 @@ def _backward_head_chunked(q, k, v, out, dout, diag, eps, chunk, dq, dk, dv):
     g = np.zeros_like(z)  # (D,)
     for i0 in range(((Nq - 1) // chunk) * chunk, -1, -chunk):
         i1 = min(i0 + chunk, Nq)
-        js, je = _chunk_keys(i0, i1, diag, Nk)
+        js, je = _chunk_keys(band, i0, i1, Nk)
         qc, ac, cc = qf[i0:i1], a[i0:i1], c[i0:i1]
         if je > js:
             kc, vc = kf[js:je], v[js:je]
             # 4. forward: S = sum_j k'_j v_j^T, z = sum_j k'_j (later queries: G, g; this chunk: masked)
             #    -> dk'_j = G_j v_j + g_j,   dv_j = G_j^T k'_j
             scores = np.dot(qc, kc.T)
-            _mask_diagonal(scores, i0, js, diag)
+            _mask_diagonal(scores, band, i0, js, Nk)
             dscores = np.dot(ac, vc.T)
             for r in range(i1 - i0):
                 for t in range(je - js):
                     dscores[r, t] += cc[r]
-            _mask_diagonal(dscores, i0, js, diag)
+            _mask_diagonal(dscores, band, i0, js, Nk)
             dkc = np.dot(vc, G.T)
             for t in range(je - js):
                 for d in range(D):
@@ -417,52 +438,53 @@ def _backward_head_chunked(q, k, v, out, dout, diag, eps, chunk, dq, dk, dv):
 
 # -- drivers: the (batch, query head) grid, split over threads --------------------------------
 
-# Each driver runs heads [start, stop) of the grid, serially and without the GIL; _over_heads
-# hands contiguous ranges of heads to a thread pool. A ``parallel=True`` driver with a
-# ``prange`` did the same but was slow to compile: numba links every head kernel it reaches
-# into the parfor's gufunc and re-optimises it there (measured: 3.4 s for the forward's
-# driver, 14 s for the backward's, against 1 s and 3 s for these). One driver per rung, so the
-# default rung never compiles rung 1.
+# Each driver runs the heads [start, stop) = ``heads`` of the grid, serially and without the
+# GIL; _over_heads hands contiguous ranges of heads to a thread pool. A ``parallel=True``
+# driver with a ``prange`` did the same but was slow to compile: numba links every head
+# kernel it reaches into the parfor's gufunc and re-optimises it there (measured: 3.4 s for
+# the forward's driver, 14 s for the backward's, against 1 s and 3 s for these). One driver
+# per rung, so the default rung never compiles rung 1. Query head h reads kv head h // group
+# (GQA, as reference.expand_kv); dk, dv get one slot per query head, summed afterwards.
 
 
 @njit(cache=True, nogil=True)
-def _forward_heads_chunked(q, k, v, diag, eps, chunk, out, start, stop):
+def _forward_heads_chunked(q, k, v, band, eps, chunk, out, heads):
     Hq = q.shape[1]
     group = Hq // k.shape[1]
-    for bh in range(start, stop):
+    for bh in range(heads[0], heads[1]):
         b, h = bh // Hq, bh % Hq
-        _forward_head_chunked(q[b, h], k[b, h // group], v[b, h // group], diag, eps, chunk, out[b, h])
+        _forward_head_chunked(q[b, h], k[b, h // group], v[b, h // group], band, eps, chunk, out[b, h])
 
 
 @njit(cache=True, nogil=True)
-def _forward_heads_loops(q, k, v, diag, eps, chunk, out, start, stop):
+def _forward_heads_loops(q, k, v, band, eps, out, heads):
     Hq = q.shape[1]
     group = Hq // k.shape[1]
-    for bh in range(start, stop):
+    for bh in range(heads[0], heads[1]):
         b, h = bh // Hq, bh % Hq
-        _forward_head_loops(q[b, h], k[b, h // group], v[b, h // group], diag, eps, out[b, h])
+        _forward_head_loops(q[b, h], k[b, h // group], v[b, h // group], band, eps, out[b, h])
 
 
 @njit(cache=True, nogil=True)
-def _backward_heads_chunked(q, k, v, out, dout, diag, eps, chunk, dq, dk_per_q, dv_per_q, start, stop):
+def _backward_heads_chunked(q, k, v, out, dout, band, eps, chunk, dq, dk_per_q, dv_per_q, heads):
     """dk_per_q (B, Hq, Nk, D), dv_per_q (B, Hq, Nk, Dv): one slot per query head, no races."""
     Hq = q.shape[1]
     group = Hq // k.shape[1]
-    for bh in range(start, stop):
+    for bh in range(heads[0], heads[1]):
         b, h = bh // Hq, bh % Hq
         kv = h // group
-        _backward_head_chunked(q[b, h], k[b, kv], v[b, kv], out[b, h], dout[b, h], diag, eps,
+        _backward_head_chunked(q[b, h], k[b, kv], v[b, kv], out[b, h], dout[b, h], band, eps,
                                chunk, dq[b, h], dk_per_q[b, h], dv_per_q[b, h])
 
 
 @njit(cache=True, nogil=True)
-def _backward_heads_loops(q, k, v, out, dout, diag, eps, chunk, dq, dk_per_q, dv_per_q, start, stop):
+def _backward_heads_loops(q, k, v, out, dout, band, eps, dq, dk_per_q, dv_per_q, heads):
     Hq = q.shape[1]
     group = Hq // k.shape[1]
-    for bh in range(start, stop):
+    for bh in range(heads[0], heads[1]):
         b, h = bh // Hq, bh % Hq
         kv = h // group
-        _backward_head_loops(q[b, h], k[b, kv], v[b, kv], out[b, h], dout[b, h], diag, eps,
+        _backward_head_loops(q[b, h], k[b, kv], v[b, kv], out[b, h], dout[b, h], band, eps,
                              dq[b, h], dk_per_q[b, h], dv_per_q[b, h])
 
 
@@ -470,31 +492,26 @@ _POOL: list = []  # [ThreadPoolExecutor], created on first use
 
 
 def _over_heads(driver, n_heads: int, *args) -> None:
-    """driver(*args, start, stop) over the n_heads heads, on numba.get_num_threads() threads.
+    """driver(*args, (start, stop)) over the n_heads heads, on numba.get_num_threads() threads.
 
     Each head is one sequential scan wherever it runs, so results do not depend on the split.
     """
     threads = min(numba.get_num_threads(), n_heads)
     if threads <= 1:
-        driver(*args, 0, n_heads)
+        driver(*args, (0, n_heads))
         return
     if not _POOL or _POOL[0]._max_workers < threads:
         from concurrent.futures import ThreadPoolExecutor
 
         _POOL[:] = [ThreadPoolExecutor(threads, thread_name_prefix="microattn-linear")]
     bounds = [n_heads * t // threads for t in range(threads + 1)]
-    jobs = [_POOL[0].submit(driver, *args, bounds[t], bounds[t + 1]) for t in range(1, threads)]
-    driver(*args, bounds[0], bounds[1])  # this thread takes the first range
+    jobs = [_POOL[0].submit(driver, *args, (bounds[t], bounds[t + 1])) for t in range(1, threads)]
+    driver(*args, (bounds[0], bounds[1]))  # this thread takes the first range
     for job in jobs:
         job.result()
 
 
 # -- the protocol ---------------------------------------------------------------------------
-
-
-def _diag(spec: LinearSpec) -> int:
-    """Query i sees keys j <= i + diag: offset when causal, Nk (everything) when not."""
-    return spec.offset if spec.causal else spec.Nk
 
 
 def _contiguous(spec: LinearSpec, *arrays):
@@ -508,30 +525,36 @@ def _check_chunk(chunk) -> int:
 
 
 def _run_forward(q, k, v, spec: LinearSpec, chunk: int) -> np.ndarray:
+    """Rung 2 with ``chunk`` queries per chunk, or rung 1 (chunk 0)."""
     q, k, v = _contiguous(spec, q, k, v)
     out = np.empty((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=spec.dtype)
+    heads, band, eps = spec.B * spec.Hq, spec.band, spec.dtype.type(spec.eps)
     with blas_single_threaded():  # each of our threads owns a core; OpenBLAS must not spawn more
-        driver = _forward_heads_chunked if chunk > 0 else _forward_heads_loops
-        _over_heads(driver, spec.B * spec.Hq, q, k, v, _diag(spec), spec.dtype.type(spec.eps), chunk, out)
+        if chunk > 0:
+            _over_heads(_forward_heads_chunked, heads, q, k, v, band, eps, chunk, out)
+        else:
+            _over_heads(_forward_heads_loops, heads, q, k, v, band, eps, out)
     return out
 
 
 def _run_backward(q, k, v, out, dout, spec: LinearSpec, chunk: int):
+    """Rung 2 with ``chunk`` queries per chunk, or rung 1 (chunk 0)."""
     q, k, v, out, dout = _contiguous(spec, q, k, v, out, dout)
     dq = np.empty_like(q)
     dk_per_q = np.empty((spec.B, spec.Hq, spec.Nk, spec.D), dtype=spec.dtype)
     dv_per_q = np.empty((spec.B, spec.Hq, spec.Nk, spec.Dv), dtype=spec.dtype)
+    heads, band, eps = spec.B * spec.Hq, spec.band, spec.dtype.type(spec.eps)
     with blas_single_threaded():
-        driver = _backward_heads_chunked if chunk > 0 else _backward_heads_loops
-        _over_heads(driver, spec.B * spec.Hq, q, k, v, out, dout, _diag(spec),
-                    spec.dtype.type(spec.eps), chunk, dq, dk_per_q, dv_per_q)
-    if spec.group == 1:
+        if chunk > 0:
+            _over_heads(_backward_heads_chunked, heads, q, k, v, out, dout, band, eps, chunk,
+                        dq, dk_per_q, dv_per_q)
+        else:
+            _over_heads(_backward_heads_loops, heads, q, k, v, out, dout, band, eps,
+                        dq, dk_per_q, dv_per_q)
+    if spec.group == 1:  # one query head per kv head: the slots are the gradients
         return dq, dk_per_q, dv_per_q
     # GQA: each kv head served `group` query heads, so its gradient is their sum
-    B, Hkv, group, Nk = spec.B, spec.Hkv, spec.group, spec.Nk
-    dk = dk_per_q.reshape(B, Hkv, group, Nk, spec.D).sum(axis=2)  # (B, Hkv, group, Nk, D)
-    dv = dv_per_q.reshape(B, Hkv, group, Nk, spec.Dv).sum(axis=2)  # (B, Hkv, group, Nk, Dv)
-    return dq, dk, dv
+    return dq, reduce_kv(dk_per_q, spec.group), reduce_kv(dv_per_q, spec.group)
 
 
 def forward(q, k, v, spec: LinearSpec, *, chunk: int = CHUNK) -> np.ndarray:
