@@ -1,6 +1,8 @@
 """The engine: graph building, the backward walk, accumulation, grad mode, dtypes, the
 Function extension point and the Tensor surface."""
 
+import pathlib
+import re
 import threading
 
 import numpy as np
@@ -336,7 +338,9 @@ def test_package_exports():
     for name in ("Tensor", "tensor", "Function", "no_grad", "is_grad_enabled", "gradcheck",
                  "GradcheckError", "concatenate", "stack", "where"):
         assert hasattr(ma, name), name
-    assert ma.__version__ == "0.1.0"
+    # one version, stated in two places: the package and pyproject.toml
+    pyproject = (pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert re.search(r'^version = "(.+)"$', pyproject, re.M).group(1) == ma.__version__
 
 
 def test_function_with_integer_output_is_not_part_of_the_graph():

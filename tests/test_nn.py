@@ -488,6 +488,12 @@ def test_generate_sampling_is_seeded():
     a = model.generate(prompt, 6, greedy=False, rng=rng(1))
     b = model.generate(prompt, 6, greedy=False, rng=rng(1))
     np.testing.assert_array_equal(a, b)
+    # it does sample: another seed draws other tokens, and neither is the greedy sequence,
+    # which a temperature near 0 recovers
+    greedy = model.generate(prompt, 6)
+    assert not np.array_equal(a, model.generate(prompt, 6, greedy=False, rng=rng(2)))
+    assert not np.array_equal(a, greedy)
+    np.testing.assert_array_equal(model.generate(prompt, 6, greedy=False, temperature=1e-3, rng=rng(2)), greedy)
 
 
 def test_dropout_in_a_model_is_reproducible_after_a_checkpoint():

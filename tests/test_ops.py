@@ -257,6 +257,9 @@ def test_partially_masked_rows_match_the_unmasked_entries():
     np.testing.assert_allclose(out.data, [[live[0], 0.0, live[1], 0.0]])
     out.backward(np.array([[1.0, 2.0, -1.0, 3.0]]))
     assert np.all(np.isfinite(x.grad)) and x.grad[0, 1] == 0 and x.grad[0, 3] == 0
+    # the live entries get softmax's gradient of the live row alone: p * (c - <p, c>)
+    live_cotangent = np.array([1.0, -1.0])
+    np.testing.assert_allclose(x.grad[0, [0, 2]], live * (live_cotangent - live @ live_cotangent), rtol=1e-14)
 
 
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
