@@ -1,5 +1,5 @@
-"""``python -m microattn ...``: the same as the ``microattn`` command."""
+"""``python -m microattn ...``: the same as the ``microattn`` command (microattn.demo.cli)."""
 
-from .cli import main
+from .demo.cli import main
 
 raise SystemExit(main())

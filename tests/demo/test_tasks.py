@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from microattn.tasks import IGNORE, TASKS, heldout_batches, make_batch, make_task
+from microattn.demo.tasks import IGNORE, TASKS, heldout_batches, make_batch, make_task
 
 TASK_NAMES = sorted(TASKS)
 
@@ -110,3 +110,19 @@ def test_bad_task_arguments_are_value_errors():
         make_task("needle", seq_len=10, min_distance=20)
     with pytest.raises(ValueError, match="split"):
         make_batch(make_task("copy"), 0, 0, 1, split="test")
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("recall", {"pairs": 3}, "task recall has no option 'pairs'; its options are num_pairs"),
+    ("copy", {"length": "10"}, "task option length must be an integer"),
+    ("needle", {"num_fillers": True}, "task option num_fillers must be an integer"),
+    ("recall", {"num_values": 0}, "1 to 10 values"),
+    ("induction", {"num_values": 0}, "1 to 16 values"),
+    ("needle", {"num_fillers": 0}, "1 to 26 fillers"),
+    ("needle", {"num_values": -2}, "1 to 10 values"),
+])
+def test_bad_task_options_are_value_errors(name, options, message):
+    """Before: an unknown option was a TypeError from the constructor's call, and zero
+    values or fillers failed later inside the random generator."""
+    with pytest.raises(ValueError, match=message):
+        make_task(name, **options)

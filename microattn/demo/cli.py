@@ -14,6 +14,7 @@ arguments, 130 interrupted); errors print one line, ``microattn: error: ...``.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import sys
 import time
@@ -22,11 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import training
+from ..kernels import blas
+from . import inspection, plots
+from .checkpoint import CHECKPOINT_NAME
+from .loop import VARIANTS, ProgressBar, Run, TrainConfig, step_peak_memory, train, warm_up
 from .tasks import TASKS, make_batch, make_task
-from .training import VARIANTS, ProgressBar, Run, TrainConfig
 
 INTERRUPTED = 130  # the shell's convention for "stopped by SIGINT"
+LOSS_PLOT_NAME = "loss.png"  # written next to the checkpoint by `train`
 
 # The demo: which (task, attention) pairs it trains, and why each is there.
 DEMO_PLAN = [
@@ -80,13 +84,22 @@ def non_negative_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
+    """A finite number > 0: "nan", "inf" and "1e999" (which overflows to inf) are refused."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
     return value
+
+
+def path(text: str) -> Path:
+    """A file or directory name; an empty one (often an unset shell variable) is refused
+    rather than read as the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(text)
 
 
 def name_list(choices):
@@ -149,7 +162,7 @@ def build_parser() -> ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
     train = commands.add_parser("train", help="train one model, checkpointing to --out")
-    train.add_argument("--out", required=True, type=Path, help="directory for checkpoint.npz and loss.png")
+    train.add_argument("--out", required=True, type=path, help="directory for checkpoint.npz and loss.png")
     train.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     for flag, field, kind, text in RUN_OPTIONS:
         train.add_argument(flag, dest=field, type=kind, help=text)
@@ -158,20 +171,20 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
     evaluate = commands.add_parser("eval", help="held-out accuracy of a checkpoint, decoding with the KV cache")
-    evaluate.add_argument("--checkpoint", required=True, type=Path, help="a --out directory of train")
+    evaluate.add_argument("--checkpoint", required=True, type=path, help="a --out directory of train")
     evaluate.add_argument("--examples", type=positive_int, default=512, help="held-out sequences (default 512)")
     evaluate.add_argument("--seed", type=non_negative_int, default=0, help="picks the held-out set (default 0)")
     evaluate.add_argument("--no-cache", action="store_true", help="one full forward pass instead of the KV cache")
 
     sample = commands.add_parser("sample", help="generate answers for held-out prompts with the KV cache")
-    sample.add_argument("--checkpoint", required=True, type=Path, help="a --out directory of train")
+    sample.add_argument("--checkpoint", required=True, type=path, help="a --out directory of train")
     sample.add_argument("--num", type=positive_int, default=3, help="prompts to complete (default 3)")
     sample.add_argument("--seed", type=non_negative_int, default=0, help="picks the prompts (default 0)")
 
     attention_map = commands.add_parser("attention-map", help="PNG heatmaps of every head for one input, "
                                                               "and the accuracy lost by ablating each head")
-    attention_map.add_argument("--checkpoint", required=True, type=Path, help="a --out directory of train")
-    attention_map.add_argument("--out", required=True, type=Path, help="the PNG file to write")
+    attention_map.add_argument("--checkpoint", required=True, type=path, help="a --out directory of train")
+    attention_map.add_argument("--out", required=True, type=path, help="the PNG file to write")
     attention_map.add_argument("--example", type=non_negative_int, default=0, help="which held-out input (default 0)")
     attention_map.add_argument("--examples", type=positive_int, default=256,
                                help="held-out sequences for the ablation (default 256)")
@@ -186,11 +199,15 @@ def main(argv=None) -> int:
     handlers = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
                 "attention-map": cmd_attention_map}
     try:
-        with training.single_threaded_blas():
+        with blas.single_threaded():  # the model's products are tiny: threads cost more than they save
             return handlers[args.command](args)
     except KeyboardInterrupt:
         print("\nmicroattn: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except MemoryError:
+        print("microattn: error: out of memory: choose smaller sizes (--batch-size, --embed-dim, --layers, "
+              "--examples, ...)", file=sys.stderr)
+        return 1
     except (CLIError, ValueError, OSError, KeyError, RuntimeError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"microattn: error: {str(message).replace(chr(10), ' ')}", file=sys.stderr)
@@ -259,17 +276,17 @@ def demo_run(config: TrainConfig, eval_examples: int, label: str, progress: bool
     """Train and measure one (task, attention) pair: (its DemoRow, seconds spent warming up)."""
     run = Run.create(config)
     started = time.perf_counter()
-    training.warm_up(run)  # compile the kernels before the clock starts
+    warm_up(run)  # compile the kernels before the clock starts
     warm_up_seconds = time.perf_counter() - started
     bar = ProgressBar(config.steps, label) if progress else None
-    result = training.train(run, progress=bar)
+    result = train(run, progress=bar)
     if result.interrupted:
         raise KeyboardInterrupt
-    accuracy = training.evaluate(run.model, run.task, config.seed, eval_examples)
+    accuracy = inspection.evaluate(run.model, run.task, config.seed, eval_examples)
     row = DemoRow(
         task=config.task, attention=config.attention,
         final_loss=float(np.mean(run.losses[-10:])), accuracy=accuracy, seconds=result.seconds,
-        tokens_per_second=result.tokens_per_second(run), peak_bytes=training.step_peak_memory(run),
+        tokens_per_second=result.tokens_per_second(run), peak_bytes=step_peak_memory(run),
     )
     return row, warm_up_seconds
 
@@ -329,7 +346,9 @@ def _cpu_count() -> int:
 
 def cmd_train(args) -> int:
     given = {field: getattr(args, field) for _, field, _, _ in RUN_OPTIONS if getattr(args, field) is not None}
-    checkpoint = args.out / training.CHECKPOINT_NAME
+    if args.out.exists() and not args.out.is_dir():
+        raise CLIError(f"--out {args.out} is a file; expected a directory (for checkpoint.npz and loss.png)")
+    checkpoint = args.out / CHECKPOINT_NAME
     if args.resume:
         run = Run.load(args.out)
         saved = vars(run.config)
@@ -349,18 +368,18 @@ def cmd_train(args) -> int:
               f"{run.config.steps} steps of {run.config.batch_size} x {run.task.seq_len} tokens")
 
     bar = None if args.no_progress else ProgressBar(run.config.steps, f"{run.config.attention}", start=run.step)
-    result = training.train(run, args.out, progress=bar)
+    result = train(run, args.out, progress=bar)
     if result.interrupted:
         print(f"interrupted at step {run.step}; checkpoint saved to {result.checkpoint}; "
               f"continue with: microattn train --out {args.out} --resume")
         return INTERRUPTED
 
-    accuracy = training.evaluate(run.model, run.task, run.config.seed, args.eval_examples)
+    accuracy = inspection.evaluate(run.model, run.task, run.config.seed, args.eval_examples)
     print(f"step {run.step}: loss {np.mean(run.losses[-10:]):.4f} (mean of the last 10 steps), "
           f"held-out accuracy {100 * accuracy:.1f}% on {args.eval_examples} sequences")
     print(f"checkpoint: {result.checkpoint}")
-    note = training.save_loss_plot(run.losses, args.out / training.LOSS_PLOT_NAME)
-    print(note or f"loss curve: {args.out / training.LOSS_PLOT_NAME}")
+    note = plots.save_loss_plot(run.losses, args.out / LOSS_PLOT_NAME)
+    print(note or f"loss curve: {args.out / LOSS_PLOT_NAME}")
     return 0
 
 
@@ -369,7 +388,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     run = Run.load(args.checkpoint)
-    accuracy = training.evaluate(run.model, run.task, args.seed, args.examples, use_cache=not args.no_cache)
+    accuracy = inspection.evaluate(run.model, run.task, args.seed, args.examples, use_cache=not args.no_cache)
     how = "one forward pass" if args.no_cache else "token by token through the KV cache"
     print(f"{run.config.task} / {run.config.attention} at step {run.step}: held-out accuracy "
           f"{100 * accuracy:.1f}% on {args.examples} sequences ({how})")
@@ -381,7 +400,7 @@ def cmd_sample(args) -> int:
     task = run.task
     print(f"{task.name} / {run.config.attention} at step {run.step}: {task.summary}")
     for index in range(args.num):
-        prompt, expected = training.first_answer_prompt(task, args.seed, index)
+        prompt, expected = inspection.first_answer_prompt(task, args.seed, index)
         generated = run.model.generate(prompt, max_new_tokens=len(expected), greedy=True)[0, prompt.shape[1]:]
         verdict = "correct" if np.array_equal(generated, expected) else f"expected {task.decode(expected)}"
         print(f"\n  prompt:    {task.decode(prompt[0])}\n  generated: {task.decode(generated)}   ({verdict})")
@@ -392,41 +411,26 @@ def cmd_sample(args) -> int:
 
 
 def cmd_attention_map(args) -> int:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise CLIError("attention-map needs matplotlib: pip install 'microattn[plot]'") from None
+    if plots.pyplot() is None:  # before loading anything
+        raise CLIError(f"attention-map needs matplotlib: {plots.PLOT_EXTRA}")
+    if args.out.is_dir():
+        raise CLIError(f"--out {args.out} is a directory; expected the name of the PNG file to write")
+    if not args.out.absolute().parent.is_dir():
+        raise CLIError(f"--out {args.out}: {args.out.parent} is not an existing folder")
     run = Run.load(args.checkpoint)
     task = run.task
     inputs = make_batch(task, run.config.seed, args.example, 1, split="heldout").inputs
-    maps = training.attention_maps(run.model, inputs)  # per layer (1, H, N, N)
+    maps = inspection.attention_maps(run.model, inputs)  # per layer (1, H, N, N)
 
     drops = None
     if not args.no_ablation:
-        baseline, drops = training.head_ablation(run.model, task, run.config.seed, args.examples)
+        baseline, drops = inspection.head_ablation(run.model, task, run.config.seed, args.examples)
         print(f"head ablation on {args.examples} held-out sequences (baseline accuracy {100 * baseline:.1f}%):")
         print("  layer  head  accuracy drop")
         for layer, head in np.ndindex(drops.shape):
             print(f"  {layer:>5}  {head:>4}  {100 * drops[layer, head] + 0.0:>9.1f} pts")
 
-    labels = task.decode(inputs[0]).split()
-    num_layers, num_heads = len(maps), maps[0].shape[1]
-    figure, axes = plt.subplots(num_layers, num_heads, figsize=(3.2 * num_heads, 3.2 * num_layers), squeeze=False)
-    for layer, head in np.ndindex(num_layers, num_heads):
-        ax = axes[layer, head]
-        ax.imshow(maps[layer][0, head], cmap="viridis", vmin=0, vmax=1)
-        title = f"layer {layer} head {head}"
-        if drops is not None:
-            title += f"\nablated: {-100 * drops[layer, head] + 0.0:+.1f} pts"
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks(range(len(labels)), labels, fontsize=5)
-        ax.set_yticks(range(len(labels)), labels, fontsize=5)
-    figure.suptitle(f"{task.name} / {run.config.attention}: attention weights (rows: queries, columns: keys)")
-    figure.tight_layout()
-    figure.savefig(args.out, dpi=130)
-    plt.close(figure)
+    title = f"{task.name} / {run.config.attention}: attention weights (rows: queries, columns: keys)"
+    plots.save_attention_maps(maps, task.decode(inputs[0]).split(), args.out, title=title, drops=drops)
     print(f"attention maps: {args.out}")
     return 0

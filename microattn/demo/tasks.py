@@ -29,6 +29,7 @@ The tasks, each shown as a decoded example (``task.decode``)::
 
 from __future__ import annotations
 
+import inspect
 import string
 from dataclasses import dataclass
 
@@ -111,8 +112,8 @@ class AssociativeRecall(Task):
                 f"recall needs 1 <= num_queries <= num_pairs <= num_keys, got "
                 f"num_queries={num_queries}, num_pairs={num_pairs}, num_keys={num_keys}"
             )
-        if num_keys > 26 or num_values > 10:
-            raise ValueError("recall supports at most 26 keys and 10 values")
+        if num_keys > 26 or not 1 <= num_values <= 10:
+            raise ValueError(f"recall supports at most 26 keys and 1 to 10 values, got {num_keys}, {num_values}")
         self.num_pairs, self.num_queries = num_pairs, num_queries
         self.num_keys, self.num_values = num_keys, num_values
         keys, digits = string.ascii_lowercase[:num_keys], "0123456789"[:num_values]
@@ -171,11 +172,11 @@ class InductionRecall(Task):
     def __init__(self, num_pairs: int = 8, num_queries: int = 4, num_keys: int = 16, num_values: int = 16):
         if not 1 <= num_queries <= num_pairs <= num_keys:
             raise ValueError(
-                f"recall needs 1 <= num_queries <= num_pairs <= num_keys, got "
+                f"induction needs 1 <= num_queries <= num_pairs <= num_keys, got "
                 f"num_queries={num_queries}, num_pairs={num_pairs}, num_keys={num_keys}"
             )
-        if num_keys > 26 or num_values > 16:
-            raise ValueError("recall supports at most 26 keys and 16 values")
+        if num_keys > 26 or not 1 <= num_values <= 16:
+            raise ValueError(f"induction supports at most 26 keys and 1 to 16 values, got {num_keys}, {num_values}")
         self.num_pairs, self.num_queries = num_pairs, num_queries
         self.num_keys, self.num_values = num_keys, num_values
         self.query_token = num_keys + num_values
@@ -264,8 +265,8 @@ class Needle(Task):
     def __init__(self, seq_len: int = 40, min_distance: int = 32, num_fillers: int = 16, num_values: int = 10):
         if not 1 <= min_distance <= seq_len - 2:
             raise ValueError(f"needle needs 1 <= min_distance <= seq_len - 2, got {min_distance}, {seq_len}")
-        if num_fillers > 26 or num_values > 10:
-            raise ValueError("needle supports at most 26 fillers and 10 values")
+        if not (1 <= num_fillers <= 26 and 1 <= num_values <= 10):
+            raise ValueError(f"needle supports 1 to 26 fillers and 1 to 10 values, got {num_fillers}, {num_values}")
         self.seq_len, self.min_distance = seq_len, min_distance
         self.num_fillers, self.num_values = num_fillers, num_values
         self.marker = num_fillers + num_values
@@ -304,9 +305,18 @@ TASKS = {cls.name: cls for cls in (AssociativeRecall, Copy, Needle, InductionRec
 
 
 def make_task(name: str, **options) -> Task:
-    """A task by name ("recall", "copy", "needle", "induction"), with constructor options."""
+    """A task by name ("recall", "copy", "needle", "induction"), with constructor options
+    (all integers). ValueError naming the task's options for any it does not take."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
+    accepted = list(inspect.signature(TASKS[name]).parameters)
+    unknown = [option for option in options if option not in accepted]
+    if unknown:
+        raise ValueError(f"task {name} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options are {', '.join(accepted)}")
+    for option, value in options.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise ValueError(f"task option {option} must be an integer, got {value!r:.40}")
     return TASKS[name](**options)
 
 

@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from microattn import cli, training
+from microattn.demo import cli, loop
+from microattn.demo.checkpoint import load_checkpoint, save_checkpoint
 
 # A tiny model on a tiny recall task, so a CLI run takes about a second.
 TINY = ["--embed-dim", "16", "--heads", "2", "--batch-size", "4", "--backend", "reference"]
@@ -57,7 +58,7 @@ def test_demo_overrides_select_the_runs(capsys):
 
 def test_demo_plan():
     assert cli.demo_plan(None, None) == cli.DEMO_PLAN
-    assert cli.demo_plan(["needle"], None) == [("needle", v) for v in training.VARIANTS]
+    assert cli.demo_plan(["needle"], None) == [("needle", v) for v in loop.VARIANTS]
     assert cli.demo_plan(None, ["exact"]) == [("recall", "exact"), ("needle", "exact")]
 
 
@@ -71,7 +72,7 @@ def test_python_dash_m_runs_the_cli():
 
 
 def test_train_writes_a_checkpoint_and_reports(trained, capsys):
-    state = training.load_checkpoint(trained)
+    state = load_checkpoint(trained)
     assert int(state["step"]) == 8 and len(state["losses"]) == 8
     assert sorted(os.listdir(trained)) in (["checkpoint.npz"], ["checkpoint.npz", "loss.png"])
 
@@ -79,17 +80,17 @@ def test_train_writes_a_checkpoint_and_reports(trained, capsys):
 def test_train_resume_continues_exactly(tmp_path, capsys):
     straight, partial = tmp_path / "straight", tmp_path / "partial"
     assert run_cli("train", "--out", straight, "--steps", 6, "--no-progress", *TINY) == 0
-    reference = training.Run.load(straight)
+    reference = loop.Run.load(straight)
 
     def interrupt_at_3(run, loss):
         if run.step == 3:
             raise KeyboardInterrupt
 
-    assert training.train(training.Run.create(reference.config), partial, on_step=interrupt_at_3).interrupted
+    assert loop.train(loop.Run.create(reference.config), partial, on_step=interrupt_at_3).interrupted
     capsys.readouterr()
     assert run_cli("train", "--out", partial, "--resume", "--no-progress") == 0
     assert "resuming recall / exact at step 3 of 6" in capsys.readouterr().out
-    resumed = training.Run.load(partial)
+    resumed = loop.Run.load(partial)
     assert resumed.losses == reference.losses  # bit for bit
     for name, array in reference.model.state_dict().items():
         np.testing.assert_array_equal(resumed.model.state_dict()[name], array)
@@ -128,7 +129,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert process.returncode == cli.INTERRUPTED
     assert "Traceback" not in stderr
     assert "interrupted at step" in stdout and "--resume" in stdout
-    state = training.load_checkpoint(out)
+    state = load_checkpoint(out)
     assert int(state["step"]) >= 1 and len(state["losses"]) == int(state["step"])
     assert os.listdir(out) == ["checkpoint.npz"]  # no temporary file left behind
 
@@ -200,7 +201,86 @@ def test_bad_requests_exit_1_with_one_line(argv, message, tmp_path, capsys):
     assert message in one_error_line(capsys.readouterr().err)
 
 
-def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
-    (tmp_path / "checkpoint.npz").write_bytes(b"not a zip file")
+@pytest.mark.parametrize("content", [b"", b"not a zip file"])
+def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error(content, tmp_path, capsys):
+    """Before: garbage gave NumPy's advice to load it with allow_pickle."""
+    (tmp_path / "checkpoint.npz").write_bytes(content)
     assert run_cli("eval", "--checkpoint", tmp_path) == 1
-    assert "not a readable microattn checkpoint" in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    assert "is not a microattn checkpoint, or it is corrupt" in line and "pickle" not in line
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e999", "-1", "0", "NaN", "Infinity"])
+def test_lr_must_be_finite_and_positive(value, tmp_path, capsys):
+    """Before: --lr inf was accepted, trained to NaN and exited 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("train", "--out", tmp_path / "run", "--steps", 2, "--no-progress", *TINY, "--lr", value)
+    assert exit_info.value.code == 2
+    assert "--lr: expected a finite positive number" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--out", ""],
+    ["eval", "--checkpoint", " "],
+    ["attention-map", "--checkpoint", "x", "--out", ""],
+])
+def test_empty_paths_are_refused(argv, capsys):
+    """Before: --out "" trained into the current directory."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*argv)
+    assert exit_info.value.code == 2
+    assert "expected a path, got an empty string" in one_error_line(capsys.readouterr().err)
+
+
+def test_train_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "taken").write_text("mine")
+    assert run_cli("train", "--out", tmp_path / "taken", *TINY) == 1
+    assert "is a file; expected a directory" in one_error_line(capsys.readouterr().err)
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
+@pytest.mark.parametrize("out, message", [("{tmp}", "is a directory"),
+                                          ("{tmp}/nowhere/map.png", "not an existing folder")])
+def test_attention_map_out_is_checked_before_any_work(out, message, trained, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(cli.Run, "load", lambda path: pytest.fail("loaded the checkpoint before checking --out"))
+    assert run_cli("attention-map", "--checkpoint", trained, "--out", out.format(tmp=tmp_path)) == 1
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_out_of_memory_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    def huge(config):
+        raise MemoryError("Unable to allocate 400. GiB")
+
+    monkeypatch.setattr(cli.Run, "create", huge)
+    assert run_cli("train", "--out", tmp_path / "run", "--embed-dim", 2**30) == 1
+    assert "out of memory" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda state: state["model"].update({k: v.astype(np.float64) for k, v in state["model"].items()}),
+     "is float64, expected float32"),
+    (lambda state: state.pop("config"), "missing config"),
+    (lambda state: state.update(config="[1, 2]"), "expected a JSON object"),
+    (lambda state: state.update(config=state["config"].replace('"steps": 8', '"steps": "8"')),
+     "steps must be an integer"),
+    (lambda state: state["model"].popitem(), "its parameters do not fit the model"),
+])
+def test_crafted_checkpoints_are_one_line_errors(change, message, trained, tmp_path, capsys):
+    """Before: tracebacks, or a bare 'microattn: error: config'."""
+    state = load_checkpoint(trained)
+    change(state)
+    save_checkpoint(tmp_path / "checkpoint.npz", state)
+    for command in (["eval", "--checkpoint", tmp_path], ["sample", "--checkpoint", tmp_path],
+                    ["train", "--out", tmp_path, "--resume"]):
+        assert run_cli(*command) == 1
+        assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_train_removes_what_a_killed_save_left(trained, tmp_path, capsys):
+    """Before: a checkpoint.npz.*.tmp of a kill -9 during a save stayed forever."""
+    leftover = trained / "checkpoint.npz.k9deadxx.tmp"
+    leftover.write_bytes(b"PK half a checkpoint")
+    assert run_cli("eval", "--checkpoint", trained, "--examples", 4) == 0
+    assert not leftover.exists()
