@@ -207,11 +207,11 @@ class MultiHeadAttention(Module):
         if self.attention == "linear":
             scores = _elu_plus_one(q) @ np.swapaxes(_elu_plus_one(k), -1, -2)  # (B, H, Nq, Nk)
             if is_causal:
-                scores = np.where(in_band(i, j, Nk - Nq, -1, 0), scores, 0.0)
+                scores = np.where(in_band((Nk - Nq, -1, 0), i, j), scores, 0.0)
             return scores / (scores.sum(axis=-1, keepdims=True) + LINEAR_ATTENTION_EPS)
         scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(self.head_dim)  # (B, H, Nq, Nk)
         left, right = self._window(is_causal) or (-1, -1)
-        allowed = in_band(i, j, Nk - Nq, left, 0 if is_causal else right)  # (Nq, Nk)
+        allowed = in_band((Nk - Nq, left, 0 if is_causal else right), i, j)  # (Nq, Nk)
         if attn_mask is not None:
             mask = np.asarray(getattr(attn_mask, "data", attn_mask))
             if mask.dtype == np.bool_:

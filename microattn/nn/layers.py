@@ -1,8 +1,11 @@
-"""The basic layers: Linear, Embedding, LayerNorm, RMSNorm, Dropout, GELU.
+"""The basic layers: Linear, Embedding, LayerNorm, RMSNorm, Dropout, GELU, SiLU.
 
-Each is built from Tensor ops, so autograd derives the backward; every layer takes
-``dtype`` (float32 by default) and ``rng`` (a ``np.random.Generator`` used only for
-initialisation; None draws a fresh one).
+Each layer runs one fused Function of ``microattn/fused.py`` (a hand-written backward, one
+pass over memory). Beside each stands its teaching twin, the same maths built from Tensor
+ops so that autograd derives the backward (``linear_composed``, ``layer_norm_composed``,
+...): the tests check the fused layers against them. Every layer takes ``dtype``
+(float32 by default) and ``rng`` (a ``np.random.Generator`` used only for initialisation;
+None draws a fresh one).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import math
 
 import numpy as np
 
+from .. import fused
 from ..tensor import Tensor
 from .module import Module, Parameter
 
@@ -43,13 +47,7 @@ class Linear(Module):
         self.bias = Parameter(rng.uniform(-bound, bound, out_features).astype(dtype)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        # One 2-D product: NumPy's batched matmul of (B, N, in) against a transposed
-        # (in, out) view does not reach BLAS and is ~100x slower.
-        leading = x.shape[:-1]
-        y = x.reshape(-1, self.in_features) @ self.weight.T  # (M, in) @ (in, out) -> (M, out)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*leading, self.out_features)  # (..., out)
+        return fused.Linear.apply(x, self.weight, self.bias)  # (..., out)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
@@ -78,7 +76,7 @@ class Embedding(Module):
                 f"token ids must be in [0, {self.num_embeddings}), got values in "
                 f"[{tokens.min()}, {tokens.max()}]"
             )
-        return self.weight[tokens]  # (..., dim); repeated ids add up in backward
+        return fused.Embedding.apply(self.weight, tokens=tokens)  # (..., dim)
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.dim}"
@@ -96,9 +94,7 @@ class LayerNorm(Module):
         self.bias = Parameter(np.zeros(dim, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        centred = x - x.mean(axis=-1, keepdims=True)  # (..., dim)
-        variance = (centred * centred).mean(axis=-1, keepdims=True)  # (..., 1)
-        return centred / (variance + self.eps).sqrt() * self.weight + self.bias
+        return fused.LayerNorm.apply(x, self.weight, self.bias, eps=self.eps)
 
     def extra_repr(self):
         return f"{self.dim}, eps={self.eps}"
@@ -114,8 +110,7 @@ class RMSNorm(Module):
         self.weight = Parameter(np.ones(dim, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        mean_square = (x * x).mean(axis=-1, keepdims=True)  # (..., 1)
-        return x / (mean_square + self.eps).sqrt() * self.weight
+        return fused.RMSNorm.apply(x, self.weight, eps=self.eps)
 
     def extra_repr(self):
         return f"{self.dim}, eps={self.eps}"
@@ -165,18 +160,71 @@ class Dropout(Module):
         return f"p={self.p}"
 
 
-def gelu(x: Tensor) -> Tensor:
-    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    return 0.5 * x * (1.0 + (math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)).tanh())
-
-
 class GELU(Module):
     """GELU with the tanh approximation (PyTorch's ``GELU(approximate="tanh")``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return gelu(x)
+        return fused.gelu(x)
+
+
+class SiLU(Module):
+    """x * sigmoid(x) (also called swish)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fused.silu(x)
 
 
 class ReLU(Module):
     def forward(self, x: Tensor) -> Tensor:
         return x.relu()
+
+
+gelu = fused.gelu
+silu = fused.silu
+
+
+# ----------------------------------------------------------------------------- teaching twins
+# The layers' maths from Tensor ops: autograd derives each backward. Slow (one graph node
+# and one NumPy temporary per op) and plain; the oracles of tests/test_fused.py.
+
+
+def linear_composed(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    # One 2-D product: NumPy's batched matmul of (B, N, in) against a transposed
+    # (in, out) view does not reach BLAS and is ~100x slower.
+    leading = x.shape[:-1]
+    y = x.reshape(-1, weight.shape[1]) @ weight.T  # (M, in) @ (in, out) -> (M, out)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*leading, weight.shape[0])  # (..., out)
+
+
+def embedding_composed(weight: Tensor, tokens) -> Tensor:
+    return weight[tokens]  # (..., dim); repeated ids add up in backward
+
+
+def layer_norm_composed(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    centred = x - x.mean(axis=-1, keepdims=True)  # (..., dim)
+    variance = (centred * centred).mean(axis=-1, keepdims=True)  # (..., 1)
+    return centred / (variance + eps).sqrt() * weight + bias
+
+
+def rms_norm_composed(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    mean_square = (x * x).mean(axis=-1, keepdims=True)  # (..., 1)
+    return x / (mean_square + eps).sqrt() * weight
+
+
+def gelu_composed(x: Tensor) -> Tensor:
+    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + (math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)).tanh())
+
+
+def silu_composed(x: Tensor) -> Tensor:
+    return x * x.sigmoid()
+
+
+def swiglu_composed(gate: Tensor, up: Tensor) -> Tensor:
+    return silu_composed(gate) * up
+
+
+def geglu_composed(gate: Tensor, up: Tensor) -> Tensor:
+    return gelu_composed(gate) * up

@@ -10,11 +10,13 @@ import numpy as np
 from ..autograd import no_grad
 from ..tensor import Tensor
 from .attention import KVCache, MultiHeadAttention
-from .layers import GELU, Dropout, Embedding, LayerNorm, Linear, ReLU, RMSNorm
+from .. import fused
+from .layers import GELU, Dropout, Embedding, LayerNorm, Linear, ReLU, RMSNorm, SiLU
 from .module import Module, ModuleList
 
 NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
-ACTIVATIONS = {"gelu": GELU, "relu": ReLU}
+ACTIVATIONS = {"gelu": GELU, "relu": ReLU, "silu": SiLU, "swiglu": None, "geglu": None}
+GATED = {"swiglu": fused.swiglu, "geglu": fused.geglu}  # act(gate(x)) * fc_in(x), one fused op
 
 
 def _choice(name, value, table):
@@ -24,16 +26,27 @@ def _choice(name, value, table):
 
 
 class MLP(Module):
-    """Linear(E, hidden) -> activation -> Linear(hidden, E)."""
+    """Linear(E, hidden) -> activation -> Linear(hidden, E).
+
+    The gated activations "swiglu" and "geglu" add a second input projection ``fc_gate``:
+    ``fc_out(act(fc_gate(x)) * fc_in(x))`` with act SiLU or GELU (LLaMA's MLP is "swiglu").
+    """
 
     def __init__(self, embed_dim: int, hidden_dim: int, activation: str = "gelu", bias: bool = True,
                  *, dtype=np.float32, rng=None):
         super().__init__()
+        activation_class = _choice("activation", activation, ACTIVATIONS)
+        self.gated = GATED.get(activation)
+        if self.gated is not None:
+            self.fc_gate = Linear(embed_dim, hidden_dim, bias, dtype=dtype, rng=rng)
         self.fc_in = Linear(embed_dim, hidden_dim, bias, dtype=dtype, rng=rng)
-        self.activation = _choice("activation", activation, ACTIVATIONS)()
+        if self.gated is None:
+            self.activation = activation_class()
         self.fc_out = Linear(hidden_dim, embed_dim, bias, dtype=dtype, rng=rng)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gated is not None:
+            return self.fc_out(self.gated(self.fc_gate(x), self.fc_in(x)))
         return self.fc_out(self.activation(self.fc_in(x)))
 
 
@@ -43,8 +56,8 @@ class TransformerBlock(Module):
         x = x + dropout(attention(norm_1(x)))
         x = x + dropout(mlp(norm_2(x)))
 
-    ``norm``: "layernorm" or "rmsnorm"; ``activation``: "gelu" (tanh approximation) or
-    "relu"; the other keywords go to ``MultiHeadAttention`` (``dropout`` is used both on
+    ``norm``: "layernorm" or "rmsnorm"; ``activation``: "gelu" (tanh approximation),
+    "relu", "silu", or the gated "swiglu" / "geglu" (see ``MLP``); the other keywords go to ``MultiHeadAttention`` (``dropout`` is used both on
     the attention probabilities and on the two residual branches).
     """
 

@@ -1,0 +1,552 @@
+"""Fused Functions: one op, one pass over memory, a hand-written backward.
+
+A LayerNorm built from Tensor ops (``nn.layers.layer_norm_composed``) is eleven graph
+nodes, eleven NumPy temporaries and eleven single-threaded passes over the activations;
+here it is one ``Function`` whose forward and backward are each one numba loop over rows,
+split across the cores. The Tensor-op versions stay in ``nn/layers.py`` as the teaching
+twins and as the oracles the tests compare against (tests/test_fused.py), besides float64
+gradchecks.
+
+Each forward sits directly above its backward; the backward quotes the forward line it
+differentiates. Shape legend: ``x`` (..., E) is viewed as ``rows`` (M, E), M the product
+of the leading axes; elementwise ops see their inputs flat.
+
+Where the work is a matrix product (``Linear``) it stays in NumPy: one BLAS call per
+product, forward and backward, on views rather than copies. Everything else is a numba
+kernel (``kernels/cpu/_compile.kernel``: parallel ``prange`` over blocks, fastmath without
+``nnan``/``ninf``, cached), with the float32 exp of the flash kernels (``fast_exp``, a
+polynomial the compiler vectorises) for the sigmoid, the GELU and the cross-entropy.
+
+Compiled code follows two rules. numba types a Python float literal as float64 and would
+silently compute a float32 kernel in float64 (scalar libm ``exp``, half the SIMD lanes),
+so every constant is cast to the array's type first (``t = x.dtype.type``, then
+``t(0.5)``). And the loops hold no array expressions: each compiles to a function of its
+own and multiplies compile time.
+
+Parameter gradients (LayerNorm's weight, an embedding table) are sums over rows: each of
+``CHUNKS`` fixed row ranges adds into its own partial row, and the partials are summed in
+order afterwards. The split does not depend on the thread count, so results are
+bit-identical from run to run and machine to machine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .autograd import Function
+from .kernels.cpu._compile import FASTMATH, PARALLEL, fast_exp, numba, prange
+from .losses import REDUCTIONS
+from .tensor import Tensor
+
+
+
+def kernel(fn):
+    """``kernels/cpu/_compile.kernel`` with NumPy's error model: a division is a division,
+    not a branch that raises ZeroDivisionError, which stops LLVM vectorising the loop
+    (measured: the SiLU loop ran 4x slower with the branch)."""
+    return numba.njit(parallel=PARALLEL, cache=True, fastmath=FASTMATH, nogil=True,
+                      error_model="numpy")(fn)
+
+
+CHUNKS = 16  # row ranges for parameter-gradient partial sums (see the module docstring)
+BLOCK = 8192  # elements per task of the elementwise kernels
+GELU_C = math.sqrt(2.0 / math.pi)  # gelu(x) = 0.5 x (1 + tanh(GELU_C (x + GELU_A x^3)))
+GELU_A = 0.044715
+EXP_LIMIT = 80.0  # exp arguments are clipped here: exp(80) is finite in float32
+
+
+def _rows(x):
+    """x (..., E) as contiguous rows (M, E): a view when x is contiguous already."""
+    return np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+
+
+def _flat(x):
+    return np.ascontiguousarray(x).reshape(-1)
+
+
+# ----------------------------------------------------------------------------- Linear
+
+
+class Linear(Function):
+    """y = x @ weight.T + bias; x (..., in), weight (out, in), bias (out,) or None.
+
+    One BLAS product each for y, dx and dweight; x's rows are a view of x, weight.T a
+    transposed view (BLAS reads it with its transpose flag), the bias added in place.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        rows = x.reshape(-1, x.shape[-1])  # (M, in), a view when x is contiguous
+        y = rows @ weight.T  # (M, out)
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(rows, weight)
+        ctx.x_shape = x.shape
+        return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        g = grad.reshape(-1, weight.shape[0])  # (M, out)
+        # forward: y = rows @ weight.T + bias
+        #   ->  drows = g @ weight, dweight = g.T @ rows, dbias = sum_rows g
+        dx = (g @ weight).reshape(ctx.x_shape) if need_x else None
+        dweight = g.T @ rows if need_weight else None
+        dbias = g.sum(axis=0) if need_bias else None
+        return dx, dweight, dbias
+
+
+# ----------------------------------------------------------------------------- LayerNorm
+
+
+@kernel
+def _layer_norm_forward(x, weight, bias, eps, y, mean, rstd):
+    rows, n = x.shape
+    t = x.dtype.type
+    for r in prange(rows):
+        xr, yr = x[r], y[r]  # the row as 1-D slices: LLVM vectorises the loops
+        total = t(0)
+        for j in range(n):
+            total += xr[j]
+        m = total / t(n)
+        square = t(0)
+        for j in range(n):
+            square += (xr[j] - m) * (xr[j] - m)
+        s = t(1) / math.sqrt(square / t(n) + t(eps))
+        mean[r], rstd[r] = m, s
+        for j in range(n):
+            yr[j] = (xr[j] - m) * s * weight[j] + bias[j]
+
+
+@kernel
+def _layer_norm_backward(x, weight, g, mean, rstd, dx, dweight_parts, dbias_parts):
+    rows, n = x.shape
+    t = x.dtype.type
+    chunks = dweight_parts.shape[0]
+    for c in prange(chunks):
+        dweight, dbias = dweight_parts[c], dbias_parts[c]
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            xr, gr, dxr = x[r], g[r], dx[r]
+            m, s = mean[r], rstd[r]
+            sum_dxhat, sum_dxhat_xhat = t(0), t(0)
+            for j in range(n):
+                xhat = (xr[j] - m) * s
+                dxhat = gr[j] * weight[j]
+                sum_dxhat += dxhat
+                sum_dxhat_xhat += dxhat * xhat
+                dweight[j] += gr[j] * xhat
+                dbias[j] += gr[j]
+            mean_dxhat, mean_dxhat_xhat = sum_dxhat / t(n), sum_dxhat_xhat / t(n)
+            for j in range(n):
+                xhat = (xr[j] - m) * s
+                dxr[j] = s * (gr[j] * weight[j] - mean_dxhat - xhat * mean_dxhat_xhat)
+
+
+class LayerNorm(Function):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased variance).
+
+    x (..., E), weight (E,), bias (E,). Saved for backward: x and two numbers per row.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, *, eps):
+        rows = _rows(x)  # (M, E)
+        y = np.empty_like(rows)
+        mean = np.empty(rows.shape[0], dtype=x.dtype)
+        rstd = np.empty(rows.shape[0], dtype=x.dtype)
+        _layer_norm_forward(rows, weight, bias, eps, y, mean, rstd)
+        ctx.save_for_backward(rows, weight, mean, rstd)
+        return y.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight, mean, rstd = ctx.saved_tensors
+        # forward: y = xhat * weight + bias, xhat = (x - mean) * rstd
+        #   ->  dweight = sum_rows g * xhat, dbias = sum_rows g, dxhat = g * weight
+        #   ->  dx = rstd * (dxhat - mean_j(dxhat) - xhat * mean_j(dxhat * xhat))
+        g = _rows(grad)
+        dx = np.empty_like(rows)
+        dweight_parts = np.zeros((CHUNKS, rows.shape[1]), dtype=rows.dtype)
+        dbias_parts = np.zeros((CHUNKS, rows.shape[1]), dtype=rows.dtype)
+        _layer_norm_backward(rows, weight, g, mean, rstd, dx, dweight_parts, dbias_parts)
+        return dx.reshape(grad.shape), dweight_parts.sum(axis=0), dbias_parts.sum(axis=0)
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+
+
+@kernel
+def _rms_norm_forward(x, weight, eps, y, rstd):
+    rows, n = x.shape
+    t = x.dtype.type
+    for r in prange(rows):
+        xr, yr = x[r], y[r]
+        square = t(0)
+        for j in range(n):
+            square += xr[j] * xr[j]
+        s = t(1) / math.sqrt(square / t(n) + t(eps))
+        rstd[r] = s
+        for j in range(n):
+            yr[j] = xr[j] * s * weight[j]
+
+
+@kernel
+def _rms_norm_backward(x, weight, g, rstd, dx, dweight_parts):
+    rows, n = x.shape
+    t = x.dtype.type
+    chunks = dweight_parts.shape[0]
+    for c in prange(chunks):
+        dweight = dweight_parts[c]
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            xr, gr, dxr = x[r], g[r], dx[r]
+            s = rstd[r]
+            sum_dxhat_xhat = t(0)
+            for j in range(n):
+                xhat = xr[j] * s
+                sum_dxhat_xhat += gr[j] * weight[j] * xhat
+                dweight[j] += gr[j] * xhat
+            mean_dxhat_xhat = sum_dxhat_xhat / t(n)
+            for j in range(n):
+                dxr[j] = s * (gr[j] * weight[j] - xr[j] * s * mean_dxhat_xhat)
+
+
+class RMSNorm(Function):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis; x (..., E), weight (E,)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, *, eps):
+        rows = _rows(x)  # (M, E)
+        y = np.empty_like(rows)
+        rstd = np.empty(rows.shape[0], dtype=x.dtype)
+        _rms_norm_forward(rows, weight, eps, y, rstd)
+        ctx.save_for_backward(rows, weight, rstd)
+        return y.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight, rstd = ctx.saved_tensors
+        # forward: y = xhat * weight, xhat = x * rstd, rstd = (mean_j(x^2) + eps)^(-1/2)
+        #   ->  dweight = sum_rows g * xhat, dxhat = g * weight
+        #   ->  dx = rstd * (dxhat - xhat * mean_j(dxhat * xhat))
+        g = _rows(grad)
+        dx = np.empty_like(rows)
+        dweight_parts = np.zeros((CHUNKS, rows.shape[1]), dtype=rows.dtype)
+        _rms_norm_backward(rows, weight, g, rstd, dx, dweight_parts)
+        return dx.reshape(grad.shape), dweight_parts.sum(axis=0)
+
+
+# ----------------------------------------------------------------------------- activations
+#
+# Written with the logistic sigmoid, which fast_exp vectorises (tanh has no such form):
+#   silu(x) = x * sigmoid(x)
+#   gelu(x) = 0.5 x (1 + tanh(u)) = x * sigmoid(2u),   u = GELU_C (x + GELU_A x^3)
+# since 0.5 (1 + tanh(u)) = sigmoid(2u). sigmoid(z) = 1 / (1 + exp(-z)) with -z clipped
+# at EXP_LIMIT: below -80 the sigmoid is < 1e-34 either way, and exp cannot overflow.
+# An activation kind is a compile-time constant of the kernels below: 0 SiLU, 1 GELU.
+SILU, GELU = 0, 1
+
+
+@kernel
+def _activation_forward(x, kind, y):
+    t = x.dtype.type
+    n = x.shape[0]
+    for b in prange((n + BLOCK - 1) // BLOCK):
+        start, stop = b * BLOCK, min(n, (b + 1) * BLOCK)
+        xs, ys = x[start:stop], y[start:stop]  # a block as 0-based slices: LLVM vectorises
+        for i in range(stop - start):
+            xi = xs[i]
+            z = xi if kind == SILU else t(2 * GELU_C) * (xi + t(GELU_A) * xi * xi * xi)
+            ys[i] = xi / (t(1) + fast_exp(min(-z, t(EXP_LIMIT))))
+
+
+@kernel
+def _activation_backward(x, g, kind, dx):
+    t = x.dtype.type
+    n = x.shape[0]
+    for b in prange((n + BLOCK - 1) // BLOCK):
+        start, stop = b * BLOCK, min(n, (b + 1) * BLOCK)
+        xs, gs, dxs = x[start:stop], g[start:stop], dx[start:stop]
+        for i in range(stop - start):
+            xi = xs[i]
+            if kind == SILU:
+                z, dz = xi, t(1)
+            else:
+                z = t(2 * GELU_C) * (xi + t(GELU_A) * xi * xi * xi)
+                dz = t(2 * GELU_C) * (t(1) + t(3 * GELU_A) * xi * xi)
+            s = t(1) / (t(1) + fast_exp(min(-z, t(EXP_LIMIT))))
+            dxs[i] = gs[i] * (s + xi * s * (t(1) - s) * dz)
+
+
+@kernel
+def _gated_forward(gate, up, kind, y):
+    t = gate.dtype.type
+    n = gate.shape[0]
+    for b in prange((n + BLOCK - 1) // BLOCK):
+        start, stop = b * BLOCK, min(n, (b + 1) * BLOCK)
+        gates, ups, ys = gate[start:stop], up[start:stop], y[start:stop]
+        for i in range(stop - start):
+            xi = gates[i]
+            z = xi if kind == SILU else t(2 * GELU_C) * (xi + t(GELU_A) * xi * xi * xi)
+            ys[i] = xi / (t(1) + fast_exp(min(-z, t(EXP_LIMIT)))) * ups[i]
+
+
+@kernel
+def _gated_backward(gate, up, g, kind, dgate, dup):
+    t = gate.dtype.type
+    n = gate.shape[0]
+    for b in prange((n + BLOCK - 1) // BLOCK):
+        start, stop = b * BLOCK, min(n, (b + 1) * BLOCK)
+        gates, ups, gs = gate[start:stop], up[start:stop], g[start:stop]
+        dgates, dups = dgate[start:stop], dup[start:stop]
+        for i in range(stop - start):
+            xi = gates[i]
+            if kind == SILU:
+                z, dz = xi, t(1)
+            else:
+                z = t(2 * GELU_C) * (xi + t(GELU_A) * xi * xi * xi)
+                dz = t(2 * GELU_C) * (t(1) + t(3 * GELU_A) * xi * xi)
+            s = t(1) / (t(1) + fast_exp(min(-z, t(EXP_LIMIT))))
+            dgates[i] = gs[i] * ups[i] * (s + xi * s * (t(1) - s) * dz)
+            dups[i] = gs[i] * xi * s
+
+
+class Activation(Function):
+    """``kind`` SILU: x * sigmoid(x); GELU: the tanh approximation. Any shape."""
+
+    @staticmethod
+    def forward(ctx, x, *, kind):
+        flat = _flat(x)
+        y = np.empty_like(flat)
+        _activation_forward(flat, kind, y)
+        ctx.save_for_backward(flat)
+        ctx.kind = kind
+        return y.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (flat,) = ctx.saved_tensors
+        # forward: y = x * s, s = sigmoid(z), z = x (SiLU) or 2u (GELU)
+        #   ->  dx = g * (s + x * s * (1 - s) * dz/dx)
+        dx = np.empty_like(flat)
+        _activation_backward(flat, _flat(grad), ctx.kind, dx)
+        return dx.reshape(grad.shape)
+
+
+class Gated(Function):
+    """Gated linear units: SwiGLU act(gate) * up with act SiLU, GeGLU with GELU (tanh).
+
+    gate and up of one shape (e.g. the two halves of one projection, or two projections).
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, *, kind):
+        gate_flat, up_flat = _flat(gate), _flat(up)
+        y = np.empty_like(gate_flat)
+        _gated_forward(gate_flat, up_flat, kind, y)
+        ctx.save_for_backward(gate_flat, up_flat)
+        ctx.kind = kind
+        return y.reshape(gate.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate_flat, up_flat = ctx.saved_tensors
+        # forward: y = act(gate) * up, act(x) = x * s as in Activation
+        #   ->  dgate = g * up * act'(gate), dup = g * act(gate)
+        dgate, dup = np.empty_like(gate_flat), np.empty_like(up_flat)
+        _gated_backward(gate_flat, up_flat, _flat(grad), ctx.kind, dgate, dup)
+        shape = grad.shape
+        return dgate.reshape(shape), dup.reshape(shape)
+
+
+def silu(x):
+    return Activation.apply(x, kind=SILU)
+
+
+def gelu(x):
+    """GELU, tanh approximation (PyTorch's ``approximate="tanh"``)."""
+    return Activation.apply(x, kind=GELU)
+
+
+def swiglu(gate, up):
+    return Gated.apply(gate, up, kind=SILU)
+
+
+def geglu(gate, up):
+    return Gated.apply(gate, up, kind=GELU)
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+
+@kernel
+def _cross_entropy_forward(logits, targets, ignore_index, losses, lse):
+    rows, n = logits.shape
+    t = logits.dtype.type
+    for r in prange(rows):
+        m = logits[r, 0]
+        for j in range(1, n):
+            m = max(m, logits[r, j])
+        total = 0.0  # the row's sum of exps in float64
+        for j in range(n):
+            total += fast_exp(logits[r, j] - m)
+        lse[r] = m + t(math.log(total))
+        target = targets[r]
+        losses[r] = t(0) if target == ignore_index else lse[r] - logits[r, target]
+
+
+@kernel
+def _cross_entropy_backward(logits, targets, ignore_index, lse, row_grad, dlogits):
+    rows, n = logits.shape
+    for r in prange(rows):
+        shift, scale = lse[r], row_grad[r]
+        for j in range(n):
+            dlogits[r, j] = fast_exp(logits[r, j] - shift) * scale
+        target = targets[r]
+        if target != ignore_index:
+            dlogits[r, target] -= scale
+
+
+class CrossEntropy(Function):
+    """logits (M, C), targets (M,) int -> per-row loss (M,), or its mean or sum.
+
+    The semantics of ``losses.CrossEntropy`` (PyTorch's): rows whose target is
+    ``ignore_index`` give 0 and are not counted by "mean". Saved for backward: one lse
+    per row instead of the (M, C) log-probabilities.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, *, targets, ignore_index, reduction):
+        logits = np.ascontiguousarray(logits)
+        targets = np.ascontiguousarray(targets, dtype=np.int64)
+        losses = np.empty(logits.shape[0], dtype=logits.dtype)
+        lse = np.empty(logits.shape[0], dtype=logits.dtype)
+        _cross_entropy_forward(logits, targets, ignore_index, losses, lse)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.ignore_index, ctx.reduction = ignore_index, reduction
+        ctx.count = int(np.count_nonzero(targets != ignore_index))
+        if reduction == "none":
+            return losses
+        total = losses.sum()
+        if reduction == "sum":
+            return total
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (total / logits.dtype.type(ctx.count)).astype(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, lse = ctx.saved_tensors
+        # forward: loss_m = lse_m - logits_m[t_m]
+        #   ->  dlogits_m = (exp(logits_m - lse_m) - one_hot(t_m)) * row_grad_m,
+        # row_grad the upstream gradient by reduction (grad_m, grad, grad / count), 0 on
+        # ignored rows
+        if ctx.reduction == "none":
+            row_grad = np.asarray(grad, dtype=logits.dtype)
+        else:
+            per_row = grad / max(ctx.count, 1) if ctx.reduction == "mean" else grad
+            row_grad = np.full(len(targets), per_row, dtype=logits.dtype)
+        row_grad = np.where(targets != ctx.ignore_index, row_grad, 0).astype(logits.dtype)
+        dlogits = np.empty_like(logits)
+        _cross_entropy_backward(logits, targets, ctx.ignore_index, lse, row_grad, dlogits)
+        return dlogits
+
+
+def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "mean"):
+    """``losses.cross_entropy`` (same arguments, errors and results) on the fused kernel.
+
+    logits (..., C) Tensor, targets (...) int -> a scalar ("mean", "sum") or (...) ("none").
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    logits = logits if isinstance(logits, Tensor) else Tensor(np.asarray(logits))
+    targets = np.asarray(getattr(targets, "data", targets))
+    if logits.dtype.kind != "f":
+        raise TypeError(f"logits must be floating point, got dtype {logits.dtype}")
+    if not np.issubdtype(targets.dtype, np.integer):
+        raise TypeError(f"targets must be integer class indices, got dtype {targets.dtype}")
+    if logits.ndim < 1 or targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets must have the shape of logits without the class axis: "
+                         f"logits {logits.shape} needs targets {logits.shape[:-1]}, got {targets.shape}")
+    live = targets[targets != ignore_index]
+    if live.size and (live.min() < 0 or live.max() >= logits.shape[-1]):
+        raise ValueError(f"targets must be in [0, {logits.shape[-1]}) or ignore_index={ignore_index}, "
+                         f"got values in [{live.min()}, {live.max()}]")
+    flat = logits.reshape(-1, logits.shape[-1])  # (M, C)
+    loss = CrossEntropy.apply(flat, targets=targets.reshape(-1), ignore_index=ignore_index,
+                              reduction=reduction)
+    return loss.reshape(targets.shape) if reduction == "none" else loss
+
+
+# ----------------------------------------------------------------------------- Embedding
+
+COLUMNS = 64  # embedding columns per task of the backward
+
+
+@kernel
+def _embedding_backward(tokens, g, dweight):
+    rows, n = g.shape
+    for b in prange((n + COLUMNS - 1) // COLUMNS):
+        for r in range(rows):
+            token = tokens[r]
+            for j in range(b * COLUMNS, min(n, (b + 1) * COLUMNS)):
+                dweight[token, j] += g[r, j]
+
+
+class Embedding(Function):
+    """weight (V, E), tokens (...) int in [0, V) -> weight[tokens] (..., E).
+
+    Backward: each task owns a range of columns and adds every row of the gradient into
+    its token's row there, so repeated tokens add up with no atomics, in a fixed order.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, *, tokens):
+        ctx.tokens, ctx.weight_shape = tokens, weight.shape
+        return np.take(weight, tokens, axis=0)  # (..., E)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # forward: out[i] = weight[tokens[i]]  ->  dweight[tokens[i]] += grad[i]
+        dweight = np.zeros(ctx.weight_shape, dtype=grad.dtype)
+        tokens = np.ascontiguousarray(ctx.tokens, dtype=np.int64).reshape(-1)
+        _embedding_backward(tokens, _rows(grad), dweight)
+        return dweight
+
+
+# ----------------------------------------------------------------------------- AdamW
+
+
+@kernel
+def _adamw_update(param, grad, exp_avg, exp_avg_sq, hyper):
+    t = param.dtype.type
+    decay, beta1, beta2 = t(hyper[0]), t(hyper[1]), t(hyper[2])
+    step_size, sqrt_bias_correction2, eps = t(hyper[3]), t(hyper[4]), t(hyper[5])
+    n = param.shape[0]
+    for b in prange((n + BLOCK - 1) // BLOCK):
+        start, stop = b * BLOCK, min(n, (b + 1) * BLOCK)
+        ps, gs, ms, vs = param[start:stop], grad[start:stop], exp_avg[start:stop], exp_avg_sq[start:stop]
+        for i in range(stop - start):
+            g = gs[i]
+            m = beta1 * ms[i] + (t(1) - beta1) * g
+            v = beta2 * vs[i] + (t(1) - beta2) * g * g
+            ms[i], vs[i] = m, v
+            ps[i] = ps[i] * decay - step_size * m / (math.sqrt(v) / sqrt_bias_correction2 + eps)
+
+
+def adamw_update(param, grad, exp_avg, exp_avg_sq, *, step, lr, betas, eps, weight_decay):
+    """One AdamW step on arrays, in place (``param``, ``exp_avg``, ``exp_avg_sq``), in one
+    pass over memory; the maths of ``optim.AdamW``'s docstring (PyTorch's)::
+
+        p = p * (1 - lr * weight_decay)
+        m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g^2
+        p -= lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)
+
+    The arrays must be C-contiguous (flat views are updated); ``step`` counts from 1.
+    """
+    beta1, beta2 = betas
+    hyper = np.array([1 - lr * weight_decay, beta1, beta2, lr / (1 - beta1**step),
+                      math.sqrt(1 - beta2**step), eps])
+    flats = [a.reshape(-1) for a in (param, grad, exp_avg, exp_avg_sq)]
+    _adamw_update(*flats, hyper)
