@@ -1,0 +1,815 @@
+"""Flash attention on the GPU, rung 2: register micro-tiles (numba.cuda), forward and backward.
+
+Rung 1 (``flash.py``) gives each thread one query row and scalar dot products: one
+shared-memory load per FMA. Rung 2 is the design of every fast SGEMM (siboehm's SGEMM_CUDA,
+kernel 5-6): a block of ``threads_rows x threads_cols`` threads computes a ``rows x cols``
+tile of a product, each thread a small register tile of it, from operands staged in shared
+memory *k-major* (the contraction index first), read four at a time (16-byte vector loads).
+A 4 x 4 thread tile does 16 FMAs per two 16-byte loads: 8 FMA per shared load instead of 1.
+
+Shape legend: see ``spec.py``::
+
+    q (B, Hq, Nq, D)   k (B, Hkv, Nk, D)   v (B, Hkv, Nk, Dv)   bias (Bm, Hm, Nq, Nk)
+    out (B, Hq, Nq, Dv)   stats (2, B, Hq, Nq) = (m, l)   rows (3, B, Hq, Nq) = (shift, 1/norm, delta)
+
+Who owns what (``Tiling(rows=64, cols=64, threads_rows=16, threads_cols=16, chunk=16)``, 256
+threads; thread ``t = ty * 16 + tx``). In the forward a block owns query rows
+``i0 .. i0+63``; for each key tile ``j0 .. j0+63`` thread (ty, tx) holds the scores of rows
+``i0 + 4ty .. 4ty+3`` and keys ``j0 + 4tx .. 4tx+3`` in registers::
+
+              keys j0 ..                                 (cols: 16 lanes x 4)
+              tx=0      tx=1      ...   tx=15
+    ty=0   [ t0: 4x4 ][ t1: 4x4 ] ... [ t15 ]      rows i0+0..3    } lanes 0..15 of warp 0
+    ty=1   [ t16     ][ t17     ] ... [ t31 ]      rows i0+4..7    } lanes 16..31 of warp 0
+    ...
+    ty=15  [ t240    ][ t241    ] ... [ t255]      rows i0+60..63
+
+A thread tile of more than 4 rows (or columns) takes several such 4-wide fragments, 64 apart
+(``row(r) = (r // 4) * 4 * threads_rows + 4 * ty + r % 4``), so that the 16-byte loads of a
+quarter warp stay on distinct banks. The 16 lanes of a row share it: the row max and row sum
+are reduced across them with ``shfl_xor_sync`` (a butterfly: every lane ends with the same
+bits). The output tile ``O (rows x Dv)`` is owned the same way (Dv over the 16 lanes, 4 or 8
+columns each), so ``m_i``, ``l_i`` and the ``alpha`` rescale stay in the thread that owns
+the row.
+
+Four kernels, named as in Triton's fused-attention tutorial:
+
+``_attn_fwd``            grid (ceil(Nq / rows), Hq, B). Per key tile: ``S = Q K^T`` over
+                         head-dim chunks (Q^T and K^T chunks staged d-major, ``chunk x rows``
+                         and ``chunk x cols``); scale, bias and (diagonal tiles only) the band;
+                         online softmax; ``P^T`` written to shared memory; ``O += P V`` with V
+                         staged ``chunk`` key rows at a time.
+``_attn_bwd_preprocess`` ``rows = (shift, 1/norm, delta)`` per query row, from
+                         ``masking.row_shift(m, l)`` and ``delta = out . dout``.
+``_attn_bwd_dkdv``       grid (ceil(Nk / rows), Hkv, B): the key tile is resident (its rows are
+                         the block's rows). For each query head of the GQA group and each
+                         query tile: ``S^T = K Q^T``, ``dP^T = V dO^T``, then
+                         ``p = exp(s - shift) / norm``, ``ds = p (dp - delta)``; ``P^T`` through
+                         shared memory for ``dV += P^T dO``, then ``dS^T`` for ``dK += dS^T Q``.
+                         A kv head's gradient is summed over its group in one block: no atomics.
+``_attn_bwd_dq``         grid (ceil(Nq / rows), Hq, B): ``S``, ``dP = dO V^T``, ``dS``, then
+                         ``dQ += dS K`` with K staged ``chunk`` key rows at a time.
+
+Every output element is written by one thread after a fixed-order loop, and the shuffles
+reduce in a fixed order, so results are bit-identical from run to run.
+
+Masking, as in rung 1, only through the rules of ``masking.py`` compiled by
+``compile.compile_rules(cuda.jit(device=True))``: ``key_range`` / ``query_range`` skip the
+tiles outside the band; a tile wholly inside the band and the sequence (``tile_in_band``) takes
+the *full* path, with no per-element test; the others (the diagonal) test ``in_band`` per
+element. The test is outside the FMA loops either way, so those loops are the same on both
+paths. Bias through ``has_bias`` / ``bias_index`` (``-inf`` forbids), dropout through
+``keep``. Empty rows: ``out = 0``, ``m = -inf``, ``l = 0``, zero gradients. The backward
+recomputes ``p = exp(s - shift) * (1 / norm)`` with ``(shift, norm) = row_shift(m, l)``:
+exact where ``exp(s - lse)`` is not (a row masked by -1e9), zero on empty rows.
+
+Head dims are padded (with zeros in shared memory, never read from global memory) to a
+multiple of ``4 * threads_cols`` and of ``chunk``; sizes are compile-time constants (local
+and shared array shapes must be), bias and dropout are run-time branches hoisted out of
+every FMA loop. Every floating constant is in the tile dtype: float32 kernels contain no
+float64 instruction.
+
+Tiles (``tiling_for``): float32 ``Tiling(64, 64, 16, 16, 16)``, float64
+``Tiling(32, 32, 8, 8, 16)``, whose shared memory at D = Dv = 128 is 34 KiB and 35 KiB
+(``shared_memory_bytes``), within the 48 KiB of static shared memory. Under the simulator
+(one Python thread per GPU thread) ``SIM_TILING`` = 2 x 2 threads, 8 x 8 tiles, chunk 4.
+``TILING_OVERRIDE`` forces another tiling (tests; ``benchmarks/gpu_tiled.py --tiling``).
+
+Compiled figures (``benchmarks/cuda_resources.py``, sm_90, float32): see docs/cuda-flash.md,
+"Rung 2". GPU timings: none yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from typing import NamedTuple
+
+import numpy as np
+
+from ..compile import compile_rules
+from ..spec import AttentionSpec
+from .flash import SHARED_MEMORY_BUDGET, is_device_array, simulated, to_device, to_host, unavailable_reason
+
+try:
+    import numba
+    from numba import cuda
+except ImportError:  # flash.unavailable_reason() says why
+    numba = cuda = None
+
+__all__ = ["forward", "backward", "to_device", "to_host", "unavailable_reason", "Tiling",
+           "tiling_for", "shared_memory_bytes", "kernel_functions", "kernel_signatures"]
+
+VEC = 4  # values per 16-byte shared load (two for float64, as two 16-byte loads)
+PAD = 4  # extra columns on transposed tiles: keeps rows 16-byte aligned, spreads the banks
+FULL_MASK = 0xFFFFFFFF
+
+
+class Tiling(NamedTuple):
+    rows: int  # the block's resident rows: queries (fwd, dq) or keys (dkdv)
+    cols: int  # the streamed tile: keys (fwd, dq) or queries (dkdv)
+    threads_rows: int  # threads along rows (ty)
+    threads_cols: int  # threads along cols (tx): lanes of one warp sharing a row, a power of 2
+    chunk: int  # contraction chunk staged per step (head dims in S, keys/queries in P V)
+
+    @property
+    def threads(self) -> int:
+        return self.threads_rows * self.threads_cols
+
+
+GPU_TILING = {"float32": Tiling(64, 64, 16, 16, 16), "float64": Tiling(32, 32, 8, 8, 16)}
+SIM_TILING = Tiling(8, 8, 2, 2, 4)
+TILING_OVERRIDE: Tiling | None = None
+
+
+def check_tiling(tiling: Tiling) -> None:
+    ty, tx = tiling.threads_rows, tiling.threads_cols
+    if tx & (tx - 1) or not 1 <= tx <= 32:
+        raise ValueError(f"threads_cols must be a power of two <= 32 (one warp's lanes), got {tx}")
+    if tiling.rows % (VEC * ty) or tiling.cols % (VEC * tx):
+        raise ValueError(f"rows must be a multiple of {VEC} * threads_rows and cols of "
+                         f"{VEC} * threads_cols: {tiling}")
+    if tiling.cols % tiling.chunk or tiling.rows % tiling.chunk:
+        raise ValueError(f"chunk must divide rows and cols: {tiling}")
+    if not simulated() and tiling.threads % 32:
+        raise ValueError(f"a block must be whole warps on a GPU: {tiling}")
+
+
+def tiling_for(dtype, D: int, Dv: int) -> Tiling:
+    """The tiling used for this dtype (SIM_TILING under the simulator, or the override)."""
+    if TILING_OVERRIDE is not None:
+        return TILING_OVERRIDE
+    if simulated():
+        return SIM_TILING
+    return GPU_TILING[np.dtype(dtype).name]
+
+
+def padded(n: int, tiling: Tiling) -> int:
+    """A head dim rounded up to a multiple of 4 * threads_cols and of chunk."""
+    step = math.lcm(VEC * tiling.threads_cols, tiling.chunk)
+    return -(-n // step) * step
+
+
+def shared_memory_bytes(dtype, D: int, Dv: int, tiling: Tiling) -> dict[str, int]:
+    """Static shared memory of each kernel, in bytes (what the PTX declares)."""
+    itemsize = np.dtype(dtype).itemsize
+    R, C, K = tiling.rows, tiling.cols, tiling.chunk
+    DP, DVP = padded(D, tiling), padded(Dv, tiling)
+    transposed = K * (R + PAD) + K * (C + PAD) + C * (R + PAD)  # a, b chunks and the P tile
+    return {
+        "_attn_fwd": (transposed + K * DVP) * itemsize,
+        "_attn_bwd_preprocess": 0,
+        "_attn_bwd_dkdv": (transposed + K * max(DP, DVP)) * itemsize,
+        "_attn_bwd_dq": (transposed + K * DP) * itemsize,
+    }
+
+
+# -- two pieces numba-cuda lacks: a 16-byte shared load, a simulated warp shuffle -------------
+
+
+def _load4_python(a, i, j):
+    return a[i, j], a[i, j + 1], a[i, j + 2], a[i, j + 3]
+
+
+@functools.lru_cache(maxsize=None)
+def _load4_intrinsic():
+    """``load4(a, i, j) -> (a[i, j], .., a[i, j+3])`` as 16-byte vector loads (LDS.128).
+
+    NVVM does not merge four scalar loads from a numba array into one vector load (the
+    address arithmetic hides the adjacency), so the vector load is written in LLVM IR: one
+    ``<4 x float>`` load, or two ``<2 x double>`` loads. ``a[i, j]`` must be 16-byte aligned:
+    shared arrays declared with ``alignment=16``, rows a multiple of 16 bytes, ``j % 4 == 0``.
+    """
+    from llvmlite import ir
+    from numba.core import types
+    from numba.cuda import cgutils
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def load4(typingctx, a, i, j):
+        sig = types.UniTuple(a.dtype, 4)(a, i, j)
+
+        def codegen(context, builder, sig, args):
+            aryty = sig.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            index = [context.cast(builder, x, t, types.intp) for x, t in zip(args[1:], sig.args[1:])]
+            ptr = cgutils.get_item_pointer2(
+                context, builder, data=ary.data, shape=cgutils.unpack_tuple(builder, ary.shape),
+                strides=cgutils.unpack_tuple(builder, ary.strides), layout=aryty.layout,
+                inds=index, wraparound=False)
+            elem = context.get_value_type(aryty.dtype)
+            per = 16 // np.dtype(str(aryty.dtype)).itemsize
+            vector = ir.VectorType(elem, per)
+            values = []
+            for part in range(VEC // per):
+                p = builder.gep(ptr, [ir.Constant(ir.IntType(64), part * per)]) if part else ptr
+                loaded = builder.load(builder.bitcast(p, vector.as_pointer()), align=16)
+                values += [builder.extract_element(loaded, ir.Constant(ir.IntType(32), e))
+                           for e in range(per)]
+            return context.make_tuple(builder, sig.return_type, values)
+
+        return sig, codegen
+
+    return load4
+
+
+def _opaque_python(x):
+    return x
+
+
+@functools.lru_cache(maxsize=None)
+def _opaque_intrinsic():
+    """``opaque(x) -> x`` (as int64) through a volatile ``mov``: LLVM cannot hoist what depends
+    on it out of a loop. Register pressure: LLVM hoists every loop-invariant address and index
+    of the staging loops and the epilogue out of the key-tile loop and keeps them all live
+    (measured: 160 registers for dq instead of 126); recomputing them costs a few integer
+    instructions per tile, outside the FMA loop."""
+    from llvmlite import ir
+    from numba.core import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def opaque(typingctx, x):
+        sig = types.int64(x)
+
+        def codegen(context, builder, sig, args):
+            value = context.cast(builder, args[0], sig.args[0], types.int64)
+            mov = ir.InlineAsm(ir.FunctionType(ir.IntType(64), [ir.IntType(64)]),
+                               "mov.b64 $0, $1;", "=l,l", side_effect=True)
+            return builder.call(mov, [value])
+
+        return sig, codegen
+
+    return opaque
+
+
+def _simulated_shfl_xor_sync(self, mask, value, lane_mask):
+    """The simulator's missing ``cuda.shfl_xor_sync``: every thread of the block posts its
+    value, waits at a barrier, reads its partner's, waits again. Correct when every thread of
+    the block calls it at the same point, which the kernels here do (the reductions are
+    outside any per-thread branch)."""
+    thread = threading.current_thread()
+    slots = thread._manager.__dict__.setdefault("_shuffle_slots", {})
+    slots[thread.thread_id] = value
+    thread.syncthreads()
+    partner = slots[thread.thread_id ^ lane_mask]
+    thread.syncthreads()
+    return partner
+
+
+def _install_simulated_shuffle() -> None:
+    from numba.cuda.simulator import kernelapi
+
+    if not hasattr(kernelapi.FakeCUDAModule, "shfl_xor_sync"):
+        kernelapi.FakeCUDAModule.shfl_xor_sync = _simulated_shfl_xor_sync
+
+
+# -- the kernels ------------------------------------------------------------------------------
+
+
+def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=None) -> dict:
+    """The four kernels as plain Python functions, every size a compile-time constant.
+
+    ``cuda.jit`` turns them into kernels (``_kernels``); ``cuda.compile_ptx`` compiles them
+    with ``kernel_signatures`` (benchmarks/cuda_resources.py, the PTX tests), passing their
+    own ``rules`` (``compile_rules(cuda.jit(device=True))``) compiled for their target.
+    """
+    check_tiling(tiling)
+    sim = simulated()
+    rules = rules or _shared_rules()
+    in_band, key_range, query_range, tile_in_band = (
+        rules.in_band, rules.key_range, rules.query_range, rules.tile_in_band)
+    has_bias, bias_index, keep, has_dropout, row_shift = (
+        rules.has_bias, rules.bias_index, rules.keep, rules.has_dropout, rules.row_shift)
+    if sim:
+        _install_simulated_shuffle()
+    load4 = _load4_python if sim else _load4_intrinsic()
+    opaque = _opaque_python if sim else _opaque_intrinsic()
+    ALIGN = None if sim else 16  # 16-byte vector loads; the simulator refuses alignments
+    device = cuda.jit(device=True, inline="always")
+
+    dtype = numba.from_dtype(np.dtype(dtype_name))
+    np_type = np.dtype(dtype_name).type
+    ZERO, ONE, NEG_INF = np_type(0), np_type(1), np_type(-np.inf)
+    R, C, K = tiling.rows, tiling.cols, tiling.chunk
+    TY, TX, NT = tiling.threads_rows, tiling.threads_cols, tiling.threads
+    DV, DP, DVP = Dv, padded(D, tiling), padded(Dv, tiling)
+    WP = max(DP, DVP)
+    RP, CP = R + PAD, C + PAD  # padded row lengths of the transposed tiles
+    RT, CT = R // TY, C // TX  # thread tile of S: RT x CT
+    DT, VT = DP // TX, DVP // TX  # thread tile columns of dQ/dK (D) and O/dV (Dv)
+    RY, CX, HX = VEC * TY, VEC * TX, TX // 2  # fragment strides; first shuffle distance
+    K4 = K // VEC  # runs of 4 columns in a chunk
+
+    # -- thread-tile coordinates: 4-wide fragments, one per 4 * threads apart --------------
+
+    @device
+    def row_of(r, ty):
+        return (r // VEC) * RY + ty * VEC + r % VEC
+
+    @device
+    def col_of(c, tx):
+        return (c // VEC) * CX + tx * VEC + c % VEC
+
+    # -- staging: global -> shared, zero outside the arrays --------------------------------
+
+    @device
+    def stage_transposed(dst, src, b, h, row0, n_rows, width, col0, t):
+        """dst[c, r] = src[b, h, row0 + r, col0 + c] for c < chunk: a d-major (k-major) chunk.
+
+        Each thread moves runs of 4 consecutive columns (few loop trips, few live addresses)."""
+        length = dst.shape[1] - PAD
+        t = opaque(t)
+        for e in range(t, length * K4, NT):
+            r = e // K4
+            c = (e % K4) * VEC
+            inside = row0 + r < n_rows
+            for u in range(VEC):
+                x = ZERO
+                if inside and col0 + c + u < width:
+                    x = src[b, h, row0 + r, col0 + c + u]
+                dst[c + u, r] = x
+
+    @device
+    def stage_rows(dst, src, b, h, row0, n_rows, width, padded_width, t):
+        """dst[r, c] = src[b, h, row0 + r, c] for r < chunk, c < padded_width."""
+        per_row = padded_width // VEC
+        t = opaque(t)
+        for e in range(t, K * per_row, NT):
+            r = e // per_row
+            c = (e % per_row) * VEC
+            inside = row0 + r < n_rows
+            for u in range(VEC):
+                x = ZERO
+                if inside and c + u < width:
+                    x = src[b, h, row0 + r, c + u]
+                dst[r, c + u] = x
+
+    # -- the FMA loop: acc (RT x n) += A[a0 + kk, rows]^T B[b0 + kk, cols], kk < chunk -----
+
+    def make_mma(n_cols):
+        @device
+        def mma(acc, a, a0, bmat, b0, ty, tx):
+            a_reg = cuda.local.array(RT, dtype)
+            b_reg = cuda.local.array(n_cols, dtype)
+            for kk in range(K):
+                for f in range(RT // VEC):
+                    x0, x1, x2, x3 = load4(a, a0 + kk, f * RY + ty * VEC)
+                    a_reg[f * VEC] = x0
+                    a_reg[f * VEC + 1] = x1
+                    a_reg[f * VEC + 2] = x2
+                    a_reg[f * VEC + 3] = x3
+                for g in range(n_cols // VEC):
+                    y0, y1, y2, y3 = load4(bmat, b0 + kk, g * CX + tx * VEC)
+                    b_reg[g * VEC] = y0
+                    b_reg[g * VEC + 1] = y1
+                    b_reg[g * VEC + 2] = y2
+                    b_reg[g * VEC + 3] = y3
+                for r in range(RT):
+                    for c in range(n_cols):
+                        acc[r, c] += a_reg[r] * b_reg[c]
+        return mma
+
+    mma_s, mma_dk, mma_dv = make_mma(CT), make_mma(DT), make_mma(VT)
+
+    # -- reductions across the lanes that share a row ---------------------------------------
+
+    @device
+    def row_max(x):
+        """max over the threads_cols lanes of a row; a NaN sticks (NaN in, NaN out)."""
+        distance = HX
+        while distance > 0:
+            y = cuda.shfl_xor_sync(FULL_MASK, x, distance)
+            if y > x or y != y:
+                x = y
+            distance //= 2
+        return x
+
+    @device
+    def row_sum(x):
+        distance = HX
+        while distance > 0:
+            x += cuda.shfl_xor_sync(FULL_MASK, x, distance)
+            distance //= 2
+        return x
+
+    @device
+    def lane_coords():
+        """(ty, tx) of this thread, recomputed where called (``opaque``: not hoisted)."""
+        t = opaque(cuda.threadIdx.x)
+        return t // TX, t % TX
+
+    @device
+    def zero(acc, n_cols):
+        for r in range(RT):
+            for c in range(n_cols):
+                acc[r, c] = ZERO
+
+    @device
+    def scores(acc, bias, band, scale, b, h, i0, j0, Nq, Nk, queries_are_rows):
+        """acc (the raw products) -> scale * acc + bias, -inf where the pair is forbidden.
+
+        ``queries_are_rows``: the thread tile is (queries x keys) (fwd, dq) or its transpose
+        (dkdv). Full tiles (inside the band and the sequences) skip the band test."""
+        R_q, R_k = (R, C) if queries_are_rows else (C, R)
+        full = i0 + R_q <= Nq and j0 + R_k <= Nk and tile_in_band(band, i0, R_q, j0, R_k)
+        with_bias = has_bias(bias)
+        bb, hb = bias_index(bias, b, h)
+        ty, tx = lane_coords()
+        for r in range(RT):
+            for c in range(CT):
+                if queries_are_rows:
+                    i = i0 + row_of(r, ty)
+                    j = j0 + col_of(c, tx)
+                else:
+                    i = i0 + col_of(c, tx)
+                    j = j0 + row_of(r, ty)
+                s = acc[r, c] * scale
+                if full:
+                    if with_bias:
+                        s += bias[bb, hb, i, j]
+                elif i < Nq and j < Nk and in_band(band, i, j):
+                    if with_bias:
+                        s += bias[bb, hb, i, j]
+                else:
+                    s = NEG_INF
+                acc[r, c] = s
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def _attn_fwd(q, k, v, bias, band, dropout, reals, out, stats):
+        q_chunk = cuda.shared.array((K, RP), dtype, alignment=ALIGN)  # Q^T rows d0..d0+K
+        k_chunk = cuda.shared.array((K, CP), dtype, alignment=ALIGN)  # K^T rows d0..d0+K
+        p_tile = cuda.shared.array((C, RP), dtype, alignment=ALIGN)  # P^T (keys x queries)
+        v_chunk = cuda.shared.array((K, DVP), dtype, alignment=ALIGN)  # V rows j0+jc .. +K
+        s_acc = cuda.local.array((RT, CT), dtype)
+        o_acc = cuda.local.array((RT, VT), dtype)
+        m_i = cuda.local.array(RT, dtype)  # running max (the shift of the exps so far)
+        l_i = cuda.local.array(RT, dtype)  # running sum of exp(s - m_i), before dropout
+        shift = cuda.local.array(RT, dtype)
+
+        t = cuda.threadIdx.x
+        ty, tx = t // TX, t % TX
+        h, b = cuda.blockIdx.y, cuda.blockIdx.z
+        Nq, Nk = q.shape[2], k.shape[2]
+        h_kv = h // (q.shape[1] // k.shape[1])
+        scale, dropout_scale = reals
+        with_dropout = has_dropout(dropout)
+        i0 = cuda.blockIdx.x * R
+
+        zero(o_acc, VT)
+        for r in range(RT):
+            m_i[r] = NEG_INF
+            l_i[r] = ZERO
+
+        j_lo, j_hi = key_range(band, i0, min(Nq, i0 + R), Nk)
+        for j0 in range((j_lo // C) * C, j_hi, C):
+            # 1. S = Q K^T, head dims in chunks of K
+            zero(s_acc, CT)
+            for d0 in range(0, DP, K):
+                cuda.syncthreads()  # every thread is done with the previous chunk
+                stage_transposed(q_chunk, q, b, h, i0, Nq, D, d0, t)
+                stage_transposed(k_chunk, k, b, h_kv, j0, Nk, D, d0, t)
+                cuda.syncthreads()
+                mma_s(s_acc, q_chunk, 0, k_chunk, 0, ty, tx)
+            scores(s_acc, bias, band, scale, b, h, i0, j0, Nq, Nk, True)
+
+            # 2. online softmax: m_new = max(m_i, max_j s_ij), alpha = exp(m_i - m_new)
+            ty, tx = lane_coords()
+            for r in range(RT):
+                m_tile = NEG_INF
+                for c in range(CT):
+                    x = s_acc[r, c]
+                    if x > m_tile or x != x:
+                        m_tile = x
+                m_tile = row_max(m_tile)
+                m_old = m_i[r]
+                m_new = m_tile if (m_tile > m_old or m_tile != m_tile) else m_old
+                alpha = ONE
+                shift[r] = ZERO  # nothing allowed so far: exp(-inf - 0) = 0, never NaN
+                if m_new != NEG_INF:
+                    alpha = math.exp(m_old - m_new)  # 0 on the first allowed tile
+                    shift[r] = m_new
+                m_i[r] = m_new
+                l_i[r] *= alpha
+                for e in range(VT):
+                    o_acc[r, e] *= alpha
+
+            # 3. p = exp(s - m_new); l_i += rowsum(p) (before dropout); P^T to shared memory
+            cuda.syncthreads()  # the previous tile's P V is done with p_tile
+            for r in range(RT):
+                i = i0 + row_of(r, ty)
+                total = ZERO
+                for c in range(CT):
+                    p = math.exp(s_acc[r, c] - shift[r])
+                    total += p
+                    if with_dropout:
+                        p = p * dropout_scale if keep(dropout, b, h, i, j0 + col_of(c, tx)) else ZERO
+                    p_tile[col_of(c, tx), row_of(r, ty)] = p
+                l_i[r] += row_sum(total)
+
+            # 4. O += P V, keys in chunks of K
+            for jc in range(0, C, K):
+                cuda.syncthreads()
+                stage_rows(v_chunk, v, b, h_kv, j0 + jc, Nk, DV, DVP, t)
+                cuda.syncthreads()
+                mma_dv(o_acc, p_tile, jc, v_chunk, 0, ty, tx)
+
+        # 5. out = acc / l (0 on an empty row); stats = (m, l)
+        for r in range(RT):
+            i = i0 + row_of(r, ty)
+            if i < Nq:
+                inv_l = ONE / l_i[r] if l_i[r] != ZERO else ZERO  # a NaN l stays NaN
+                for e in range(VT):
+                    d = col_of(e, tx)
+                    if d < DV:
+                        out[b, h, i, d] = o_acc[r, e] * inv_l
+                if tx == 0:
+                    stats[0, b, h, i] = m_i[r]
+                    stats[1, b, h, i] = l_i[r]
+
+    # -- backward ------------------------------------------------------------------------------
+
+    def _attn_bwd_preprocess(out, dout, stats, rows):
+        """rows[:, b, h, i] = (shift, 1 / norm, delta): p = exp(s - shift) * (1 / norm)."""
+        h, b = cuda.blockIdx.y, cuda.blockIdx.z
+        i = cuda.blockIdx.x * NT + cuda.threadIdx.x
+        if i < out.shape[2]:
+            shift, norm = row_shift(stats[0, b, h, i], stats[1, b, h, i])
+            # delta_i = sum_j p_ij dp_ij = sum_d out_id dout_id
+            total = ZERO
+            for d in range(DV):
+                total += out[b, h, i, d] * dout[b, h, i, d]
+            rows[0, b, h, i] = shift
+            rows[1, b, h, i] = ONE / norm  # 0 on an empty row (norm = +inf)
+            rows[2, b, h, i] = total
+
+    def _attn_bwd_dkdv(q, k, v, bias, band, dropout, reals, dout, rows, dk, dv):
+        k_chunk = cuda.shared.array((K, RP), dtype, alignment=ALIGN)  # K^T or V^T chunk (keys)
+        q_chunk = cuda.shared.array((K, CP), dtype, alignment=ALIGN)  # Q^T or dO^T chunk (queries)
+        p_tile = cuda.shared.array((C, RP), dtype, alignment=ALIGN)  # dP, P_drop, dS (queries x keys)
+        w_chunk = cuda.shared.array((K, WP), dtype, alignment=ALIGN)  # dO or Q rows i0+ic .. +K
+        acc = cuda.local.array((RT, CT), dtype)  # dP^T, then S^T, then dS^T
+        dk_acc = cuda.local.array((RT, DT), dtype)
+        dv_acc = cuda.local.array((RT, VT), dtype)
+
+        t = cuda.threadIdx.x
+        ty, tx = t // TX, t % TX
+        h_kv, b = cuda.blockIdx.y, cuda.blockIdx.z
+        Nq, Nk = q.shape[2], k.shape[2]
+        group = q.shape[1] // k.shape[1]
+        scale, dropout_scale = reals
+        with_dropout = has_dropout(dropout)
+        j0 = cuda.blockIdx.x * R
+
+        zero(dk_acc, DT)
+        zero(dv_acc, VT)
+        i_lo, i_hi = query_range(band, j0, min(Nk, j0 + R), Nq)
+        for g in range(group):  # GQA: kv head h_kv served query heads h_kv*group .. +group
+            h = h_kv * group + g
+            for i0 in range((i_lo // C) * C, i_hi, C):
+                # 1. forward: out = p_drop @ v  ->  dp_drop^T = v @ dout^T, parked in p_tile
+                #    (one tile of registers instead of two: dK and dV hold the rest)
+                zero(acc, CT)
+                for d0 in range(0, DVP, K):
+                    cuda.syncthreads()  # (the first also: the previous dK product is done)
+                    stage_transposed(k_chunk, v, b, h_kv, j0, Nk, DV, d0, t)
+                    stage_transposed(q_chunk, dout, b, h, i0, Nq, DV, d0, t)
+                    cuda.syncthreads()
+                    mma_s(acc, k_chunk, 0, q_chunk, 0, ty, tx)
+                ty, tx = lane_coords()
+                for r in range(RT):
+                    for c in range(CT):
+                        p_tile[col_of(c, tx), row_of(r, ty)] = acc[r, c]
+                # forward: s = scale * q @ k^T + bias  (here transposed: keys x queries)
+                zero(acc, CT)
+                for d0 in range(0, DP, K):
+                    cuda.syncthreads()
+                    stage_transposed(k_chunk, k, b, h_kv, j0, Nk, D, d0, t)
+                    stage_transposed(q_chunk, q, b, h, i0, Nq, D, d0, t)
+                    cuda.syncthreads()
+                    mma_s(acc, k_chunk, 0, q_chunk, 0, ty, tx)
+                scores(acc, bias, band, scale, b, h, i0, j0, Nq, Nk, False)
+                ty, tx = lane_coords()
+                for c in range(CT):
+                    i = i0 + col_of(c, tx)
+                    row_shift_i, inv_norm, delta = ZERO, ZERO, ZERO  # padding queries: p = 0
+                    if i < Nq:
+                        row_shift_i, inv_norm, delta = rows[0, b, h, i], rows[1, b, h, i], rows[2, b, h, i]
+                    for r in range(RT):
+                        # forward: p = exp(s - m) / l, recomputed (masking.row_shift)
+                        p = math.exp(acc[r, c] - row_shift_i) * inv_norm
+                        dp = p_tile[col_of(c, tx), row_of(r, ty)]  # this thread's own element
+                        p_drop = p
+                        # 2. forward: p_drop = p * z  ->  dp = dp_drop * z
+                        if with_dropout:
+                            if keep(dropout, b, h, i, j0 + row_of(r, ty)):
+                                p_drop = p * dropout_scale
+                                dp *= dropout_scale
+                            else:
+                                p_drop = ZERO
+                                dp = ZERO
+                        p_tile[col_of(c, tx), row_of(r, ty)] = p_drop
+                        # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta)
+                        acc[r, c] = ZERO if p == ZERO else p * (dp - delta)
+                # 4. forward: out = p_drop @ v  ->  dv += p_drop^T @ dout, queries in chunks of K
+                for ic in range(0, C, K):
+                    cuda.syncthreads()
+                    stage_rows(w_chunk, dout, b, h, i0 + ic, Nq, DV, DVP, t)
+                    cuda.syncthreads()
+                    mma_dv(dv_acc, p_tile, ic, w_chunk, 0, ty, tx)
+                # 5. forward: s = scale * q @ k^T  ->  dk += ds^T @ q (scale at the end)
+                cuda.syncthreads()
+                ty, tx = lane_coords()
+                for r in range(RT):
+                    for c in range(CT):
+                        p_tile[col_of(c, tx), row_of(r, ty)] = acc[r, c]
+                for ic in range(0, C, K):
+                    cuda.syncthreads()
+                    stage_rows(w_chunk, q, b, h, i0 + ic, Nq, D, DP, t)
+                    cuda.syncthreads()
+                    mma_dk(dk_acc, p_tile, ic, w_chunk, 0, ty, tx)
+
+        ty, tx = lane_coords()
+        for r in range(RT):
+            j = j0 + row_of(r, ty)
+            if j < Nk:
+                for e in range(DT):
+                    d = col_of(e, tx)
+                    if d < D:
+                        dk[b, h_kv, j, d] = dk_acc[r, e] * scale
+                for e in range(VT):
+                    d = col_of(e, tx)
+                    if d < DV:
+                        dv[b, h_kv, j, d] = dv_acc[r, e]
+
+    def _attn_bwd_dq(q, k, v, bias, band, dropout, reals, dout, rows, dq):
+        q_chunk = cuda.shared.array((K, RP), dtype, alignment=ALIGN)  # Q^T or dO^T chunk (queries)
+        k_chunk = cuda.shared.array((K, CP), dtype, alignment=ALIGN)  # K^T or V^T chunk (keys)
+        ds_tile = cuda.shared.array((C, RP), dtype, alignment=ALIGN)  # dP^T, then dS^T (keys x queries)
+        w_chunk = cuda.shared.array((K, DP), dtype, alignment=ALIGN)  # K rows j0+jc .. +K
+        acc = cuda.local.array((RT, CT), dtype)  # dP, then S
+        dq_acc = cuda.local.array((RT, DT), dtype)
+        row_shift_i = cuda.local.array(RT, dtype)
+        inv_norm = cuda.local.array(RT, dtype)
+        delta = cuda.local.array(RT, dtype)
+
+        t = cuda.threadIdx.x
+        ty, tx = t // TX, t % TX
+        h, b = cuda.blockIdx.y, cuda.blockIdx.z
+        Nq, Nk = q.shape[2], k.shape[2]
+        h_kv = h // (q.shape[1] // k.shape[1])
+        scale, dropout_scale = reals
+        with_dropout = has_dropout(dropout)
+        i0 = cuda.blockIdx.x * R
+
+        zero(dq_acc, DT)
+        for r in range(RT):
+            i = i0 + row_of(r, ty)
+            row_shift_i[r], inv_norm[r], delta[r] = ZERO, ZERO, ZERO  # padding rows: p = 0
+            if i < Nq:
+                row_shift_i[r], inv_norm[r], delta[r] = rows[0, b, h, i], rows[1, b, h, i], rows[2, b, h, i]
+
+        j_lo, j_hi = key_range(band, i0, min(Nq, i0 + R), Nk)
+        for j0 in range((j_lo // C) * C, j_hi, C):
+            # 1. forward: out = p_drop @ v  ->  dp_drop = dout @ v^T, parked in ds_tile
+            zero(acc, CT)
+            for d0 in range(0, DVP, K):
+                cuda.syncthreads()  # (the first also: the previous dQ product is done)
+                stage_transposed(q_chunk, dout, b, h, i0, Nq, DV, d0, t)
+                stage_transposed(k_chunk, v, b, h_kv, j0, Nk, DV, d0, t)
+                cuda.syncthreads()
+                mma_s(acc, q_chunk, 0, k_chunk, 0, ty, tx)
+            ty, tx = lane_coords()
+            for r in range(RT):
+                for c in range(CT):
+                    ds_tile[col_of(c, tx), row_of(r, ty)] = acc[r, c]
+            # forward: s = scale * q @ k^T + bias
+            zero(acc, CT)
+            for d0 in range(0, DP, K):
+                cuda.syncthreads()
+                stage_transposed(q_chunk, q, b, h, i0, Nq, D, d0, t)
+                stage_transposed(k_chunk, k, b, h_kv, j0, Nk, D, d0, t)
+                cuda.syncthreads()
+                mma_s(acc, q_chunk, 0, k_chunk, 0, ty, tx)
+            scores(acc, bias, band, scale, b, h, i0, j0, Nq, Nk, True)
+            ty, tx = lane_coords()
+            for r in range(RT):
+                i = i0 + row_of(r, ty)
+                for c in range(CT):
+                    # forward: p = exp(s - m) / l
+                    p = math.exp(acc[r, c] - row_shift_i[r]) * inv_norm[r]
+                    dp = ds_tile[col_of(c, tx), row_of(r, ty)]  # this thread's own element
+                    # 2. forward: p_drop = p * z  ->  dp = dp_drop * z
+                    if with_dropout:
+                        dp = dp * dropout_scale if keep(dropout, b, h, i, j0 + col_of(c, tx)) else ZERO
+                    # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta)
+                    ds_tile[col_of(c, tx), row_of(r, ty)] = ZERO if p == ZERO else p * (dp - delta[r])
+            # 4. forward: s = scale * q @ k^T  ->  dq += ds @ k (scale at the end), keys in chunks
+            for jc in range(0, C, K):
+                cuda.syncthreads()
+                stage_rows(w_chunk, k, b, h_kv, j0 + jc, Nk, D, DP, t)
+                cuda.syncthreads()
+                mma_dk(dq_acc, ds_tile, jc, w_chunk, 0, ty, tx)
+
+        ty, tx = lane_coords()
+        for r in range(RT):
+            i = i0 + row_of(r, ty)
+            if i < Nq:
+                for e in range(DT):
+                    d = col_of(e, tx)
+                    if d < D:
+                        dq[b, h, i, d] = dq_acc[r, e] * scale
+
+    return {
+        "_attn_fwd": _attn_fwd,
+        "_attn_bwd_preprocess": _attn_bwd_preprocess,
+        "_attn_bwd_dkdv": _attn_bwd_dkdv,
+        "_attn_bwd_dq": _attn_bwd_dq,
+    }
+
+
+def kernel_signatures(dtype_name: str) -> dict[str, str]:
+    """Explicit signatures of the four kernels (C-contiguous arrays), for cuda.compile_ptx."""
+    if dtype_name not in ("float32", "float64"):
+        raise ValueError(f"the cuda kernels take float32 or float64, got {dtype_name!r}")
+    f = dtype_name
+    a4 = f"{f}[:, :, :, ::1]"
+    records = f"{a4}, UniTuple(int64, 3), UniTuple(int64, 3), UniTuple({f}, 2)"  # bias, band, dropout, reals
+    return {
+        "_attn_fwd": f"void({a4}, {a4}, {a4}, {records}, {a4}, {a4})",
+        "_attn_bwd_preprocess": f"void({a4}, {a4}, {a4}, {a4})",
+        "_attn_bwd_dkdv": f"void({a4}, {a4}, {a4}, {records}, {a4}, {a4}, {a4}, {a4})",
+        "_attn_bwd_dq": f"void({a4}, {a4}, {a4}, {records}, {a4}, {a4}, {a4})",
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_rules():
+    return compile_rules(cuda.jit(device=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(dtype_name: str, D: int, Dv: int, tiling: Tiling) -> dict:
+    """cuda.jit kernels for one (dtype, D, Dv, tiling), compiled at first launch."""
+    return {name: cuda.jit(fn) for name, fn in kernel_functions(dtype_name, D, Dv, tiling).items()}
+
+
+# -- host side ------------------------------------------------------------------------------
+
+
+def _prepare(spec: AttentionSpec):
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the cuda attention backend is unavailable: {reason}")
+    dtype = np.dtype(spec.dtype)
+    tiling = tiling_for(dtype, spec.D, spec.Dv)
+    kernels = _kernels(dtype.name, spec.D, spec.Dv, tiling)
+    bias, band, dropout, reals = spec.pack()
+    band = tuple(int(x) for x in band)
+    dropout = tuple(int(x) for x in dropout)
+    reals = tuple(dtype.type(x) for x in reals)
+    return kernels, tiling, (to_device(np.ascontiguousarray(bias, dtype=dtype)), band, dropout, reals)
+
+
+def _as_device(x, dtype):
+    return x if is_device_array(x) else cuda.to_device(np.ascontiguousarray(x, dtype=dtype))
+
+
+def forward(q, k, v, spec: AttentionSpec):
+    """out (B, Hq, Nq, Dv), stats (2, B, Hq, Nq); device arrays in -> device arrays out."""
+    on_device = is_device_array(q)
+    kernels, tiling, records = _prepare(spec)
+    dtype = np.dtype(spec.dtype)
+    q_d, k_d, v_d = (_as_device(x, dtype) for x in (q, k, v))
+    out = cuda.device_array((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=dtype)
+    stats = cuda.device_array((2, spec.B, spec.Hq, spec.Nq), dtype=dtype)
+    grid = (math.ceil(spec.Nq / tiling.rows), spec.Hq, spec.B)
+    kernels["_attn_fwd"][grid, tiling.threads](q_d, k_d, v_d, *records, out, stats)
+    if on_device:
+        return out, stats
+    return out.copy_to_host(), stats.copy_to_host()
+
+
+def backward(q, k, v, out, stats, dout, spec: AttentionSpec):
+    """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv); deterministic, no atomics."""
+    on_device = is_device_array(q)
+    kernels, tiling, records = _prepare(spec)
+    dtype = np.dtype(spec.dtype)
+    q_d, k_d, v_d, out_d, stats_d, dout_d = (
+        _as_device(x, dtype) for x in (q, k, v, out, stats, dout))
+    rows = cuda.device_array((3, spec.B, spec.Hq, spec.Nq), dtype=dtype)
+    dq = cuda.device_array((spec.B, spec.Hq, spec.Nq, spec.D), dtype=dtype)
+    dk = cuda.device_array((spec.B, spec.Hkv, spec.Nk, spec.D), dtype=dtype)
+    dv = cuda.device_array((spec.B, spec.Hkv, spec.Nk, spec.Dv), dtype=dtype)
+    threads = tiling.threads
+    kernels["_attn_bwd_preprocess"][(math.ceil(spec.Nq / threads), spec.Hq, spec.B), threads](
+        out_d, dout_d, stats_d, rows)
+    kernels["_attn_bwd_dkdv"][(math.ceil(spec.Nk / tiling.rows), spec.Hkv, spec.B), threads](
+        q_d, k_d, v_d, *records, dout_d, rows, dk, dv)
+    kernels["_attn_bwd_dq"][(math.ceil(spec.Nq / tiling.rows), spec.Hq, spec.B), threads](
+        q_d, k_d, v_d, *records, dout_d, rows, dq)
+    if on_device:
+        return dq, dk, dv
+    return dq.copy_to_host(), dk.copy_to_host(), dv.copy_to_host()
