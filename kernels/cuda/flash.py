@@ -1,11 +1,25 @@
-"""Tiled flash attention on the GPU with numba.cuda: forward, and a backward without atomics.
+"""Rung 1 of the CUDA ladder: flash attention with numba.cuda, one query (or key) row per
+thread. Forward, and a backward without atomics.
 
 Shape legend: see ``spec.py``::
 
     q (B, Hq, Nq, D)   k (B, Hkv, Nk, D)   v (B, Hkv, Nk, Dv)   bias (Bm, Hm, Nq, Nk)
-    out (B, Hq, Nq, Dv)   lse (B, Hq, Nq)   delta (B, Hq, Nq)
+    out (B, Hq, Nq, Dv)   stats (2, B, Hq, Nq) = (m, l)   delta (B, Hq, Nq)
 
-Four kernels, named as in Triton's fused-attention tutorial:
+Module protocol (``kernels/protocol.py``): ``forward(q, k, v, spec) -> (out, stats)`` and
+``backward(q, k, v, out, stats, dout, spec) -> (dq, dk, dv)`` take NumPy arrays or CUDA device
+arrays; results come back as device arrays when ``q`` is one, else as NumPy arrays.
+``to_device`` / ``to_host`` move arrays; ``unavailable_reason()`` says why this backend cannot
+run here (None when it can).
+
+Four kernels, named as in Triton's fused-attention tutorial; the spec reaches them as the
+records of ``spec.pack()`` (``bias, band, dropout, reals``), unpacked only by the rules of
+``masking.py``::
+
+    _attn_fwd(q, k, v, out, stats, bias, band, dropout, reals)
+    _attn_bwd_preprocess(out, dout, delta)
+    _attn_bwd_dkdv(q, k, v, dout, stats, delta, dk, dv, bias, band, dropout, reals)
+    _attn_bwd_dq(q, k, v, dout, stats, delta, dq, bias, band, dropout, reals)
 
 ``_attn_fwd``            grid (ceil(Nq / BLOCK_M), Hq, B), BLOCK_M threads. Thread ``t`` owns
                          query row ``i = tile * BLOCK_M + t``: its q row, ``acc`` (Dv),
@@ -13,28 +27,39 @@ Four kernels, named as in Triton's fused-attention tutorial:
                          BLOCK_N rows are staged in shared memory by the whole block (coalesced
                          row-major loads) and every thread reads the same K/V row at the same
                          time (a shared-memory broadcast, no bank conflicts). Online softmax
-                         with ``alpha = exp(m_old - m_new)``; ``lse = m_i + log(l_i)`` stored.
+                         with ``alpha = exp(m_old - m_new)``; stores ``stats = (m_i, l_i)``.
 ``_attn_bwd_preprocess`` ``delta_i = sum_d out_id * dout_id``, one thread per query row.
 ``_attn_bwd_dkdv``       grid (ceil(Nk / BLOCK_N), Hkv, B), BLOCK_N threads. Thread ``t`` owns
                          key row ``j``: k, v rows and the ``dk``/``dv`` accumulators in
                          registers. It loops over the GQA group's query heads and, for each,
                          over query tiles of BLOCK_M rows staged in shared memory (q, dout,
-                         lse, delta). A kv head's gradient is summed over its group inside one
-                         thread, so no atomics are needed.
+                         and per row the shift, 1 / norm and delta). A kv head's gradient is
+                         summed over its group inside one thread, so no atomics are needed.
 ``_attn_bwd_dq``         grid (ceil(Nq / BLOCK_M), Hq, B), BLOCK_M threads. Thread ``t`` owns
                          query row ``i``: q, dout rows, ``dq`` accumulator; K/V tiles staged.
 
 Every output element is written by exactly one thread after a fixed-order loop, so forward
 and backward are deterministic (bit-identical from run to run).
 
-Masking: the band (causal + window, ``spec.window_left/right``, bottom-right aligned) decides
-which tiles are visited at all: ``masking.key_range`` / ``masking.query_range`` (what
-``AttentionSpec.key_range`` / ``query_range`` call), compiled
-as device functions, so tiles outside the band are skipped. Inside a tile each pair is
-checked with ``masking.in_band`` and the additive ``spec.bias`` (``-inf`` forbids); dropout
-uses ``masking.keep``, the same counter-based hash as every other backend. Those helpers are
-compiled from ``kernels/masking.py`` as-is with ``cuda.jit(device=True)``. A row with no
-allowed key gets ``out = 0``, ``lse = -inf`` and zero gradients; nothing becomes NaN.
+Probabilities. The backward recomputes ``p = exp(s - shift) / norm`` with
+``(shift, norm) = masking.row_shift(m, l)``, never ``exp(s - lse)``: beside a float mask of
+-1e9 (or finfo.min) ``m + log(l)`` rounds ``log(l)`` away and every key of the row would get
+p = 1. A row that allowed no key has ``m = -inf, l = 0``; row_shift gives it shift 0 and
+norm +inf, so its p (and the forward's ``out = acc / norm``) is 0: the one empty-row rule.
+
+Scale. ``q`` is multiplied by ``scale`` once, as it is loaded, so the score
+``s = (scale * q) . k + bias`` is one chain of FMAs in every kernel. With ``s = (q . k) * scale``
+NVVM (which contracts a multiply and a following add into an FMA by default) fused the
+backward's ``s * scale - m`` into one FMA, skipping the rounding of ``s`` that the forward's
+``m`` was taken from: p moved by up to an ulp of ``s``, 1e-5 in dv at float32 scores of ~1e3
+(measured on an H200; the simulator, which does not fuse, could not see it).
+
+Masking: the band (``band`` record: causal + window, bottom-right aligned) decides which
+tiles are visited at all: ``masking.key_range`` / ``masking.query_range``, so tiles outside
+the band are skipped. Inside a tile each pair is checked with ``masking.in_band`` and the
+bias plane ``masking.bias_index`` picks is added (``-inf`` forbids); dropout uses
+``masking.keep``, the same counter-based hash as every other backend. The rules are compiled
+from ``kernels/masking.py`` as-is by ``compile.compile_rules(cuda.jit(device=True))``.
 
 Tiles (``tile_config``). "Resident" rows are the ones a thread owns (query rows in the
 forward and dQ kernels, key rows in dK/dV); "staged" rows are streamed through shared memory:
@@ -42,40 +67,36 @@ forward and dQ kernels, key rows in dK/dV); "staged" rows are streamed through s
 * forward / dQ: ``BLOCK_M = resident`` threads, ``BLOCK_N = staged`` key rows;
 * dK/dV:        ``BLOCK_N = resident`` threads, ``BLOCK_M = staged`` query rows.
 
-On a GPU: ``resident = 64`` threads (two warps; each thread holds ~D + Dv + BLOCK_N values in
-registers, so more rows per block would mostly add register spills at D = 128) and ``staged``
-is the largest power of two <= 64 whose tiles fit the 48 KiB of static shared memory a block
-may use without opting in to dynamic shared memory: staged * (D + Dv + 2) * itemsize <= 48 KiB.
-That gives staged = 64 for float32 up to D + Dv = 190 and 32 at D = Dv = 128 (32.3 KiB);
-for float64, 32 and 16. These are design choices, **not measured**: no GPU was available when
-this was written; ``benchmarks/gpu_flash.py`` measures them. Under numba's simulator
-(``NUMBA_ENABLE_CUDASIM=1``) every thread is a Python thread, so ``SIM_TILES`` (8 x 8) keeps
-the thread count small while still covering several tiles and ragged edges at N = 37.
-``TILES_OVERRIDE`` forces other tiles (for tuning on a GPU, and for tests).
+On a GPU: ``resident = 64`` threads (two warps) and ``staged`` is the largest power of two
+<= 64 whose tiles fit the 48 KiB of static shared memory a block may use without opting in
+to dynamic shared memory: staged * (D + Dv + 3) * itemsize <= 48 KiB. That gives staged = 64
+for float32 up to D + Dv = 189 and 32 at D = Dv = 128 (32.4 KiB); for float64, 32 and 16.
+Each thread keeps D + Dv (+ BLOCK_N) values in local arrays: on an H200 (``benchmarks/
+gpu_flash.py --resources``) every float32 kernel but the preprocess uses 221-255 registers and
+spills (dK/dV at D = 128: 1.7 KiB of local memory per thread), which is what limits rung 1
+(docs/cuda-flash.md has the speeds). Under numba's simulator (``NUMBA_ENABLE_CUDASIM=1``)
+every thread is a Python thread, so ``SIM_TILES`` (8 x 8) keeps the thread count small while
+still covering several tiles and ragged edges at N = 37. ``TILES_OVERRIDE`` forces other
+tiles (for tuning on a GPU, and for tests).
 
 Kernels are built lazily, on first use, by a cached factory keyed on (dtype, D, Dv, tiles,
 has_bias, has_dropout): head dims and tiles are compile-time constants (local and shared
-array sizes must be), and a missing bias or dropout compiles to no code at all. Importing
-this module needs neither a GPU nor numba-cuda. The scale and every floating constant are in
-the tile dtype, so float32 kernels contain no float64 arithmetic (checked on the PTX).
-
-Module protocol: ``forward(q, k, v, spec) -> (out, lse)`` and
-``backward(q, k, v, out, lse, dout, spec) -> (dq, dk, dv)`` take NumPy arrays or CUDA device
-arrays; results come back as device arrays when ``q`` is one, else as NumPy arrays.
-``to_device`` / ``to_host`` move arrays; ``unavailable_reason()`` says why this backend cannot
-run here (None when it can).
+array sizes must be), and a missing bias or dropout compiles to no code at all (the empty
+(1, 1, 0, 0) bias record of ``spec.pack()`` is still passed). Importing this module needs
+neither a GPU nor numba-cuda. The scale and every floating constant are in the tile dtype, so
+float32 kernels contain no float64 arithmetic (checked on the PTX).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import types
 from typing import NamedTuple
 
 import numpy as np
 
 from .. import masking
+from ..compile import compile_rules
 from ..spec import AttentionSpec
 
 try:
@@ -108,16 +129,20 @@ def simulated() -> bool:
     return cuda is not None and bool(numba.config.ENABLE_CUDASIM)
 
 
-def staged_rows(itemsize: int, D: int, Dv: int, budget: int = SHARED_MEMORY_BUDGET) -> int:
-    """Largest power of two <= GPU_MAX_STAGED with staged * (D + Dv + 2) * itemsize <= budget.
+ROW_VECTORS = 3  # per staged query row of the dK/dV kernel: shift, 1 / norm and delta
 
-    The ``+ 2`` is the lse and delta vectors staged beside q and dout in the dK/dV kernel.
-    Worked example: float32, D = Dv = 128: 64 rows need 66 KiB, 32 rows 33 KiB -> 32.
+
+def staged_rows(itemsize: int, D: int, Dv: int, budget: int = SHARED_MEMORY_BUDGET) -> int:
+    """Largest power of two <= GPU_MAX_STAGED with staged * (D + Dv + 3) * itemsize <= budget.
+
+    The ``+ 3`` is the row vectors staged beside q and dout in the dK/dV kernel
+    (``ROW_VECTORS``: the shift, 1 / norm of ``masking.row_shift``, and delta).
+    Worked example: float32, D = Dv = 128: 64 rows need 64.8 KiB, 32 rows 32.4 KiB -> 32.
     """
     rows = GPU_MAX_STAGED
-    while rows > 1 and rows * (D + Dv + 2) * itemsize > budget:
+    while rows > 1 and rows * (D + Dv + ROW_VECTORS) * itemsize > budget:
         rows //= 2
-    if rows * (D + Dv + 2) * itemsize > budget:
+    if rows * (D + Dv + ROW_VECTORS) * itemsize > budget:
         raise ValueError(f"head dims D={D}, Dv={Dv} are too large for the cuda backend: one "
                          f"staged row needs more than {budget} bytes of shared memory")
     return rows
@@ -138,7 +163,7 @@ def shared_memory_bytes(dtype, D: int, Dv: int, tiles: Tiles) -> dict[str, int]:
     return {
         "_attn_fwd": tiles.staged * (D + Dv) * itemsize,
         "_attn_bwd_preprocess": 0,
-        "_attn_bwd_dkdv": tiles.staged * (D + Dv + 2) * itemsize,
+        "_attn_bwd_dkdv": tiles.staged * (D + Dv + ROW_VECTORS) * itemsize,
         "_attn_bwd_dq": tiles.staged * (D + Dv) * itemsize,
     }
 
@@ -179,55 +204,37 @@ def to_host(x):
 # -- the kernels ------------------------------------------------------------------------------
 
 
-def compile_device_function(fn, compiled: dict | None = None):
-    """``cuda.jit(device=True)(fn)``, after compiling the plain functions ``fn`` calls.
+def device_rules():
+    """Every rule of ``masking.py`` compiled as a CUDA device function (``compile.compile_rules``).
 
-    ``masking.keep`` calls ``dropout_bits``, which calls ``mix32``: plain Python globals that
-    numba cannot call from a kernel. So each callee defined in the same module is compiled
-    first (once), and ``fn`` is compiled from a copy of itself whose globals name the
-    compiled callees. The code object is the same: the helpers are compiled as written.
+    Compiled fresh on each call; launches share one set (``_shared_device_rules``), and the PTX
+    checks compile their own under a patched "current device" (tests/kernels/test_cuda_ptx.py).
     """
-    compiled = {} if compiled is None else compiled
-    if fn in compiled:
-        return compiled[fn]
-    callees = {}
-    for name in fn.__code__.co_names:
-        callee = fn.__globals__.get(name)
-        if isinstance(callee, types.FunctionType) and callee.__module__ == fn.__module__:
-            callees[name] = compile_device_function(callee, compiled)
-    rebound = types.FunctionType(fn.__code__, {**fn.__globals__, **callees}, fn.__name__,
-                                 fn.__defaults__, fn.__closure__)
-    compiled[fn] = cuda.jit(device=True)(rebound)
-    return compiled[fn]
+    return compile_rules(cuda.jit(device=True))
 
 
-def device_helpers() -> tuple:
-    """masking.in_band / masking.keep and the band ranges, compiled as device functions."""
-    return tuple(compile_device_function(fn) for fn in (
-        masking.in_band, masking.keep, masking.key_range, masking.query_range))
-
-
-_shared_device_helpers = functools.lru_cache(maxsize=None)(device_helpers)
+_shared_device_rules = functools.lru_cache(maxsize=None)(device_rules)
 
 
 def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: bool,
-                     has_dropout: bool, helpers: tuple | None = None) -> dict:
+                     has_dropout: bool, rules=None) -> dict:
     """The four kernels as plain Python functions with every size baked in as a constant.
 
     ``cuda.jit`` turns them into kernels (``_kernels``); ``cuda.compile_ptx`` compiles them
     with explicit signatures (``kernel_signatures``) for the PTX checks, which pass their own
-    ``helpers`` (from :func:`device_helpers`) so nothing they compile is shared with launches.
+    ``rules`` (from :func:`device_rules`) so nothing they compile is shared with launches.
     """
-    in_band, keep, key_range, query_range = helpers or _shared_device_helpers()
+    rules = rules or _shared_device_rules()
+    in_band, key_range, query_range = rules.in_band, rules.key_range, rules.query_range
+    bias_index, keep, row_shift = rules.bias_index, rules.keep, rules.row_shift
     dtype = numba.from_dtype(np.dtype(dtype_name))
     np_type = np.dtype(dtype_name).type
-    ZERO, ONE, NEG_INF, POS_INF = np_type(0), np_type(1), np_type(-np.inf), np_type(np.inf)
+    ZERO, ONE, NEG_INF = np_type(0), np_type(1), np_type(-np.inf)
     HAS_BIAS, HAS_DROPOUT = has_bias, has_dropout
     DV = Dv
     RESIDENT, STAGED = tiles.resident, tiles.staged  # plain ints: compile-time constants
 
-    def _attn_fwd(q, k, v, bias, out, lse, scale, offset, window_left, window_right,
-                  seed_lo, seed_hi, threshold, dropout_scale):
+    def _attn_fwd(q, k, v, out, stats, bias, band, dropout, reals):
         BLOCK_M, BLOCK_N = RESIDENT, STAGED
         k_tile = cuda.shared.array((BLOCK_N, D), dtype)  # (BLOCK_N, D)
         v_tile = cuda.shared.array((BLOCK_N, DV), dtype)  # (BLOCK_N, Dv)
@@ -240,21 +247,21 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
         b = cuda.blockIdx.z
         Nq, Nk = q.shape[2], k.shape[2]
         h_kv = h // (q.shape[1] // k.shape[1])
-        b_bias = b if bias.shape[0] > 1 else 0
-        h_bias = h if bias.shape[1] > 1 else 0
+        b_bias, h_bias = bias_index(bias, b, h)
+        scale, dropout_scale = reals
         i_start = cuda.blockIdx.x * BLOCK_M
         i_stop = min(Nq, i_start + BLOCK_M)
         i = i_start + t
         row_valid = i < Nq
 
-        for d in range(D):
-            q_row[d] = q[b, h, i, d] if row_valid else ZERO
+        for d in range(D):  # q pre-scaled: the score is one FMA chain (see "Scale" above)
+            q_row[d] = q[b, h, i, d] * scale if row_valid else ZERO
         for d in range(DV):
             acc[d] = ZERO
         m_i = NEG_INF  # running max of the scores seen so far
         l_i = ZERO  # running sum of exp(s - m_i)
 
-        j_lo, j_hi = key_range(i_start, i_stop, Nk, offset, window_left, window_right)
+        j_lo, j_hi = key_range(band, i_start, i_stop, Nk)
         for j0 in range((j_lo // BLOCK_N) * BLOCK_N, j_hi, BLOCK_N):
             # Stage K/V rows j0 .. j0 + BLOCK_N: consecutive threads read consecutive elements.
             cuda.syncthreads()  # every thread is done with the previous tile
@@ -272,11 +279,10 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
             for jj in range(BLOCK_N):
                 j = j0 + jj
                 s = NEG_INF
-                if j < Nk and in_band(i, j, offset, window_left, window_right):
-                    s = ZERO
+                if j < Nk and in_band(band, i, j):
+                    s = ZERO  # s = (scale * q_i) . k_j + bias_ij
                     for d in range(D):
                         s += q_row[d] * k_tile[jj, d]
-                    s *= scale
                     if HAS_BIAS:
                         s += bias[b_bias, h_bias, i, j]
                 s_row[jj] = s
@@ -293,9 +299,9 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                 p = math.exp(s_row[jj] - m_new)
                 if p == ZERO:
                     continue
-                l_i += p  # lse is taken before dropout
+                l_i += p  # l is summed before dropout
                 if HAS_DROPOUT:
-                    if not keep(seed_lo, seed_hi, b, h, i, j0 + jj, threshold):
+                    if not keep(dropout, b, h, i, j0 + jj):
                         continue
                     p *= dropout_scale
                 for d in range(DV):
@@ -303,15 +309,14 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
             m_i = m_new
 
         if row_valid:
-            if l_i == ZERO:  # no allowed key: zeros and lse = -inf
-                for d in range(DV):
-                    out[b, h, i, d] = ZERO
-                lse[b, h, i] = NEG_INF
-            else:  # (a NaN l_i, from a NaN input, stays NaN)
-                inv_l = ONE / l_i
-                for d in range(DV):
-                    out[b, h, i, d] = acc[d] * inv_l
-                lse[b, h, i] = m_i + math.log(l_i)
+            # out = acc / l; a row that allowed no key (m = -inf, l = 0) gets norm = +inf,
+            # so out = 0 (masking.row_shift: the one empty-row rule). A NaN l stays NaN.
+            _, norm = row_shift(m_i, l_i)
+            inv_norm = ONE / norm
+            for d in range(DV):
+                out[b, h, i, d] = acc[d] * inv_norm
+            stats[0, b, h, i] = m_i
+            stats[1, b, h, i] = l_i
 
     def _attn_bwd_preprocess(out, dout, delta):
         BLOCK_M = RESIDENT
@@ -325,12 +330,12 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                 total += out[b, h, i, d] * dout[b, h, i, d]
             delta[b, h, i] = total
 
-    def _attn_bwd_dkdv(q, k, v, bias, dout, lse, delta, dk, dv, scale, offset, window_left,
-                       window_right, seed_lo, seed_hi, threshold, dropout_scale):
+    def _attn_bwd_dkdv(q, k, v, dout, stats, delta, dk, dv, bias, band, dropout, reals):
         BLOCK_N, BLOCK_M = RESIDENT, STAGED
         q_tile = cuda.shared.array((BLOCK_M, D), dtype)  # (BLOCK_M, D)
         do_tile = cuda.shared.array((BLOCK_M, DV), dtype)  # (BLOCK_M, Dv)
-        lse_tile = cuda.shared.array(BLOCK_M, dtype)
+        shift_tile = cuda.shared.array(BLOCK_M, dtype)  # per query row: p = exp(s - shift) * inv_norm
+        inv_norm_tile = cuda.shared.array(BLOCK_M, dtype)
         delta_tile = cuda.shared.array(BLOCK_M, dtype)
         k_row = cuda.local.array(D, dtype)
         v_row = cuda.local.array(DV, dtype)
@@ -342,7 +347,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
         b = cuda.blockIdx.z
         Nq, Nk = q.shape[2], k.shape[2]
         group = q.shape[1] // k.shape[1]
-        b_bias = b if bias.shape[0] > 1 else 0
+        scale, dropout_scale = reals
         j_start = cuda.blockIdx.x * BLOCK_N
         j_stop = min(Nk, j_start + BLOCK_N)
         j = j_start + t
@@ -355,43 +360,46 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
             v_row[d] = v[b, h_kv, j, d] if col_valid else ZERO
             dv_acc[d] = ZERO
 
-        i_lo, i_hi = query_range(j_start, j_stop, Nq, offset, window_left, window_right)
+        i_lo, i_hi = query_range(band, j_start, j_stop, Nq)
         for g in range(group):  # GQA: kv head h_kv served query heads h_kv*group .. +group
             h = h_kv * group + g
-            h_bias = h if bias.shape[1] > 1 else 0
+            b_bias, h_bias = bias_index(bias, b, h)
             for i0 in range((i_lo // BLOCK_M) * BLOCK_M, i_hi, BLOCK_M):
                 cuda.syncthreads()  # every thread is done with the previous tile
-                for e in range(t, BLOCK_M * D, BLOCK_N):
+                for e in range(t, BLOCK_M * D, BLOCK_N):  # q pre-scaled, as in the forward
                     r, c = e // D, e % D
-                    q_tile[r, c] = q[b, h, i0 + r, c] if i0 + r < Nq else ZERO
+                    q_tile[r, c] = q[b, h, i0 + r, c] * scale if i0 + r < Nq else ZERO
                 for e in range(t, BLOCK_M * DV, BLOCK_N):
                     r, c = e // DV, e % DV
                     do_tile[r, c] = dout[b, h, i0 + r, c] if i0 + r < Nq else ZERO
                 for r in range(t, BLOCK_M, BLOCK_N):
-                    # forward: p = exp(s - lse); an empty row (lse = -inf) must give p = 0,
-                    # so its lse is staged as +inf: exp(s - inf) = 0
-                    row_lse = lse[b, h, i0 + r] if i0 + r < Nq else POS_INF
-                    lse_tile[r] = POS_INF if row_lse == NEG_INF else row_lse
-                    delta_tile[r] = delta[b, h, i0 + r] if i0 + r < Nq else ZERO
+                    # forward: p = exp(s - m) / l; an empty row gets shift 0, norm +inf: p = 0
+                    shift, inv_norm, row_delta = ZERO, ZERO, ZERO  # rows past Nq: never read
+                    if i0 + r < Nq:
+                        shift, norm = row_shift(stats[0, b, h, i0 + r], stats[1, b, h, i0 + r])
+                        inv_norm = ONE / norm
+                        row_delta = delta[b, h, i0 + r]
+                    shift_tile[r] = shift
+                    inv_norm_tile[r] = inv_norm
+                    delta_tile[r] = row_delta
                 cuda.syncthreads()
                 if not col_valid:
                     continue
 
                 for ii in range(BLOCK_M):
                     i = i0 + ii
-                    if not (i < Nq and in_band(i, j, offset, window_left, window_right)):
+                    if not (i < Nq and in_band(band, i, j)):
                         continue
-                    # forward: s = scale * q @ k^T + bias
+                    # forward: s = (scale * q) @ k^T + bias
                     s = ZERO
                     for d in range(D):
                         s += q_tile[ii, d] * k_row[d]
-                    s *= scale
                     if HAS_BIAS:
                         s += bias[b_bias, h_bias, i, j]
-                    # forward: p = exp(s - lse), recomputed instead of stored
-                    p = math.exp(s - lse_tile[ii])
+                    # forward: p = exp(s - m) / l, recomputed instead of stored
+                    p = math.exp(s - shift_tile[ii]) * inv_norm_tile[ii]
                     if p == ZERO:
-                        continue  # masked (s = -inf) or negligible: no gradient either way
+                        continue  # masked (s = -inf), an empty row, or negligible: no gradient
                     # 1. forward: out = p_drop @ v  ->  dv += p_drop * dout_i, dp_drop = dout_i . v_j
                     dp = ZERO
                     for d in range(DV):
@@ -399,7 +407,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                     p_drop = p
                     # 2. forward: p_drop = p * z  ->  dp = dp_drop * z
                     if HAS_DROPOUT:
-                        if keep(seed_lo, seed_hi, b, h, i, j, threshold):
+                        if keep(dropout, b, h, i, j):
                             p_drop = p * dropout_scale
                             dp *= dropout_scale
                         else:
@@ -409,18 +417,17 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                         dv_acc[d] += p_drop * do_tile[ii, d]
                     # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta)
                     ds = p * (dp - delta_tile[ii])
-                    # 4. forward: s = scale * q @ k^T  ->  dk = scale * ds^T @ q (scale at the end)
+                    # 4. forward: s = (scale * q) @ k^T  ->  dk = ds^T @ (scale * q)
                     for d in range(D):
                         dk_acc[d] += ds * q_tile[ii, d]
 
         if col_valid:
             for d in range(D):
-                dk[b, h_kv, j, d] = dk_acc[d] * scale
+                dk[b, h_kv, j, d] = dk_acc[d]
             for d in range(DV):
                 dv[b, h_kv, j, d] = dv_acc[d]
 
-    def _attn_bwd_dq(q, k, v, bias, dout, lse, delta, dq, scale, offset, window_left,
-                     window_right, seed_lo, seed_hi, threshold, dropout_scale):
+    def _attn_bwd_dq(q, k, v, dout, stats, delta, dq, bias, band, dropout, reals):
         BLOCK_M, BLOCK_N = RESIDENT, STAGED
         k_tile = cuda.shared.array((BLOCK_N, D), dtype)  # (BLOCK_N, D)
         v_tile = cuda.shared.array((BLOCK_N, DV), dtype)  # (BLOCK_N, Dv)
@@ -433,24 +440,26 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
         b = cuda.blockIdx.z
         Nq, Nk = q.shape[2], k.shape[2]
         h_kv = h // (q.shape[1] // k.shape[1])
-        b_bias = b if bias.shape[0] > 1 else 0
-        h_bias = h if bias.shape[1] > 1 else 0
+        b_bias, h_bias = bias_index(bias, b, h)
+        scale, dropout_scale = reals
         i_start = cuda.blockIdx.x * BLOCK_M
         i_stop = min(Nq, i_start + BLOCK_M)
         i = i_start + t
         row_valid = i < Nq
 
-        for d in range(D):
-            q_row[d] = q[b, h, i, d] if row_valid else ZERO
+        for d in range(D):  # q pre-scaled, as in the forward
+            q_row[d] = q[b, h, i, d] * scale if row_valid else ZERO
             dq_acc[d] = ZERO
         for d in range(DV):
             do_row[d] = dout[b, h, i, d] if row_valid else ZERO
-        lse_i = lse[b, h, i] if row_valid else POS_INF
-        if lse_i == NEG_INF:
-            lse_i = POS_INF  # empty row: p = exp(s - inf) = 0 everywhere
-        delta_i = delta[b, h, i] if row_valid else ZERO
+        # forward: p = exp(s - m) / l; an empty row gets shift 0, norm +inf: p = 0
+        shift_i, inv_norm_i, delta_i = ZERO, ZERO, ZERO  # a row past Nq computes nothing
+        if row_valid:
+            shift_i, norm_i = row_shift(stats[0, b, h, i], stats[1, b, h, i])
+            inv_norm_i = ONE / norm_i
+            delta_i = delta[b, h, i]
 
-        j_lo, j_hi = key_range(i_start, i_stop, Nk, offset, window_left, window_right)
+        j_lo, j_hi = key_range(band, i_start, i_stop, Nk)
         for j0 in range((j_lo // BLOCK_N) * BLOCK_N, j_hi, BLOCK_N):
             cuda.syncthreads()  # every thread is done with the previous tile
             for e in range(t, BLOCK_N * D, BLOCK_M):
@@ -465,17 +474,16 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
 
             for jj in range(BLOCK_N):
                 j = j0 + jj
-                if not (j < Nk and in_band(i, j, offset, window_left, window_right)):
+                if not (j < Nk and in_band(band, i, j)):
                     continue
-                # forward: s = scale * q @ k^T + bias
+                # forward: s = (scale * q) @ k^T + bias
                 s = ZERO
                 for d in range(D):
                     s += q_row[d] * k_tile[jj, d]
-                s *= scale
                 if HAS_BIAS:
                     s += bias[b_bias, h_bias, i, j]
-                # forward: p = exp(s - lse)
-                p = math.exp(s - lse_i)
+                # forward: p = exp(s - m) / l
+                p = math.exp(s - shift_i) * inv_norm_i
                 if p == ZERO:
                     continue
                 # 1. forward: out = p_drop @ v  ->  dp_drop = dout_i . v_j
@@ -484,13 +492,13 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                     dp += do_row[d] * v_tile[jj, d]
                 # 2. forward: p_drop = p * z  ->  dp = dp_drop * z
                 if HAS_DROPOUT:
-                    if keep(seed_lo, seed_hi, b, h, i, j, threshold):
+                    if keep(dropout, b, h, i, j):
                         dp *= dropout_scale
                     else:
                         dp = ZERO
                 # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta)
                 ds = p * (dp - delta_i)
-                # 4. forward: s = scale * q @ k^T  ->  dq = scale * ds @ k (scale at the end)
+                # 4. forward: s = (scale * q) @ k^T  ->  dq = scale * ds @ k (scale at the end)
                 for d in range(D):
                     dq_acc[d] += ds * k_tile[jj, d]
 
@@ -507,19 +515,21 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
 
 
 def kernel_signatures(dtype_name: str) -> dict[str, str]:
-    """Explicit signatures of the four kernels (C-contiguous arrays), for cuda.compile_ptx."""
+    """Explicit signatures of the four kernels (C-contiguous arrays), for cuda.compile_ptx.
+
+    The spec's records (``spec.pack()``) travel as tuples: a Python tuple of ints is a
+    ``UniTuple(int64, n)`` to numba, a tuple of the dtype's scalars a ``UniTuple(dtype, 2)``.
+    """
     if dtype_name not in ("float32", "float64"):
         raise ValueError(f"the cuda kernels take float32 or float64, got {dtype_name!r}")
     f = dtype_name
     a3, a4 = f"{f}[:, :, ::1]", f"{f}[:, :, :, ::1]"
-    band = "int64, int64, int64"  # offset, window_left, window_right
-    dropout = f"int64, int64, int64, {f}"  # seed_lo, seed_hi, threshold, dropout_scale
+    packed = f"{a4}, UniTuple(int64, 3), UniTuple(int64, 3), UniTuple({f}, 2)"  # bias, band, dropout, reals
     return {
-        "_attn_fwd": f"void({a4}, {a4}, {a4}, {a4}, {a4}, {a3}, {f}, {band}, {dropout})",
+        "_attn_fwd": f"void({a4}, {a4}, {a4}, {a4}, {a4}, {packed})",
         "_attn_bwd_preprocess": f"void({a4}, {a4}, {a3})",
-        "_attn_bwd_dkdv": (f"void({a4}, {a4}, {a4}, {a4}, {a4}, {a3}, {a3}, {a4}, {a4}, "
-                           f"{f}, {band}, {dropout})"),
-        "_attn_bwd_dq": f"void({a4}, {a4}, {a4}, {a4}, {a4}, {a3}, {a3}, {a4}, {f}, {band}, {dropout})",
+        "_attn_bwd_dkdv": f"void({a4}, {a4}, {a4}, {a4}, {a4}, {a3}, {a4}, {a4}, {packed})",
+        "_attn_bwd_dq": f"void({a4}, {a4}, {a4}, {a4}, {a4}, {a3}, {a4}, {packed})",
     }
 
 
@@ -537,8 +547,7 @@ def _kernels(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: bool,
 class _Launch(NamedTuple):
     kernels: dict
     tiles: Tiles
-    bias: object  # device array (Bm, Hm, Nq, Nk), or a (1, 1, 1, 1) placeholder
-    band_and_dropout: tuple  # the trailing scalar arguments every attention kernel takes
+    packed: tuple  # (bias on the device, band, dropout, reals): spec.pack() as kernels take it
 
 
 def _prepare(spec: AttentionSpec) -> _Launch:
@@ -547,15 +556,11 @@ def _prepare(spec: AttentionSpec) -> _Launch:
         raise RuntimeError(f"the cuda attention backend is unavailable: {reason}")
     dtype = np.dtype(spec.dtype)
     tiles = tile_config(dtype, spec.D, spec.Dv)
-    has_dropout = spec.dropout_p > 0.0
-    kernels = _kernels(dtype.name, spec.D, spec.Dv, tiles, spec.has_bias, has_dropout)
-    bias = spec.bias if spec.has_bias else np.zeros((1, 1, 1, 1), dtype=dtype)
-    tail = (
-        np.int64(spec.offset), np.int64(spec.window_left), np.int64(spec.window_right),
-        np.int64(spec.seed_lo), np.int64(spec.seed_hi), np.int64(spec.dropout_threshold),
-        dtype.type(spec.dropout_scale if has_dropout else 1.0),
-    )
-    return _Launch(kernels, tiles, cuda.to_device(np.ascontiguousarray(bias, dtype=dtype)), tail)
+    bias, band, dropout, reals = spec.pack()  # bias: (Bm, Hm, Nq, Nk), or (1, 1, 0, 0) for none
+    kernels = _kernels(dtype.name, spec.D, spec.Dv, tiles, bool(masking.has_bias(bias)),
+                       bool(masking.has_dropout(dropout)))
+    bias_d = cuda.to_device(np.ascontiguousarray(bias, dtype=dtype))
+    return _Launch(kernels, tiles, (bias_d, band, dropout, reals))
 
 
 def _as_device(x, dtype):
@@ -565,30 +570,28 @@ def _as_device(x, dtype):
 
 
 def forward(q, k, v, spec: AttentionSpec):
-    """out (B, Hq, Nq, Dv), lse (B, Hq, Nq); device arrays in -> device arrays out."""
+    """out (B, Hq, Nq, Dv), stats (2, B, Hq, Nq) = (m, l); device arrays in -> device arrays out."""
     on_device = is_device_array(q)
     launch = _prepare(spec)
     dtype = np.dtype(spec.dtype)
     q_d, k_d, v_d = (_as_device(x, dtype) for x in (q, k, v))
     out = cuda.device_array((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=dtype)
-    lse = cuda.device_array((spec.B, spec.Hq, spec.Nq), dtype=dtype)
+    stats = cuda.device_array((2, spec.B, spec.Hq, spec.Nq), dtype=dtype)
     BLOCK_M = launch.tiles.resident
     grid = (math.ceil(spec.Nq / BLOCK_M), spec.Hq, spec.B)
-    scale = dtype.type(spec.scale)
-    launch.kernels["_attn_fwd"][grid, BLOCK_M](
-        q_d, k_d, v_d, launch.bias, out, lse, scale, *launch.band_and_dropout)
+    launch.kernels["_attn_fwd"][grid, BLOCK_M](q_d, k_d, v_d, out, stats, *launch.packed)
     if on_device:
-        return out, lse
-    return out.copy_to_host(), lse.copy_to_host()
+        return out, stats
+    return out.copy_to_host(), stats.copy_to_host()
 
 
-def backward(q, k, v, out, lse, dout, spec: AttentionSpec):
+def backward(q, k, v, out, stats, dout, spec: AttentionSpec):
     """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv); deterministic, no atomics."""
     on_device = is_device_array(q)
     launch = _prepare(spec)
     dtype = np.dtype(spec.dtype)
-    q_d, k_d, v_d, out_d, lse_d, dout_d = (
-        _as_device(x, dtype) for x in (q, k, v, out, lse, dout))
+    q_d, k_d, v_d, out_d, stats_d, dout_d = (
+        _as_device(x, dtype) for x in (q, k, v, out, stats, dout))
     delta = cuda.device_array((spec.B, spec.Hq, spec.Nq), dtype=dtype)
     dq = cuda.device_array((spec.B, spec.Hq, spec.Nq, spec.D), dtype=dtype)
     dk = cuda.device_array((spec.B, spec.Hkv, spec.Nk, spec.D), dtype=dtype)
@@ -596,13 +599,12 @@ def backward(q, k, v, out, lse, dout, spec: AttentionSpec):
     resident = launch.tiles.resident
     query_grid = (math.ceil(spec.Nq / resident), spec.Hq, spec.B)
     key_grid = (math.ceil(spec.Nk / resident), spec.Hkv, spec.B)
-    scale = dtype.type(spec.scale)
     kernels = launch.kernels
     kernels["_attn_bwd_preprocess"][query_grid, resident](out_d, dout_d, delta)
     kernels["_attn_bwd_dkdv"][key_grid, resident](
-        q_d, k_d, v_d, launch.bias, dout_d, lse_d, delta, dk, dv, scale, *launch.band_and_dropout)
+        q_d, k_d, v_d, dout_d, stats_d, delta, dk, dv, *launch.packed)
     kernels["_attn_bwd_dq"][query_grid, resident](
-        q_d, k_d, v_d, launch.bias, dout_d, lse_d, delta, dq, scale, *launch.band_and_dropout)
+        q_d, k_d, v_d, dout_d, stats_d, delta, dq, *launch.packed)
     if on_device:
         return dq, dk, dv
     return dq.copy_to_host(), dk.copy_to_host(), dv.copy_to_host()

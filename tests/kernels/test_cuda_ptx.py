@@ -10,6 +10,9 @@ installs the extra: see tests/conftest.py).
 * float32 kernels contain no float64 instruction (no stray double constant or promotion);
 * the shared memory each kernel declares is what ``flash.shared_memory_bytes`` says and fits
   the 48 KiB static budget;
+* the records of ``spec.pack()`` (band, dropout: ``UniTuple(int64, 3)``; reals:
+  ``UniTuple(dtype, 2)``) are kernel arguments, and no kernel takes more than 12;
+* a specialisation without bias or dropout compiles no dropout hash.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 import pytest
 
 from microattn.kernels.cuda import flash
+from microattn.kernels.spec import make_attention_spec
 
 CCS = [(8, 0), (9, 0)]
 DTYPES = ["float32", "float64"]
@@ -53,8 +57,9 @@ def compile_kernels(dtype_name, cc, D, Dv, has_bias, has_dropout):
     """{kernel name: PTX} for one specialisation, compiled for ``cc`` with no GPU present.
 
     ``cuda.compile_ptx`` takes the target from ``cc``, but a kernel's calls to
-    ``cuda.jit(device=True)`` helpers compile those for "the current device", which needs a
-    GPU. So the helpers are compiled fresh here, while that lookup answers ``cc``.
+    ``cuda.jit(device=True)`` functions (the masking rules, ``compile.compile_rules``) compile
+    those for "the current device", which needs a GPU. So the rules are compiled fresh here,
+    while that lookup answers ``cc``.
     """
     from numba.cuda import dispatcher
 
@@ -63,8 +68,8 @@ def compile_kernels(dtype_name, cc, D, Dv, has_bias, has_dropout):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dispatcher, "get_current_device",
                       lambda: SimpleNamespace(compute_capability=cc))
-        helpers = flash.device_helpers()
-        functions = flash.kernel_functions(dtype_name, D, Dv, tiles, has_bias, has_dropout, helpers)
+        rules = flash.device_rules()
+        functions = flash.kernel_functions(dtype_name, D, Dv, tiles, has_bias, has_dropout, rules)
         return {name: flash.cuda.compile_ptx(fn, signatures[name], cc=cc)[0]
                 for name, fn in functions.items()}, tiles
 
@@ -132,6 +137,29 @@ def test_specialisation_without_bias_or_dropout(ptx):
     assert MIX32_MULTIPLIER in ptx["float32", (8, 0)][0]["_attn_fwd"]
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_take_the_packed_spec(dtype):
+    """Each attention kernel's signature (the one the PTX is compiled with) takes the records
+    of spec.pack() last, as numba types Python tuples; no kernel takes more than 12 arguments."""
+    from numba import typeof, types
+    from numba.cuda.core import sigutils
+
+    band = dropout = types.UniTuple(types.int64, 3)
+    reals = types.UniTuple(getattr(types, dtype), 2)
+    shape = (1, 2, 5, 8)
+    packed = make_attention_spec(shape, shape, shape, (np.dtype(dtype),) * 3, is_causal=True,
+                                 dropout_p=0.5, seed=2**64 - 1).pack()  # the largest seed halves
+    assert tuple(typeof(x) for x in packed[1:]) == (band, dropout, reals)  # what a launch passes
+    for name, signature in flash.kernel_signatures(dtype).items():
+        arguments, _ = sigutils.normalize_signature(signature)
+        assert len(arguments) <= 12, name
+        if name != "_attn_bwd_preprocess":
+            bias = arguments[-4]
+            assert (bias.ndim, bias.dtype) == (4, getattr(types, dtype)), name
+            assert tuple(arguments[-3:]) == (band, dropout, reals), name
+
+
 # -- host-side arithmetic (no compiler needed) ------------------------------------------------
 
 
@@ -141,7 +169,8 @@ def test_gpu_tiles_fit_the_shared_memory_budget(dtype):
         rows = flash.staged_rows(np.dtype(dtype).itemsize, D_, Dv_)
         used = flash.shared_memory_bytes(dtype, D_, Dv_, flash.Tiles(flash.GPU_RESIDENT, rows))
         assert max(used.values()) <= flash.SHARED_MEMORY_BUDGET
-        assert rows == flash.GPU_MAX_STAGED or 2 * rows * (D_ + Dv_ + 2) * np.dtype(dtype).itemsize > flash.SHARED_MEMORY_BUDGET
+        doubled = 2 * rows * (D_ + Dv_ + flash.ROW_VECTORS) * np.dtype(dtype).itemsize
+        assert rows == flash.GPU_MAX_STAGED or doubled > flash.SHARED_MEMORY_BUDGET
 
 
 def test_module_imports_and_explains_itself():
