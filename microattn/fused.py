@@ -32,6 +32,7 @@ bit-identical from run to run and machine to machine.
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 
@@ -42,12 +43,30 @@ from .tensor import Tensor
 
 
 
-def kernel(fn):
-    """``kernels/cpu/_compile.kernel`` with NumPy's error model: a division is a division,
-    not a branch that raises ZeroDivisionError, which stops LLVM vectorising the loop
-    (measured: the SiLU loop ran 4x slower with the branch)."""
-    return numba.njit(parallel=PARALLEL, cache=True, fastmath=FASTMATH, nogil=True,
-                      error_model="numpy")(fn)
+PARALLEL_WORK = 1 << 16  # elements; below this a kernel runs on the calling thread
+
+
+class kernel:
+    """A loop nest compiled twice with ``kernels/cpu/_compile``'s flags: ``parallel``
+    (``prange`` split over the cores) and ``serial`` (``prange`` is ``range``).
+    ``kernel(*args, work=n)`` runs the serial one for fewer than ``PARALLEL_WORK``
+    elements: waking the worker threads costs ~10-30 us on this 2-core machine, more than
+    a decoding step's LayerNorm.
+
+    NumPy's error model: a division is a division, not a branch that raises
+    ZeroDivisionError, which stops LLVM vectorising the loop (measured: the SiLU loop ran
+    4x slower with the branch).
+    """
+
+    def __init__(self, fn):
+        options = dict(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+        self.parallel = numba.njit(parallel=PARALLEL, **options)(fn)
+        serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__)
+        serial.__qualname__ = fn.__qualname__ + "_serial"  # its own numba cache file
+        self.serial = numba.njit(**options)(serial)
+
+    def __call__(self, *args, work):
+        return (self.parallel if work >= PARALLEL_WORK else self.serial)(*args)
 
 
 CHUNKS = 16  # row ranges for parameter-gradient partial sums (see the module docstring)
@@ -68,18 +87,29 @@ def _flat(x):
 
 # ----------------------------------------------------------------------------- Linear
 
+FEW_ROWS = 16  # up to this many rows (decoding), a product is a matrix-vector product per row
+
 
 class Linear(Function):
     """y = x @ weight.T + bias; x (..., in), weight (out, in), bias (out,) or None.
 
     One BLAS product each for y, dx and dweight; x's rows are a view of x, weight.T a
     transposed view (BLAS reads it with its transpose flag), the bias added in place.
+    A forward of at most ``FEW_ROWS`` rows (decoding) is one BLAS matrix-vector product
+    per row instead: OpenBLAS's threaded matrix-matrix product costs far more at that size
+    (measured on this 2-core machine under load, (8, 256) @ (256, 1024): 0.7-2.2 ms as one
+    product, 0.1 ms as 8 matrix-vector products).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         rows = x.reshape(-1, x.shape[-1])  # (M, in), a view when x is contiguous
-        y = rows @ weight.T  # (M, out)
+        if rows.shape[0] <= FEW_ROWS:
+            y = np.empty((rows.shape[0], weight.shape[0]), dtype=np.result_type(rows, weight))
+            for r in range(rows.shape[0]):
+                np.matmul(weight, rows[r], out=y[r])  # (out, in) @ (in,)
+        else:
+            y = rows @ weight.T  # (M, out)
         if bias is not None:
             y += bias
         ctx.save_for_backward(rows, weight)
@@ -157,7 +187,7 @@ class LayerNorm(Function):
         y = np.empty_like(rows)
         mean = np.empty(rows.shape[0], dtype=x.dtype)
         rstd = np.empty(rows.shape[0], dtype=x.dtype)
-        _layer_norm_forward(rows, weight, bias, eps, y, mean, rstd)
+        _layer_norm_forward(rows, weight, bias, eps, y, mean, rstd, work=rows.size)
         ctx.save_for_backward(rows, weight, mean, rstd)
         return y.reshape(x.shape)
 
@@ -171,7 +201,8 @@ class LayerNorm(Function):
         dx = np.empty_like(rows)
         dweight_parts = np.zeros((CHUNKS, rows.shape[1]), dtype=rows.dtype)
         dbias_parts = np.zeros((CHUNKS, rows.shape[1]), dtype=rows.dtype)
-        _layer_norm_backward(rows, weight, g, mean, rstd, dx, dweight_parts, dbias_parts)
+        _layer_norm_backward(rows, weight, g, mean, rstd, dx, dweight_parts, dbias_parts,
+                             work=rows.size)
         return dx.reshape(grad.shape), dweight_parts.sum(axis=0), dbias_parts.sum(axis=0)
 
 
@@ -221,7 +252,7 @@ class RMSNorm(Function):
         rows = _rows(x)  # (M, E)
         y = np.empty_like(rows)
         rstd = np.empty(rows.shape[0], dtype=x.dtype)
-        _rms_norm_forward(rows, weight, eps, y, rstd)
+        _rms_norm_forward(rows, weight, eps, y, rstd, work=rows.size)
         ctx.save_for_backward(rows, weight, rstd)
         return y.reshape(x.shape)
 
@@ -234,7 +265,7 @@ class RMSNorm(Function):
         g = _rows(grad)
         dx = np.empty_like(rows)
         dweight_parts = np.zeros((CHUNKS, rows.shape[1]), dtype=rows.dtype)
-        _rms_norm_backward(rows, weight, g, rstd, dx, dweight_parts)
+        _rms_norm_backward(rows, weight, g, rstd, dx, dweight_parts, work=rows.size)
         return dx.reshape(grad.shape), dweight_parts.sum(axis=0)
 
 
@@ -320,7 +351,7 @@ class Activation(Function):
     def forward(ctx, x, *, kind):
         flat = _flat(x)
         y = np.empty_like(flat)
-        _activation_forward(flat, kind, y)
+        _activation_forward(flat, kind, y, work=flat.size)
         ctx.save_for_backward(flat)
         ctx.kind = kind
         return y.reshape(x.shape)
@@ -331,7 +362,7 @@ class Activation(Function):
         # forward: y = x * s, s = sigmoid(z), z = x (SiLU) or 2u (GELU)
         #   ->  dx = g * (s + x * s * (1 - s) * dz/dx)
         dx = np.empty_like(flat)
-        _activation_backward(flat, _flat(grad), ctx.kind, dx)
+        _activation_backward(flat, _flat(grad), ctx.kind, dx, work=flat.size)
         return dx.reshape(grad.shape)
 
 
@@ -345,7 +376,7 @@ class Gated(Function):
     def forward(ctx, gate, up, *, kind):
         gate_flat, up_flat = _flat(gate), _flat(up)
         y = np.empty_like(gate_flat)
-        _gated_forward(gate_flat, up_flat, kind, y)
+        _gated_forward(gate_flat, up_flat, kind, y, work=y.size)
         ctx.save_for_backward(gate_flat, up_flat)
         ctx.kind = kind
         return y.reshape(gate.shape)
@@ -356,7 +387,7 @@ class Gated(Function):
         # forward: y = act(gate) * up, act(x) = x * s as in Activation
         #   ->  dgate = g * up * act'(gate), dup = g * act(gate)
         dgate, dup = np.empty_like(gate_flat), np.empty_like(up_flat)
-        _gated_backward(gate_flat, up_flat, _flat(grad), ctx.kind, dgate, dup)
+        _gated_backward(gate_flat, up_flat, _flat(grad), ctx.kind, dgate, dup, work=dgate.size)
         shape = grad.shape
         return dgate.reshape(shape), dup.reshape(shape)
 
@@ -423,7 +454,7 @@ class CrossEntropy(Function):
         targets = np.ascontiguousarray(targets, dtype=np.int64)
         losses = np.empty(logits.shape[0], dtype=logits.dtype)
         lse = np.empty(logits.shape[0], dtype=logits.dtype)
-        _cross_entropy_forward(logits, targets, ignore_index, losses, lse)
+        _cross_entropy_forward(logits, targets, ignore_index, losses, lse, work=logits.size)
         ctx.save_for_backward(logits, targets, lse)
         ctx.ignore_index, ctx.reduction = ignore_index, reduction
         ctx.count = int(np.count_nonzero(targets != ignore_index))
@@ -449,7 +480,8 @@ class CrossEntropy(Function):
             row_grad = np.full(len(targets), per_row, dtype=logits.dtype)
         row_grad = np.where(targets != ctx.ignore_index, row_grad, 0).astype(logits.dtype)
         dlogits = np.empty_like(logits)
-        _cross_entropy_backward(logits, targets, ctx.ignore_index, lse, row_grad, dlogits)
+        _cross_entropy_backward(logits, targets, ctx.ignore_index, lse, row_grad, dlogits,
+                                work=logits.size)
         return dlogits
 
 
@@ -511,7 +543,7 @@ class Embedding(Function):
         # forward: out[i] = weight[tokens[i]]  ->  dweight[tokens[i]] += grad[i]
         dweight = np.zeros(ctx.weight_shape, dtype=grad.dtype)
         tokens = np.ascontiguousarray(ctx.tokens, dtype=np.int64).reshape(-1)
-        _embedding_backward(tokens, _rows(grad), dweight)
+        _embedding_backward(tokens, _rows(grad), dweight, work=grad.size)
         return dweight
 
 
@@ -549,4 +581,4 @@ def adamw_update(param, grad, exp_avg, exp_avg_sq, *, step, lr, betas, eps, weig
     hyper = np.array([1 - lr * weight_decay, beta1, beta2, lr / (1 - beta1**step),
                       math.sqrt(1 - beta2**step), eps])
     flats = [a.reshape(-1) for a in (param, grad, exp_avg, exp_avg_sq)]
-    _adamw_update(*flats, hyper)
+    _adamw_update(*flats, hyper, work=param.size)

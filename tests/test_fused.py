@@ -15,6 +15,15 @@ TOLERANCE = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=2e-
 SHAPES = [(3, 5), (1, 7), (2, 3, 33)]
 
 
+@pytest.fixture(autouse=True, params=["serial", "parallel"])
+def threads(request, monkeypatch):
+    """Every test twice: the kernels' serial twins (small inputs pick them), and the
+    parallel ones forced on for any size."""
+    if request.param == "parallel":
+        monkeypatch.setattr(fused, "PARALLEL_WORK", 0)
+    return request.param
+
+
 def rng(seed=0):
     return np.random.default_rng(seed)
 
