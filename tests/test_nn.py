@@ -558,3 +558,50 @@ def test_cross_entropy_errors_and_float32():
         nn.cross_entropy(logits, np.array([0.0, 1.0]))
     with pytest.raises(ValueError, match="reduction"):
         nn.cross_entropy(logits, np.array([0, 1]), reduction="avg")
+
+
+# ----------------------------------------------------------------------------- decoding path
+
+
+def test_kv_cache_appends_in_place_and_hands_out_views():
+    cache = nn.KVCache(capacity=16)
+    rows = [rng(i).standard_normal((2, 1, n, 4)) for i, n in enumerate((3, 1, 2))]
+    with ma.no_grad():
+        for n, k in enumerate(rows):
+            k_all, v_all = cache.append(ma.tensor(k), ma.tensor(k[..., :3]))
+            if n == 0:
+                storage = cache._k
+            assert cache._k is storage and storage.shape == (2, 1, 16, 4)  # preallocated, kept
+            assert k_all.data.base is storage  # a view: the past is not copied
+    np.testing.assert_array_equal(k_all.data, np.concatenate(rows, axis=2))
+    np.testing.assert_array_equal(v_all.data, np.concatenate(rows, axis=2)[..., :3])
+
+
+@pytest.mark.parametrize("chunks", [(1,) * 7, (4, 1, 2)])
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_decoding_under_no_grad_equals_the_full_forward(case, chunks, monkeypatch):
+    from microattn.kernels.cpu import decode
+
+    calls = []
+    forward = decode.forward
+    monkeypatch.setattr(decode, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    mha = make_mha(case, backend="auto")  # the decoding path is the CPU kernels' ("numba")
+    x = rng(1).standard_normal((2, 7, 8))
+    full = mha(x, is_causal=True).data
+    assert not calls  # a graph to record: never the decoding path
+    cache, parts, start = nn.KVCache(capacity=7), [], 0
+    with ma.no_grad():
+        for n in chunks:
+            parts.append(mha(x[:, start : start + n], is_causal=True, kv_cache=cache).data)
+            start += n
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-10, atol=1e-10)
+    assert len(calls) == (0 if case.startswith("linear") else len(chunks))
+
+
+def test_generate_uses_preallocated_caches():
+    model = nn.DecoderLM(vocab_size=11, max_len=12, embed_dim=8, num_layers=1, num_heads=2,
+                         rng=rng(), dtype=np.float64)
+    caches = model.make_caches()
+    with ma.no_grad():
+        model(np.array([[1, 2, 3]]), kv_caches=caches)
+    assert caches[0]._k.shape[2] == 12 and caches[0].length == 3

@@ -21,8 +21,14 @@ import math
 
 import numpy as np
 
+import functools
+
+from .. import backends
 from .. import functional as F
+from ..autograd import is_grad_enabled
+from ..kernels.cpu import decode
 from ..kernels.masking import in_band
+from ..kernels.spec import make_attention_spec
 from ..tensor import Tensor, concatenate
 from .layers import Dropout, Linear
 from .module import Module
@@ -35,13 +41,17 @@ LINEAR_ATTENTION_EPS = 1e-6  # F.linear_attention's default, used by attention_w
 class KVCache:
     """The keys and values one attention layer has seen, for incremental decoding.
 
-    ``k``, ``v``: (B, Hkv, length, hd) NumPy arrays (None before the first append);
+    ``k``, ``v``: (B, Hkv, length, hd) views of the storage (None before the first append);
     ``length``: how many positions are cached (RoPE positions of new tokens start here).
-    Storage grows by doubling, so appending one token at a time costs amortised O(1)
-    copies per token. Cached entries are constants: no gradient flows into them.
+    Storage is (B, Hkv, capacity, hd), the layout the CPU kernels read: ``capacity`` rows
+    are allocated on the first append (``DecoderLM.make_caches`` passes ``max_len``), so
+    appending writes only the new rows and never copies the past; past the capacity it
+    doubles (amortised O(1) copies per token). Cached entries are constants: no gradient
+    flows into them.
     """
 
-    def __init__(self):
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity
         self.reset()
 
     def reset(self) -> None:
@@ -59,7 +69,9 @@ class KVCache:
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store new keys/values (B, Hkv, n, hd); return all of them so far, (B, Hkv, length, hd).
 
-        The returned Tensors carry gradient into the new ``k``, ``v`` only.
+        Without a graph to record, the results are views of the storage (nothing is
+        copied; the decode kernel reads them in place). Otherwise they carry gradient into
+        the new ``k``, ``v`` only.
         """
         k_new, v_new = np.asarray(k.data), np.asarray(v.data)
         if self._k is not None and (k_new.shape[:2] != self._k.shape[:2]
@@ -74,6 +86,8 @@ class KVCache:
         self._k[:, :, start : start + k_new.shape[2]] = k_new
         self._v[:, :, start : start + v_new.shape[2]] = v_new
         self.length = start + k_new.shape[2]
+        if not (is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+            return Tensor(self.k), Tensor(self.v)
         if start == 0:
             return k, v
         return concatenate([old_k, k], axis=2), concatenate([old_v, v], axis=2)
@@ -82,7 +96,7 @@ class KVCache:
         capacity = 0 if self._k is None else self._k.shape[2]
         if needed <= capacity:
             return
-        capacity = max(needed, 2 * capacity)
+        capacity = max(needed, 2 * capacity, self.capacity or 0)
         B, Hkv, _, hd = k_new.shape
         grown_k = np.empty((B, Hkv, capacity, hd), dtype=k_new.dtype)
         grown_v = np.empty((B, Hkv, capacity, v_new.shape[3]), dtype=v_new.dtype)
@@ -94,6 +108,15 @@ class KVCache:
     def __repr__(self):
         shape = None if self._k is None else self.k.shape
         return f"KVCache(length={self.length}, k.shape={shape})"
+
+
+@functools.lru_cache(maxsize=None)
+def _runs_on_cpu_kernels(backend: str) -> bool:
+    """Whether ``backend`` resolves to the numba CPU kernels here (checked once per name)."""
+    try:
+        return backends.resolve(backend)[0] == "numba"
+    except (ValueError, RuntimeError):
+        return False  # the attention call itself reports the problem
 
 
 def _elu_plus_one(x: np.ndarray) -> np.ndarray:
@@ -183,6 +206,12 @@ class MultiHeadAttention(Module):
 
     def _attend(self, q, k, v, is_causal, attn_mask):
         dropout_p = self.attn_dropout.p if self.training else 0.0
+        if self._decoding(q, k, v, dropout_p):
+            spec = make_attention_spec(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype),
+                                       attn_mask=None if attn_mask is None else np.asarray(
+                                           getattr(attn_mask, "data", attn_mask)),
+                                       is_causal=is_causal, window=self._window(is_causal))
+            return F.Attention.apply(q, k, v, spec=spec, kernel=decode)
         if self.attention == "linear":
             out = F.linear_attention(q, k, v, causal=is_causal, eps=LINEAR_ATTENTION_EPS,
                                      backend=self.backend)
@@ -192,6 +221,14 @@ class MultiHeadAttention(Module):
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             window=self._window(is_causal), seed=seed, backend=self.backend,
         )
+
+    def _decoding(self, q, k, v, dropout_p) -> bool:
+        """Whether this call is a decoding step for ``kernels/cpu/decode.py``: a few
+        queries (Nq <= decode.MAX_QUERIES), softmax attention, no graph to record, no
+        dropout, on the CPU kernels' backend. It reads a KVCache's storage in place."""
+        return (q.shape[2] <= decode.MAX_QUERIES and self.attention != "linear" and dropout_p == 0
+                and not (is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+                and _runs_on_cpu_kernels(self.backend))
 
     def attention_weights(self, q: np.ndarray, k: np.ndarray, *, is_causal: bool = False,
                           attn_mask=None) -> np.ndarray:

@@ -116,8 +116,9 @@ class DecoderLM(Module):
         self.lm_head = Linear(embed_dim, vocab_size, bias=False, dtype=dtype, rng=rng)
 
     def make_caches(self) -> list[KVCache]:
-        """One empty KVCache per layer, for ``forward(tokens, kv_caches=...)``."""
-        return [KVCache() for _ in self.blocks]
+        """One empty KVCache per layer, for ``forward(tokens, kv_caches=...)``; each holds
+        ``max_len`` positions once used, so decoding never copies the past."""
+        return [KVCache(capacity=self.max_len) for _ in self.blocks]
 
     def forward(self, tokens, kv_caches: list[KVCache] | None = None) -> Tensor:
         """tokens (B, N) int -> logits (B, N, V), causal.
