@@ -4,24 +4,28 @@ What lives here, and why:
 
 * ``NUMBA_ERROR``: None when numba imports, else the reason (the kernel modules still
   import without numba, so ``unavailable_reason()`` can say why they cannot run).
-* ``kernel`` / ``helper`` / ``inline_helper``: the decorators. Kernels are
-  ``njit(parallel=PARALLEL, cache=True)`` with ``FASTMATH`` (``prange`` loops only);
-  helpers are plain ``njit``
-  functions the kernels call; the masking helpers are ``njit(inline="always")``.
+* ``kernel`` / ``helper``: the decorators. Kernels are ``njit(parallel=PARALLEL,
+  cache=True)`` with ``FASTMATH`` (``prange`` loops only); helpers are plain ``njit``
+  functions the kernels call.
 * ``FASTMATH``: fastmath *without* ``nnan`` and ``ninf``. Masking writes ``-inf`` into the
-  scores and relies on ``exp(-inf) == 0`` and ``max(-inf, x) == x``; the flags that assume
-  "no infinities" would make that undefined behaviour.
-* ``in_band``, ``keep``, ``key_range`` and ``query_range``: the mask, dropout and band
-  helpers of ``kernels/masking.py``, compiled as they are (never rewritten), so every
-  backend draws the same mask and skips the same tiles.
-* ``fast_exp`` and the row sweeps ``exp_sub`` / ``exp_sub_sum`` built on it. pip's llvmlite has no SVML, so ``math.exp`` stays a scalar libm call (~8 ns); the
-  float32 version here is a polynomial the compiler vectorises (~0.5 ns, within 1 ulp of
-  ``np.exp``, ``exp(-inf) == 0`` exactly, NaN in gives NaN out). float64 keeps ``math.exp``.
+  scores and relies on ``exp(-inf) == 0`` and ``max(-inf, x) == x``, and an empty row's
+  norm is ``+inf`` (``masking.row_shift``); the flags that assume "no infinities" would
+  make that undefined behaviour.
+* The **rules** of ``kernels/masking.py`` (``in_band``, ``key_range``, ``query_range``,
+  ``tile_in_band``, ``has_bias``, ``bias_index``, ``keep``, ``has_dropout``,
+  ``row_shift``), compiled as they are, never rewritten, by the one helper that compiles
+  them for every target (``kernels/compile.py``). They are the only code that looks inside
+  the spec's records (``AttentionSpec.pack()``: bias, band, dropout, reals), so every
+  backend draws the same mask, skips the same tiles and recomputes the same probabilities.
+* ``fast_exp`` and the row sweeps ``exp_sub`` / ``exp_sub_sum`` built on it. pip's llvmlite
+  has no SVML, so ``math.exp`` stays a scalar libm call (~8 ns); the float32 version here is
+  a polynomial the compiler vectorises (~0.5 ns, within 1 ulp of ``np.exp``,
+  ``exp(-inf) == 0`` exactly, NaN in gives NaN out). float64 keeps ``math.exp``.
 * ``blas_single_threaded()``: a context manager that pins SciPy's OpenBLAS (which
   ``np.dot`` calls inside jitted code) to one thread while our own threads run. Inside a
   ``prange`` every worker already owns a core; an OpenBLAS that also spawns threads for
   each tile product oversubscribes the machine (measured: 22 GF/s -> 1.2 GF/s on
-  128 x 128 x 64 tiles, 2 cores).
+  128 x 128 x 64 tiles, 2 cores). (The attention kernels call no BLAS; ``linear.py`` does.)
 * The **threading layer**. numba picks ``omp`` when it can; on small VMs its per-call cost
   was measured at ~15 ms, far more than a whole N=1024 attention. So, *unless the user
   chose a layer* (``NUMBA_THREADING_LAYER`` in the environment), importing the kernels
@@ -43,13 +47,13 @@ import os
 
 import numpy as np
 
-from .. import masking
+from ..compile import compile_rules
 
 try:
     import numba
     from numba import prange  # noqa: F401  (re-exported for the kernel modules)
     from numba.core import types
-    from numba.extending import intrinsic, overload, register_jitable
+    from numba.extending import intrinsic, overload
 
     NUMBA_ERROR = None
 except ImportError as exc:  # the reference backend still works without numba
@@ -80,13 +84,6 @@ def kernel(fn):
     return numba.njit(parallel=PARALLEL, cache=True, fastmath=FASTMATH, nogil=True)(fn)
 
 
-def serial_kernel(fn):
-    """A single-threaded kernel (the plain-loop rung)."""
-    if numba is None:
-        return fn
-    return numba.njit(cache=True, fastmath=FASTMATH, nogil=True)(fn)
-
-
 def helper(fn):
     """A function called from the kernels, compiled once per signature and shared by every
     kernel that calls it (LLVM still inlines the small ones). Not numba's IR-level
@@ -97,30 +94,26 @@ def helper(fn):
     return numba.njit(fastmath=FASTMATH)(fn)
 
 
-def inline_helper(fn):
-    """A tiny function inlined into its callers at numba's IR level (the masking helpers)."""
-    if numba is None:
-        return fn
-    return numba.njit(inline="always", fastmath=FASTMATH)(fn)
-
-
 # -- the threading layer ------------------------------------------------------------------
 
 if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 
-# -- masking.py, compiled as is ----------------------------------------------------------
+# -- masking.py's rules, compiled as they are ----------------------------------------------
 
-if numba is not None:
-    # keep() calls dropout_bits() calls mix32() by their plain Python names; registering
-    # them lets compiled code make those calls without touching masking.py.
-    register_jitable(masking.mix32)
-    register_jitable(masking.dropout_bits)
-in_band = inline_helper(masking.in_band)
-keep = inline_helper(masking.keep)
-key_range = helper(masking.key_range)  # band-skipping: the tiles a block visits
-query_range = helper(masking.query_range)
+# Compiled like ``helper`` (LLVM inlines them into the tile loops). Without numba they stay
+# plain Python, which is what they are.
+rules = compile_rules(helper)
+in_band = rules.in_band  # (band, i, j): may query i see key j
+key_range = rules.key_range  # (band, i_start, i_stop, Nk): the keys a query block visits
+query_range = rules.query_range  # (band, j_start, j_stop, Nq): the queries a key block visits
+tile_in_band = rules.tile_in_band  # (band, i0, bm, j0, bn): the whole tile allowed
+has_bias = rules.has_bias  # (bias): the record holds a bias
+bias_index = rules.bias_index  # (bias, b, h) -> (bb, hh): the plane batch b, head h reads
+keep = rules.keep  # (dropout, b, h, i, j): dropout keeps the pair
+has_dropout = rules.has_dropout  # (dropout): dropout is on
+row_shift = rules.row_shift  # (m, l) -> (shift, norm): p = exp(s - shift) / norm
 
 
 # -- exp over a row ------------------------------------------------------------------------
@@ -297,7 +290,3 @@ def blas_single_threaded():
     finally:
         if before != 1:
             put(before)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)

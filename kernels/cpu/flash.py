@@ -7,14 +7,23 @@ tiling is Triton's fused-attention tutorial; docs/flash-cpu.md walks through it.
 Shape legend (see ``spec.py``)::
 
     q (B, Hq, Nq, D)   k (B, Hkv, Nk, D)   v (B, Hkv, Nk, Dv)   out (B, Hq, Nq, Dv)
-    lse, delta (B, Hq, Nq)
+    stats (2, B, Hq, Nq) = (m, l)        rows (3, B, Hq, Nq) = (shift, 1 / norm, delta)
     a tile: BLOCK_N keys x BLOCK_M queries; bn, bm its actual (edge-clipped) sizes
 
+The kernels take the spec as its records, ``*spec.pack()`` = (bias, band, dropout, reals),
+and the tile size as one more, ``blocks`` = (BLOCK_M, BLOCK_N)::
+
+    _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, out, stats)
+    _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, grads)   # grads = (dq, dk, dv)
+    _bwd_dq / _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grads)
+
+Only ``masking.py``'s rules (compiled in ``_compile.py``) look inside bias, band and dropout.
+
 **Tiles are stored keys-major**, ``sT[jj, ii]`` = score of key ``j0 + jj`` for query
-``i0 + ii`` (Triton's ``qkT``). Every per-query quantity (``m_i``, ``l_i``, ``lse``,
-``delta``) is then a contiguous vector along the tile's rows, so the running max, the
-exp and the row sums are element-wise loops the compiler vectorises; no tile needs a
-horizontal reduction. All tile products are ``microkernel.matmul`` (a register-tile FMA
+``i0 + ii`` (Triton's ``qkT``). Every per-query quantity (``m_i``, ``l_i``, the
+backward's shift and ``delta``) is then a contiguous vector along the tile's rows, so the
+running max, the exp and the row sums are element-wise loops the compiler vectorises; no
+tile needs a horizontal reduction. All tile products are ``microkernel.matmul`` (a register-tile FMA
 micro-kernel; ``microkernel.py`` says why not BLAS), on tile buffers whose rows are padded
 off power-of-two strides (``tile_buffer``).
 
@@ -29,21 +38,26 @@ Forward (``_flash_forward``), one task per (b, h, query block), the query block 
         alpha = exp(m_i - m_new)                             # rescales what was summed so far
         pT    = exp(sT - m_new);  l_i = alpha * l_i + sum_j pT[j]
         accT  = alpha * accT + vT_blk @ (pT * dropout)       # accT = acc.T (Dv, bm)
-    out = accT.T / l_i;  lse = m_i + log(l_i)                # empty row: 0 and -inf
+    out = accT.T / l_i;  stats = (m_i, l_i)                  # empty row: 0 and (-inf, 0)
 
-The kept shift: any shift gives the same softmax (out and lse do not depend on it); the
-running max only prevents overflow. So while a block's scores stay within
-``STALE_LIMIT`` of the shift a row already has, the exp runs inside the score product and
-nothing is rescaled; otherwise the block is redone the classic way. docs/flash-cpu.md has
-the details.
+The kept shift: any shift gives the same softmax (out, lse = m + log(l) and p = exp(s -
+m) / l do not depend on it, so the stored m is the kept one); the running max only
+prevents overflow. So while a block's scores stay within ``STALE_LIMIT`` of the shift a
+row already has, the exp runs inside the score product and nothing is rescaled;
+otherwise the block is redone the classic way. docs/flash-cpu.md has the details.
 
-Backward (Triton's three pieces): ``_bwd_preprocess`` (delta = rowsum(dO * O)),
-``_bwd_dkdv`` (one task per (b, kv head, key block), the key block resident, looping over
-the group's query heads and their query blocks), ``_bwd_dq`` (one task per (b, h, query
-block), the query block resident, looping over key blocks). Each tile recomputes
-``pT = exp(sT - lse)`` instead of storing P. No task writes where another task writes, so
-there are no atomics and the result does not depend on thread timing: reruns are
-bit-identical. GQA needs no reduction afterwards: a kv head's task sums its whole group.
+Backward (Triton's three pieces): ``_bwd_preprocess`` (delta = rowsum(dO * O), and
+``(shift, norm) = masking.row_shift(m, l)`` per row), ``_bwd_dkdv`` (one task per (b, kv
+head, key block), the key block resident, looping over the group's query heads and their
+query blocks), ``_bwd_dq`` (one task per (b, h, query block), the query block resident,
+looping over key blocks). Each tile recomputes ``pT = exp(sT - shift) / norm`` instead of
+storing P -- never ``exp(sT - lse)``, which is Nk times too large on a row masked by -1e9
+(lse = m + log(l) rounds log(l) away there). The tile code is that of the lse version: it
+takes ``eT = exp(sT - shift)``, and ``1 / norm`` is folded into the query block's operands
+(dO / norm, delta / norm), so that ``dsT = eT * (dpT - delta / norm) = pT * (dp - delta)``
+(docs/flash-cpu.md). No task writes where another task writes, so there are no atomics and
+the result does not depend on thread timing: reruns are bit-identical. GQA needs no
+reduction afterwards: a kv head's task sums its whole group.
 
 When there are enough heads to keep every thread busy (``B * Hkv >= 2 * threads``),
 ``_bwd_fused`` replaces the dkdv/dq pair: one task per (b, kv head) walks the key blocks
@@ -78,7 +92,8 @@ import numpy as np
 
 from ..spec import AttentionSpec
 from ._compile import (
-    NUMBA_ERROR, exp_sub, exp_sub_sum, helper, in_band, keep, kernel, key_range, prange, query_range,
+    NUMBA_ERROR, bias_index, exp_sub, exp_sub_sum, has_bias, has_dropout, helper, in_band, keep,
+    kernel, key_range, prange, query_range, row_shift, tile_in_band,
 )
 from .microkernel import matmul, matmul_exp
 
@@ -96,60 +111,49 @@ def unavailable_reason() -> str | None:
 
 
 def forward(q, k, v, spec: AttentionSpec, blocks=(BLOCK_M, BLOCK_N)):
-    """out (B, Hq, Nq, Dv), lse (B, Hq, Nq) for q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv).
+    """out (B, Hq, Nq, Dv), stats (2, B, Hq, Nq) for q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv).
 
-    ``blocks`` = (BLOCK_M, BLOCK_N), the tile size; any positive sizes give the same result
-    up to rounding (the tests use tiny ones to cross many tile edges on small inputs).
+    stats = (m, l) per query row (``protocol.py``): the shift the row's exps were taken
+    against and their sum. ``blocks`` = (BLOCK_M, BLOCK_N), the tile size; any positive
+    sizes give the same out, lse and probabilities up to rounding (m itself may differ: it
+    is whichever shift the row kept). The tests use tiny tiles to cross many tile edges.
     """
     q, k, v = (np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v))
     out = np.empty((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=spec.dtype)
-    lse = np.empty((spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
+    stats = np.empty((2, spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
     vT = _transposed(v)  # (B, Hkv, Dv, Nk)
-    _flash_forward(q, k, vT, *_spec_args(spec), *blocks, out, lse)
-    return out, lse
+    _flash_forward(q, k, vT, *spec.pack(), _blocks(blocks), out, stats)
+    return out, stats
 
 
-def backward(q, k, v, out, lse, dout, spec: AttentionSpec, fused=None, blocks=(BLOCK_M, BLOCK_N)):
+def backward(q, k, v, out, stats, dout, spec: AttentionSpec, fused=None, blocks=(BLOCK_M, BLOCK_N)):
     """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv) from dout (B, Hq, Nq, Dv).
 
     ``fused`` picks the single-pass backward (None: when ``B * Hkv`` keeps every thread
     busy). Both passes give the same result up to rounding; each is deterministic.
     ``blocks`` as in :func:`forward`.
     """
-    q, k, v, out, lse, dout = (
-        np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v, out, lse, dout)
+    q, k, v, out, stats, dout = (
+        np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v, out, stats, dout)
     )
-    dq = np.zeros_like(q)
-    dk = np.empty_like(k)
-    dv = np.empty_like(v)
-    delta = np.empty_like(lse)
+    grads = (np.zeros_like(q), np.empty_like(k), np.empty_like(v))  # dq, dk, dv
+    rows = np.empty((3, spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)  # shift, 1 / norm, delta
     if fused is None:
         fused = spec.B * spec.Hkv >= 2 * _num_threads()
-    args = _spec_args(spec) + tuple(blocks)
-    _bwd_preprocess(out, dout, delta)
-    kT = _transposed(k)  # (B, Hkv, D, Nk)
+    records = spec.pack()
+    _bwd_preprocess(out, dout, stats, rows)
     if fused:
-        _bwd_fused(q, k, v, kT, dout, lse, delta, *args, dq, dk, dv)
+        _bwd_fused(q, k, v, _transposed(k), dout, rows, *records, _blocks(blocks), grads)
     else:
-        _bwd_dkdv(q, k, v, dout, lse, delta, *args, dk, dv)
-        _bwd_dq(q, k, v, kT, dout, lse, delta, *args, dq)
-    return dq, dk, dv
+        _bwd_dkdv(q, k, v, dout, rows, *records, _blocks(blocks), grads)
+        _bwd_dq(q, k, v, _transposed(k), dout, rows, *records, _blocks(blocks), grads)
+    return grads
 
 
-def _spec_args(spec: AttentionSpec) -> tuple:
-    """The spec as the jitted kernels take it: plain scalars, one bias array and flags.
-
-    Everything that varies between calls is a runtime argument, so each kernel compiles
-    once per dtype (float32, float64) and never again.
-    """
-    t = spec.dtype.type
-    bias = spec.bias if spec.has_bias else np.zeros((1, 1, 1, 1), dtype=spec.dtype)
-    use_dropout = spec.dropout_p > 0.0
-    return (
-        bias, spec.has_bias, t(spec.scale), spec.offset, spec.window_left, spec.window_right,
-        use_dropout, spec.seed_lo, spec.seed_hi, spec.dropout_threshold,
-        t(spec.dropout_scale if use_dropout else 1.0),
-    )
+def _blocks(blocks) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) as the kernels take it: one record of two ints."""
+    block_m, block_n = blocks
+    return int(block_m), int(block_n)
 
 
 def _num_threads() -> int:
@@ -162,34 +166,22 @@ def _num_threads() -> int:
 
 
 @helper
-def bias_plane(bias, b, h):
-    """The (Nq, Nk) bias for batch b, query head h (size-1 dims broadcast)."""
-    return bias[b if bias.shape[0] > 1 else 0, h if bias.shape[1] > 1 else 0]
-
-
-@helper
-def tile_in_band(i0, bm, j0, bn, offset, window_left, window_right):
-    """Whether every (query, key) pair of the tile is inside the band. The band is an
-    interval of diagonals, so two corners decide the whole tile."""
-    return in_band(i0 + bm - 1, j0, offset, window_left, window_right) and in_band(
-        i0, j0 + bn - 1, offset, window_left, window_right)
-
-
-@helper
-def scores_t(k_blk, qsT, s_rows, bias_qk, use_bias, i0, j0, offset, window_left, window_right):
+def scores_t(k_blk, qsT, s_rows, bias, band, b, h, i0, j0):
     """sT = k_blk @ qsT (+ bias.T), with -inf where the band forbids a pair.
 
     k_blk (bn, D); qsT (D, bm) the *scaled* queries, transposed; the tile is
-    ``s_rows[:, :bm]`` of a (bn, padded) buffer (see :func:`tile_buffer`). bias_qk is the
-    (Nq, Nk) bias plane. A tile inside the band without bias costs nothing beyond the
-    product.
+    ``s_rows[:, :bm]`` of a (bn, padded) buffer (see :func:`tile_buffer`), the pairs of
+    queries i0.. and keys j0.. of batch b, query head h. A tile inside the band without
+    bias costs nothing beyond the product.
     """
     bn = k_blk.shape[0]
     bm = qsT.shape[1]
     matmul(k_blk, qsT, s_rows[:, :bm], False)
-    whole = tile_in_band(i0, bm, j0, bn, offset, window_left, window_right)
+    use_bias = has_bias(bias)
+    whole = tile_in_band(band, i0, bm, j0, bn)
     if whole and not use_bias:
         return
+    bias_qk = bias[bias_index(bias, b, h)]  # the (Nq, Nk) plane this head reads
     for jj in range(bn):
         row = s_rows[jj, :bm]
         j = j0 + jj
@@ -198,18 +190,18 @@ def scores_t(k_blk, qsT, s_rows, bias_qk, use_bias, i0, j0, offset, window_left,
                 row[ii] += bias_qk[i0 + ii, j]
         if not whole:
             for ii in range(bm):
-                if not in_band(i0 + ii, j, offset, window_left, window_right):
+                if not in_band(band, i0 + ii, j):
                     row[ii] = -np.inf
 
 
 @helper
-def dropout_t(s_rows, bm, seed_lo, seed_hi, threshold, drop_scale, b, h, i0, j0):
-    """pT *= keep(seed, b, h, i, j) / (1 - p) on ``s_rows[:, :bm]``, the same mask as every other backend."""
+def dropout_t(s_rows, bm, dropout, drop_scale, b, h, i0, j0):
+    """pT *= keep(dropout, b, h, i, j) / (1 - p) on ``s_rows[:, :bm]``: the same mask as
+    every other backend."""
     for jj in range(s_rows.shape[0]):
         row = s_rows[jj, :bm]
         for ii in range(bm):
-            kept = keep(seed_lo, seed_hi, b, h, i0 + ii, j0 + jj, threshold)
-            row[ii] = row[ii] * drop_scale if kept else 0.0
+            row[ii] = row[ii] * drop_scale if keep(dropout, b, h, i0 + ii, j0 + jj) else 0.0
 
 
 @helper
@@ -234,8 +226,8 @@ def padded_length(n, like):
 
 @helper
 def transposed_copy(x, scale, outT):
-    """outT = scale * x.T for x (rows, cols): packs a query block (scaled) or a dO block
-    as the right-hand operand of a tile product, whose rows must run along the queries."""
+    """outT = scale * x.T for x (rows, cols): packs a query block, scaled, as the right-hand
+    operand of a tile product, whose rows must run along the queries."""
     for r in range(x.shape[0]):
         for c in range(x.shape[1]):
             outT[c, r] = x[r, c] * scale
@@ -270,10 +262,13 @@ def _transposed(x):
 
 
 @kernel
-def _flash_forward(q, k, vT, bias, use_bias, scale, offset, window_left, window_right,
-                   use_dropout, seed_lo, seed_hi, threshold, drop_scale, BLOCK_M, BLOCK_N, out, lse):
+def _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, out, stats):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], vT.shape[2]
+    BLOCK_M, BLOCK_N = blocks
+    scale, drop_scale = reals
+    use_bias = has_bias(bias)
+    use_dropout = has_dropout(dropout)
     group = Hq // Hkv
     n_qblocks = (Nq + BLOCK_M - 1) // BLOCK_M
     for task in prange(B * Hq * n_qblocks):
@@ -285,9 +280,8 @@ def _flash_forward(q, k, vT, bias, use_bias, scale, offset, window_left, window_
         kv = h // group  # GQA: query head h reads kv head h // group
         qsT = tile_buffer(D, bm, q)[:, :bm]  # (D, bm) = scale * q_blk.T, resident for the task
         transposed_copy(q[b, h][i0:i1], scale, qsT)
-        bias_qk = bias_plane(bias, b, h)
 
-        m_i = np.full(bm, -np.inf, dtype=q.dtype)  # running max of the scores
+        m_i = np.full(bm, -np.inf, dtype=q.dtype)  # the shift of the row's exps (a running max)
         l_i = np.zeros(bm, dtype=q.dtype)  # running sum of exp(score - m_i)
         accT = tile_buffer(Dv, bm, q)[:, :bm]  # running sum of exp(score - m_i) * v, transposed
         accT[:] = 0.0
@@ -299,7 +293,7 @@ def _flash_forward(q, k, vT, bias, use_bias, scale, offset, window_left, window_
         p_sum = np.empty(bm, dtype=q.dtype)
         m_finite = False  # every row has a finite m_i: the stale shift below may be tried
 
-        j_start, j_stop = key_range(i0, i1, Nk, offset, window_left, window_right)
+        j_start, j_stop = key_range(band, i0, i1, Nk)
         for j0 in range(j_start, j_stop, BLOCK_N):
             j1 = min(j0 + BLOCK_N, j_stop)
             bn = j1 - j0
@@ -310,7 +304,7 @@ def _flash_forward(q, k, vT, bias, use_bias, scale, offset, window_left, window_
             # overflow, so the shift is kept while no score exceeds it by more than
             # STALE_LIMIT (then every p <= e**STALE_LIMIT). Otherwise, or on masked or
             # biased tiles, the block is redone the classic way below.
-            if m_finite and not use_bias and tile_in_band(i0, bm, j0, bn, offset, window_left, window_right):
+            if m_finite and not use_bias and tile_in_band(band, i0, bm, j0, bn):
                 x_max[:] = -np.inf
                 p_sum[:] = 0.0
                 matmul_exp(k[b, kv][j0:j1], qsT, s_buf[:bn, :bm], m_i, x_max, p_sum)
@@ -318,12 +312,11 @@ def _flash_forward(q, k, vT, bias, use_bias, scale, offset, window_left, window_
                     for ii in range(bm):
                         l_i[ii] += p_sum[ii]
                     if use_dropout:
-                        dropout_t(s_buf[:bn], bm, seed_lo, seed_hi, threshold, drop_scale, b, h, i0, j0)
+                        dropout_t(s_buf[:bn], bm, dropout, drop_scale, b, h, i0, j0)
                     matmul(vT[b, kv][:, j0:j1], s_buf[:bn, :bm], accT, True)  # accT += v_blk.T @ pT
                     continue
 
-            scores_t(k[b, kv][j0:j1], qsT, s_buf[:bn], bias_qk, use_bias, i0, j0,
-                     offset, window_left, window_right)
+            scores_t(k[b, kv][j0:j1], qsT, s_buf[:bn], bias, band, b, h, i0, j0)
 
             # m_new = max(m_i, max over this block's keys)
             m_new[:] = m_i
@@ -340,70 +333,79 @@ def _flash_forward(q, k, vT, bias, use_bias, scale, offset, window_left, window_
                 l_i[ii] *= alpha[ii]
             for jj in range(bn):
                 exp_sub_sum(s_buf[jj, :bm], m_safe, l_i)  # pT = exp(sT - m_new); l_i += pT[jj]
-            if use_dropout:  # lse is computed before dropout: l_i above saw every p
-                dropout_t(s_buf[:bn], bm, seed_lo, seed_hi, threshold, drop_scale, b, h, i0, j0)
+            if use_dropout:  # l_i above saw every p: the stats are those of the undropped softmax
+                dropout_t(s_buf[:bn], bm, dropout, drop_scale, b, h, i0, j0)
             scale_columns(accT, alpha)
             matmul(vT[b, kv][:, j0:j1], s_buf[:bn, :bm], accT, True)  # accT += v_blk.T @ pT
             m_i[:] = m_new
             m_finite = np.min(m_i) > -np.inf
 
+        # stats = (m_i, l_i) as they stand: an empty row has (-inf, 0); a NaN stays NaN
         for ii in range(bm):
-            if l_i[ii] == 0.0:  # no key allowed: zeros out, lse -inf
+            stats[0, b, h, i0 + ii] = m_i[ii]
+            stats[1, b, h, i0 + ii] = l_i[ii]
+            if l_i[ii] == 0.0:  # no key allowed: zeros out
                 out[b, h, i0 + ii, :] = 0.0
-                lse[b, h, i0 + ii] = -np.inf
             else:  # (a NaN l_i, from a NaN input, lands here and stays NaN)
                 inv = 1.0 / l_i[ii]
                 for d in range(Dv):
                     out[b, h, i0 + ii, d] = accT[d, ii] * inv
-                lse[b, h, i0 + ii] = m_i[ii] + np.log(l_i[ii])
 
 
 # -- backward -----------------------------------------------------------------------------
 
 
 @kernel
-def _bwd_preprocess(out, dout, delta):
-    """delta[b, h, i] = sum_d out[b, h, i, d] * dout[b, h, i, d]."""
+def _bwd_preprocess(out, dout, stats, rows):
+    """The per-row terms of the backward, rows (3, B, Hq, Nq) = (shift, 1 / norm, delta):
+    ``(shift, norm) = row_shift(m, l)``, so that ``p = exp(s - shift) / norm`` (never from
+    lse; an empty row gets 1 / norm = 0), and ``delta[b, h, i] = sum_d out * dout``."""
     B, Hq, Nq, Dv = out.shape
     for task in prange(B * Hq):
         b = task // Hq
         h = task % Hq
         for i in range(Nq):
+            shift, norm = row_shift(stats[0, b, h, i], stats[1, b, h, i])
+            rows[0, b, h, i] = shift
+            rows[1, b, h, i] = 1.0 / norm
             o_row = out[b, h, i]
             do_row = dout[b, h, i]
             total = 0.0
             for d in range(Dv):
                 total += o_row[d] * do_row[d]
-            delta[b, h, i] = total
+            rows[2, b, h, i] = total
 
 
 @helper
-def bwd_tile(k_blk, v_blk, qsT, doT, lse_shift, delta_blk, s_rows, dp_rows, bias_qk,
-             use_bias, i0, j0, offset, window_left, window_right,
-             use_dropout, seed_lo, seed_hi, threshold, drop_scale, b, h):
+def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, bias, band, dropout,
+             drop_scale, b, h, i0, j0):
     """One (key block, query block) tile of the backward: on return ``s_rows[:, :bm]``
-    holds the dropped probabilities ``pT * z`` and ``dp_rows[:, :bm]`` holds ``dsT``, the
-    gradient of the scores.
+    holds the dropped exps ``eT * z`` and ``dp_rows[:, :bm]`` holds ``dsT``, the gradient
+    of the scores.
 
-    k_blk (bn, D), v_blk (bn, Dv), qsT (D, bm) scaled queries transposed, doT (Dv, bm);
-    lse_shift, delta_blk (bm,); s_rows, dp_rows (bn, padded) tile buffers.
+    k_blk (bn, D), v_blk (bn, Dv), qsT (D, bm) scaled queries transposed; shift (bm,) the
+    rows' shifts; s_rows, dp_rows (bn, padded) tile buffers. The probabilities are
+    ``pT = eT / norm`` with ``eT = exp(sT - shift)``; the tile never divides: 1 / norm is
+    folded into the query block's operands (:func:`load_query_block`), doT (Dv, bm) =
+    (dO / norm).T and delta_blk (bm,) = delta / norm. Then ``dpT`` below is dp / norm,
+    ``dsT = eT * (dpT * z - delta_blk) = pT * (dp * z - delta)`` exactly, and
+    ``(eT * z) @ (dO / norm) = (pT * z) @ dO``.
     """
-    # forward: pT = exp(sT - lse), recomputed instead of stored
-    scores_t(k_blk, qsT, s_rows, bias_qk, use_bias, i0, j0, offset, window_left, window_right)
+    # forward: pT = exp(sT - m) / l, recomputed instead of stored
+    scores_t(k_blk, qsT, s_rows, bias, band, b, h, i0, j0)
     bn = k_blk.shape[0]
     bm = qsT.shape[1]
     for jj in range(bn):
-        exp_sub(s_rows[jj, :bm], lse_shift)
-    # forward: out = (pT * z).T @ v  ->  dpT = z * (v @ dO.T)
+        exp_sub(s_rows[jj, :bm], shift)  # eT = pT * norm
+    # forward: out = (pT * z).T @ v  ->  dpT = z * (v @ dO.T)   (here / norm)
     matmul(v_blk, doT, dp_rows[:, :bm], False)
     # forward: p = softmax(s)  ->  ds = p * (dp - delta)
-    if use_dropout:
+    if has_dropout(dropout):
         for jj in range(bn):
             p_row = s_rows[jj, :bm]
             dp_row = dp_rows[jj, :bm]
             for ii in range(bm):
-                kept = keep(seed_lo, seed_hi, b, h, i0 + ii, j0 + jj, threshold)
-                z = drop_scale if kept else 0.0
+                z = drop_scale if keep(dropout, b, h, i0 + ii, j0 + jj) else 0.0
                 dp_row[ii] = p_row[ii] * (dp_row[ii] * z - delta_blk[ii])
                 p_row[ii] *= z
     else:
@@ -415,42 +417,46 @@ def bwd_tile(k_blk, v_blk, qsT, doT, lse_shift, delta_blk, s_rows, dp_rows, bias
 
 
 @helper
-def lse_shift_of(lse_blk, lse_shift):
-    """The shift that turns scores into probabilities: lse, or +inf on an empty row
-    (where every score is -inf, so exp(-inf - inf) = 0 instead of exp(NaN))."""
-    for ii in range(lse_blk.shape[0]):
-        lse_shift[ii] = lse_blk[ii] if lse_blk[ii] != -np.inf else np.inf
-
-
-@helper
-def load_query_block(q, dout, lse, scale, b, h, i0, i1, bufs, lse_shift):
-    """The query block's operands of a backward tile, copied into the padded tile buffers
-    ``bufs`` = (qsT, doT, q, dO) of shapes (D, *), (Dv, *), (*, D), (*, Dv): qsT (D, bm)
-    = scale * q.T and doT (Dv, bm) = dO.T (the right operands of the score products), q
-    and dO themselves (of dk += dsT @ q and dv += pT @ dO), and the lse shift. Returns
-    the views in use."""
+def load_query_block(q, dout, rows, scale, b, h, i0, i1, bufs):
+    """The query block's operands of a backward tile, copied into the padded buffers
+    ``bufs`` = (qsT, doT, q, dO, terms) of shapes (D, *), (Dv, *), (*, D), (*, Dv), (2, *):
+    qsT (D, bm) = scale * q.T and doT (Dv, bm) = (dO / norm).T (the right operands of the
+    score products), q and dO / norm themselves (of dk += dsT @ q and dv += eT @ (dO /
+    norm)), the rows' shifts and delta / norm (see :func:`bwd_tile`). Returns the views
+    in use: qsT, doT, q_blk, do_blk, shift, delta_blk."""
     bm = i1 - i0
     qsT, doT, q_blk, do_blk = bufs[0][:, :bm], bufs[1][:, :bm], bufs[2][:bm], bufs[3][:bm]
+    shift, delta_blk = bufs[4][0, :bm], bufs[4][1, :bm]
     transposed_copy(q[b, h][i0:i1], scale, qsT)
-    transposed_copy(dout[b, h][i0:i1], 1.0, doT)
     q_blk[:] = q[b, h][i0:i1]
-    do_blk[:] = dout[b, h][i0:i1]
-    lse_shift_of(lse[b, h][i0:i1], lse_shift[:bm])
-    return qsT, doT, q_blk, do_blk, lse_shift[:bm]
+    for ii in range(bm):
+        inv_norm = rows[1, b, h, i0 + ii]  # 0 on an empty row
+        shift[ii] = rows[0, b, h, i0 + ii]
+        delta_blk[ii] = rows[2, b, h, i0 + ii] * inv_norm
+        do_row = dout[b, h, i0 + ii]
+        for d in range(do_row.shape[0]):
+            x = do_row[d] * inv_norm
+            doT[d, ii] = x
+            do_blk[ii, d] = x
+    return qsT, doT, q_blk, do_blk, shift, delta_blk
 
 
 @helper
 def query_block_buffers(rows, D, Dv, like):
-    """The four padded buffers :func:`load_query_block` fills, for up to ``rows`` queries."""
+    """The padded buffers :func:`load_query_block` fills, for up to ``rows`` queries."""
     return (tile_buffer(D, rows, like), tile_buffer(Dv, rows, like),
-            tile_buffer(rows, D, like)[:, :D], tile_buffer(rows, Dv, like)[:, :Dv])
+            tile_buffer(rows, D, like)[:, :D], tile_buffer(rows, Dv, like)[:, :Dv],
+            np.empty((2, rows), dtype=like.dtype))
 
 
 @kernel
-def _bwd_dkdv(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left, window_right,
-              use_dropout, seed_lo, seed_hi, threshold, drop_scale, BLOCK_M, BLOCK_N, dk, dv):
+def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, grads):
+    """dK, dV (grads[1], grads[2]): one task per (b, kv head, key block), the key block resident."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    BLOCK_M, BLOCK_N = blocks
+    scale, drop_scale = reals
+    dk, dv = grads[1], grads[2]
     group = Hq // Hkv
     n_kblocks = (Nk + BLOCK_N - 1) // BLOCK_N
     for task in prange(B * Hkv * n_kblocks):
@@ -466,20 +472,17 @@ def _bwd_dkdv(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_l
         s_buf = tile_buffer(bn, BLOCK_M, q)
         dp_buf = tile_buffer(bn, BLOCK_M, q)
         bufs = query_block_buffers(BLOCK_M, D, Dv, q)
-        lse_shift = np.empty(BLOCK_M, dtype=q.dtype)
 
-        i_start, i_stop = query_range(j0, j1, Nq, offset, window_left, window_right)
+        i_start, i_stop = query_range(band, j0, j1, Nq)
         for h in range(kv * group, (kv + 1) * group):  # GQA: the group's query heads, in order
-            bias_qk = bias_plane(bias, b, h)
             for i0 in range(i_start, i_stop, BLOCK_M):
                 i1 = min(i0 + BLOCK_M, i_stop)
                 bm = i1 - i0
-                qsT, doT, q_blk, do_blk, shift = load_query_block(q, dout, lse, scale, b, h, i0, i1,
-                                                                  bufs, lse_shift)
-                bwd_tile(k_blk, v_blk, qsT, doT, shift, delta[b, h][i0:i1], s_buf, dp_buf,
-                         bias_qk, use_bias, i0, j0, offset, window_left, window_right,
-                         use_dropout, seed_lo, seed_hi, threshold, drop_scale, b, h)
-                # forward: out = (pT * z).T @ v  ->  dv = (pT * z) @ dO
+                qsT, doT, q_blk, do_blk, shift, delta_blk = load_query_block(
+                    q, dout, rows, scale, b, h, i0, i1, bufs)
+                bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_buf, dp_buf, bias, band,
+                         dropout, drop_scale, b, h, i0, j0)
+                # forward: out = (pT * z).T @ v  ->  dv = (pT * z) @ dO = (eT * z) @ (dO / norm)
                 matmul(s_buf[:, :bm], do_blk, dv_acc, True)
                 # forward: sT = k @ (scale * q).T  ->  dk = scale * dsT @ q
                 matmul(dp_buf[:, :bm], q_blk, dk_acc, True)
@@ -491,10 +494,13 @@ def _bwd_dkdv(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_l
 
 
 @kernel
-def _bwd_dq(q, k, v, kT, dout, lse, delta, bias, use_bias, scale, offset, window_left, window_right,
-            use_dropout, seed_lo, seed_hi, threshold, drop_scale, BLOCK_M, BLOCK_N, dq):
+def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grads):
+    """dQ (grads[0]): one task per (b, h, query block), the query block resident."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    BLOCK_M, BLOCK_N = blocks
+    scale, drop_scale = reals
+    dq = grads[0]
     group = Hq // Hkv
     n_qblocks = (Nq + BLOCK_M - 1) // BLOCK_M
     for task in prange(B * Hq * n_qblocks):
@@ -504,23 +510,19 @@ def _bwd_dq(q, k, v, kT, dout, lse, delta, bias, use_bias, scale, offset, window
         i1 = min(i0 + BLOCK_M, Nq)
         bm = i1 - i0
         kv = h // group
-        lse_shift = np.empty(bm, dtype=q.dtype)
-        qsT, doT, _, _, shift = load_query_block(q, dout, lse, scale, b, h, i0, i1,
-                                                 query_block_buffers(bm, D, Dv, q), lse_shift)
-        bias_qk = bias_plane(bias, b, h)
+        qsT, doT, _, _, shift, delta_blk = load_query_block(
+            q, dout, rows, scale, b, h, i0, i1, query_block_buffers(bm, D, Dv, q))
         dqT = tile_buffer(D, bm, q)[:, :bm]  # dQ.T / scale (scale applied at the end)
         dqT[:] = 0.0
         s_buf = tile_buffer(BLOCK_N, bm, q)
         dp_buf = tile_buffer(BLOCK_N, bm, q)
 
-        j_start, j_stop = key_range(i0, i1, Nk, offset, window_left, window_right)
+        j_start, j_stop = key_range(band, i0, i1, Nk)
         for j0 in range(j_start, j_stop, BLOCK_N):
             j1 = min(j0 + BLOCK_N, j_stop)
             bn = j1 - j0
-            k_blk = k[b, kv][j0:j1]
-            bwd_tile(k_blk, v[b, kv][j0:j1], qsT, doT, shift, delta[b, h][i0:i1], s_buf[:bn],
-                     dp_buf[:bn], bias_qk, use_bias, i0, j0, offset, window_left, window_right,
-                     use_dropout, seed_lo, seed_hi, threshold, drop_scale, b, h)
+            bwd_tile(k[b, kv][j0:j1], v[b, kv][j0:j1], qsT, doT, shift, delta_blk, s_buf[:bn],
+                     dp_buf[:bn], bias, band, dropout, drop_scale, b, h, i0, j0)
             # forward: sT = scale * k @ q.T  ->  dq.T = scale * k.T @ dsT
             matmul(kT[b, kv][:, j0:j1], dp_buf[:bn, :bm], dqT, True)
         for ii in range(bm):
@@ -529,12 +531,14 @@ def _bwd_dq(q, k, v, kT, dout, lse, delta, bias, use_bias, scale, offset, window
 
 
 @kernel
-def _bwd_fused(q, k, v, kT, dout, lse, delta, bias, use_bias, scale, offset, window_left, window_right,
-               use_dropout, seed_lo, seed_hi, threshold, drop_scale, BLOCK_M, BLOCK_N, dq, dk, dv):
+def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grads):
     """dkdv with the key block resident, plus dq added from the same tiles (see the module
     docstring). One task per (b, kv head): it owns dq of the group's query heads."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    BLOCK_M, BLOCK_N = blocks
+    scale, drop_scale = reals
+    dq, dk, dv = grads
     group = Hq // Hkv
     for task in prange(B * Hkv):
         b = task // Hkv
@@ -544,7 +548,6 @@ def _bwd_fused(q, k, v, kT, dout, lse, delta, bias, use_bias, scale, offset, win
         s_buf = tile_buffer(BLOCK_N, BLOCK_M, q)
         dp_buf = tile_buffer(BLOCK_N, BLOCK_M, q)
         bufs = query_block_buffers(BLOCK_M, D, Dv, q)
-        lse_shift = np.empty(BLOCK_M, dtype=q.dtype)
         dqT = np.zeros((group, D, Nq), dtype=q.dtype)  # the group's dQ.T / scale
         for j0 in range(0, Nk, BLOCK_N):
             j1 = min(j0 + BLOCK_N, Nk)
@@ -553,21 +556,18 @@ def _bwd_fused(q, k, v, kT, dout, lse, delta, bias, use_bias, scale, offset, win
             v_blk = v[b, kv][j0:j1]  # (bn, Dv), resident
             dk_acc[:bn] = 0.0
             dv_acc[:bn] = 0.0
-            i_start, i_stop = query_range(j0, j1, Nq, offset, window_left, window_right)
+            i_start, i_stop = query_range(band, j0, j1, Nq)
             for h in range(kv * group, (kv + 1) * group):
-                bias_qk = bias_plane(bias, b, h)
                 for i0 in range(i_start, i_stop, BLOCK_M):
                     i1 = min(i0 + BLOCK_M, i_stop)
                     bm = i1 - i0
-                    qsT, doT, q_blk, do_blk, shift = load_query_block(q, dout, lse, scale, b, h, i0,
-                                                                      i1, bufs, lse_shift)
-                    bwd_tile(k_blk, v_blk, qsT, doT, shift, delta[b, h][i0:i1], s_buf[:bn],
-                             dp_buf[:bn], bias_qk, use_bias, i0, j0, offset, window_left,
-                             window_right, use_dropout, seed_lo, seed_hi, threshold, drop_scale,
-                             b, h)
-                    pT = s_buf[:bn, :bm]
+                    qsT, doT, q_blk, do_blk, shift, delta_blk = load_query_block(
+                        q, dout, rows, scale, b, h, i0, i1, bufs)
+                    bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_buf[:bn], dp_buf[:bn],
+                             bias, band, dropout, drop_scale, b, h, i0, j0)
+                    eT = s_buf[:bn, :bm]
                     dsT = dp_buf[:bn, :bm]
-                    matmul(pT, do_blk, dv_acc[:bn], True)  # dv += (pT * z) @ dO
+                    matmul(eT, do_blk, dv_acc[:bn], True)  # dv += (eT * z) @ (dO / norm)
                     matmul(dsT, q_blk, dk_acc[:bn], True)  # dk += dsT @ q (x scale)
                     # dq.T += k.T @ dsT: only this task writes the group's dq
                     matmul(kT[b, kv][:, j0:j1], dsT, dqT[h - kv * group][:, i0:i1], True)

@@ -1,10 +1,16 @@
 """The CPU attention ladder, llm.c style: the same maths three times, each rung faster.
 
-Every rung offers the kernel protocol (``forward(q, k, v, spec) -> (out, lse)``,
-``backward(q, k, v, out, lse, dout, spec) -> (dq, dk, dv)``), handles everything in the
-contract (GQA, Dv != D, masks, bottom-right causal, windows, dropout, empty rows), and is
-tested against ``kernels/reference.py`` in tests/kernels/test_cpu_flash.py. Shape legend:
-``spec.py``.
+Every rung offers the kernel protocol (``forward(q, k, v, spec) -> (out, stats)``,
+``backward(q, k, v, out, stats, dout, spec) -> (dq, dk, dv)``, ``kernels/protocol.py``),
+handles everything in the contract (GQA, Dv != D, masks, bottom-right causal, windows,
+dropout, empty rows, rows under huge finite masks), and is tested against
+``kernels/reference.py`` in tests/kernels/test_cpu_flash.py. Shape legend: ``spec.py``.
+
+The kernels take the spec as its records (``*spec.pack()``: bias, band, dropout, reals),
+read only through ``masking.py``'s rules; the forward stores stats = (m, l) per row, and
+the backward recomputes ``p = exp(s - shift) / norm`` with ``(shift, norm) = row_shift(m,
+l)``, the per-row terms computed once by rung 3's ``_bwd_preprocess`` (rows = shift,
+1 / norm, delta), which both rungs share.
 
 Measured on the shared 2-core VM (float32, B=1, H=8, N=1024, D=64, no mask; medians;
 ``python benchmarks/compare_cpu.py --ladder``; docs/performance.md has the run; other
@@ -39,8 +45,10 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..spec import AttentionSpec
-from ._compile import helper, in_band, keep, kernel, key_range, prange, query_range
-from .flash import _spec_args, bias_plane
+from ._compile import (
+    bias_index, has_bias, has_dropout, helper, in_band, keep, kernel, key_range, prange, query_range,
+)
+from .flash import _bwd_preprocess
 
 # -- rung 1: plain loops ------------------------------------------------------------------
 
@@ -48,27 +56,36 @@ from .flash import _spec_args, bias_plane
 def forward_loops(q, k, v, spec: AttentionSpec):
     q, k, v = (np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v))
     out = np.empty((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=spec.dtype)
-    lse = np.empty((spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
-    _forward_loops(q, k, v, *_spec_args(spec), out, lse)
-    return out, lse
+    stats = np.empty((2, spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
+    _forward_loops(q, k, v, *spec.pack(), out, stats)
+    return out, stats
 
 
-def backward_loops(q, k, v, out, lse, dout, spec: AttentionSpec):
-    q, k, v, out, lse, dout = (np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v, out, lse, dout))
+def backward_loops(q, k, v, out, stats, dout, spec: AttentionSpec):
+    q, k, v, dout, rows = _backward_inputs(q, k, v, out, stats, dout, spec)
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-    delta = np.einsum("bhid,bhid->bhi", out, dout)  # (B, Hq, Nq): rowsum(dO * O)
-    args = _spec_args(spec)
-    _dq_loops(q, k, v, dout, lse, delta, *args, dq)
-    _dkdv_loops(q, k, v, dout, lse, delta, *args, dk, dv)
+    records = spec.pack()
+    _dq_loops(q, k, v, dout, rows, *records, dq)
+    _dkdv_loops(q, k, v, dout, rows, *records, dk, dv)
     return dq, dk, dv
+
+
+def _backward_inputs(q, k, v, out, stats, dout, spec: AttentionSpec):
+    """Contiguous q, k, v, dout, and rows (3, B, Hq, Nq) = (shift, 1 / norm, delta) per
+    query row: p = exp(s - shift) / norm (masking.row_shift), delta = rowsum(dO * O)."""
+    q, k, v, out, stats, dout = (np.ascontiguousarray(x, dtype=spec.dtype)
+                                 for x in (q, k, v, out, stats, dout))
+    rows = np.empty((3, spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
+    _bwd_preprocess(out, dout, stats, rows)
+    return q, k, v, dout, rows
 
 
 @helper
 def score(q_row, k_row, scale, bias_qk, use_bias, i, j):
     """The scaled (and biased) score of query row q_row against key row k_row.
 
-    Computed in the input dtype, as the forward stored lse: p = exp(s - lse) must see the
-    same rounding of s in both passes, or a one-hot row's p drifts from 1.
+    Computed in the input dtype, as the forward stored its shift m: p = exp(s - m) / l
+    must see the same rounding of s in both passes, or a one-hot row's p drifts from 1.
     """
     s = q_row[0] * k_row[0]
     for d in range(1, q_row.shape[0]):
@@ -80,20 +97,22 @@ def score(q_row, k_row, scale, bias_qk, use_bias, i, j):
 
 
 @kernel
-def _forward_loops(q, k, v, bias, use_bias, scale, offset, window_left, window_right,
-                   use_dropout, seed_lo, seed_hi, threshold, drop_scale, out, lse):
+def _forward_loops(q, k, v, bias, band, dropout, reals, out, stats):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale, drop_scale = reals
+    use_bias = has_bias(bias)
+    use_dropout = has_dropout(dropout)
     group = Hq // Hkv
     for task in prange(B * Hq * Nq):
         b, h, i = task // (Hq * Nq), task // Nq % Hq, task % Nq
         kv = h // group
-        bias_qk = bias_plane(bias, b, h)
+        bias_qk = bias[bias_index(bias, b, h)]  # (Nq, Nk); empty without a bias
         m = -np.inf  # running max
         l = 0.0  # running sum of exp(s - m)
         acc = np.zeros(Dv)  # running sum of exp(s - m) * dropout * v_j
         for j in range(Nk):
-            if not in_band(i, j, offset, window_left, window_right):
+            if not in_band(band, i, j):
                 continue
             s = score(q[b, h, i], k[b, kv, j], scale, bias_qk, use_bias, i, j)
             if s == -np.inf:  # a masked pair adds nothing (and must not make m NaN)
@@ -102,44 +121,48 @@ def _forward_loops(q, k, v, bias, use_bias, scale, offset, window_left, window_r
             alpha = math.exp(m - m_new)  # rescale what was summed against the old max
             p = math.exp(s - m_new)
             l = l * alpha + p
-            if use_dropout and not keep(seed_lo, seed_hi, b, h, i, j, threshold):
+            if use_dropout and not keep(dropout, b, h, i, j):
                 p = 0.0
             p *= drop_scale
             for d in range(Dv):
                 acc[d] = acc[d] * alpha + p * v[b, kv, j, d]
             m = m_new
+        stats[0, b, h, i] = m  # -inf and 0 on a row with no key allowed
+        stats[1, b, h, i] = l
         if l == 0.0:  # no key allowed
             out[b, h, i, :] = 0.0
-            lse[b, h, i] = -np.inf
         else:  # (NaN from a NaN input stays NaN)
             for d in range(Dv):  # a loop, not `acc / l`: an array expression inside prange
                 out[b, h, i, d] = acc[d] / l  # fails to compile when it is the first kernel built
-            lse[b, h, i] = m + math.log(l)
 
 
 @kernel
-def _dq_loops(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left,
-              window_right, use_dropout, seed_lo, seed_hi, threshold, drop_scale, dq):
+def _dq_loops(q, k, v, dout, rows, bias, band, dropout, reals, dq):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale, drop_scale = reals
+    use_bias = has_bias(bias)
+    use_dropout = has_dropout(dropout)
     group = Hq // Hkv
     for task in prange(B * Hq * Nq):  # one query row per task: it owns dq[b, h, i]
         b, h, i = task // (Hq * Nq), task // Nq % Hq, task % Nq
         kv = h // group
-        bias_qk = bias_plane(bias, b, h)
+        bias_qk = bias[bias_index(bias, b, h)]
+        shift, inv_norm, delta = rows[0, b, h, i], rows[1, b, h, i], rows[2, b, h, i]
         dq_row = np.zeros(D)
         for j in range(Nk):
-            if lse[b, h, i] == -np.inf or not in_band(i, j, offset, window_left, window_right):
+            if not in_band(band, i, j):
                 continue
-            # forward: p = exp(s - lse)
-            p = math.exp(score(q[b, h, i], k[b, kv, j], scale, bias_qk, use_bias, i, j) - lse[b, h, i])
+            # forward: p = exp(s - m) / l   (an empty row: inv_norm = 0, so p = 0)
+            s = score(q[b, h, i], k[b, kv, j], scale, bias_qk, use_bias, i, j)
+            p = math.exp(s - shift) * inv_norm
             # forward: out_i = sum_j p_ij z_ij v_j  ->  dp_ij = z_ij (dout_i . v_j)
             dp = 0.0
             for d in range(Dv):
                 dp += dout[b, h, i, d] * v[b, kv, j, d]
-            z = drop_scale if not use_dropout or keep(seed_lo, seed_hi, b, h, i, j, threshold) else 0.0
+            z = drop_scale if not use_dropout or keep(dropout, b, h, i, j) else 0.0
             # forward: p = softmax(s)  ->  ds = p * (dp - delta)
-            ds = p * (dp * z - delta[b, h, i])
+            ds = p * (dp * z - delta)
             # forward: s = scale * q_i . k_j  ->  dq_i += scale * ds * k_j
             for d in range(D):
                 dq_row[d] += ds * k[b, kv, j, d]
@@ -147,26 +170,30 @@ def _dq_loops(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_l
 
 
 @kernel
-def _dkdv_loops(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left,
-                window_right, use_dropout, seed_lo, seed_hi, threshold, drop_scale, dk, dv):
+def _dkdv_loops(q, k, v, dout, rows, bias, band, dropout, reals, dk, dv):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale, drop_scale = reals
+    use_bias = has_bias(bias)
+    use_dropout = has_dropout(dropout)
     group = Hq // Hkv
     for task in prange(B * Hkv * Nk):  # one key row per task: it owns dk, dv[b, kv, j]
         b, kv, j = task // (Hkv * Nk), task // Nk % Hkv, task % Nk
         dk_row = np.zeros(D)
         dv_row = np.zeros(Dv)
         for h in range(kv * group, (kv + 1) * group):  # GQA: sum over the group, in order
-            bias_qk = bias_plane(bias, b, h)
+            bias_qk = bias[bias_index(bias, b, h)]
             for i in range(Nq):
-                if lse[b, h, i] == -np.inf or not in_band(i, j, offset, window_left, window_right):
+                if not in_band(band, i, j):
                     continue
-                p = math.exp(score(q[b, h, i], k[b, kv, j], scale, bias_qk, use_bias, i, j) - lse[b, h, i])
+                shift, inv_norm, delta = rows[0, b, h, i], rows[1, b, h, i], rows[2, b, h, i]
+                s = score(q[b, h, i], k[b, kv, j], scale, bias_qk, use_bias, i, j)
+                p = math.exp(s - shift) * inv_norm  # forward: p = exp(s - m) / l
                 dp = 0.0
                 for d in range(Dv):
                     dp += dout[b, h, i, d] * v[b, kv, j, d]
-                z = drop_scale if not use_dropout or keep(seed_lo, seed_hi, b, h, i, j, threshold) else 0.0
-                ds = p * (dp * z - delta[b, h, i])
+                z = drop_scale if not use_dropout or keep(dropout, b, h, i, j) else 0.0
+                ds = p * (dp * z - delta)
                 # forward: out_i = sum_j p_ij z_ij v_j  ->  dv_j += p_ij z_ij dout_i
                 for d in range(Dv):
                     dv_row[d] += p * z * dout[b, h, i, d]
@@ -186,23 +213,22 @@ BLOCK_N = 64
 def forward_tiles(q, k, v, spec: AttentionSpec):
     q, k, v = (np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v))
     out = np.empty((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=spec.dtype)
-    lse = np.empty((spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
-    _forward_tiles(q, k, v, *_spec_args(spec), out, lse)
-    return out, lse
+    stats = np.empty((2, spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
+    _forward_tiles(q, k, v, *spec.pack(), out, stats)
+    return out, stats
 
 
-def backward_tiles(q, k, v, out, lse, dout, spec: AttentionSpec):
-    q, k, v, out, lse, dout = (np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v, out, lse, dout))
+def backward_tiles(q, k, v, out, stats, dout, spec: AttentionSpec):
+    q, k, v, dout, rows = _backward_inputs(q, k, v, out, stats, dout, spec)
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-    delta = np.einsum("bhid,bhid->bhi", out, dout)  # (B, Hq, Nq): rowsum(dO * O)
-    args = _spec_args(spec)
-    _dkdv_tiles(q, k, v, dout, lse, delta, *args, dk, dv)
-    _dq_tiles(q, k, v, dout, lse, delta, *args, dq)
+    records = spec.pack()
+    _dkdv_tiles(q, k, v, dout, rows, *records, dk, dv)
+    _dq_tiles(q, k, v, dout, rows, *records, dq)
     return dq, dk, dv
 
 
 @helper
-def scores_tile(q_blk, k_blk, s, scale, bias_qk, use_bias, i0, j0, offset, window_left, window_right):
+def scores_tile(q_blk, k_blk, s, scale, bias_qk, use_bias, band, i0, j0):
     """s (bm, bn) = scale * q_blk @ k_blk.T (+ bias), -inf outside the band."""
     bm, bn = s.shape
     for ii in range(bm):
@@ -213,16 +239,18 @@ def scores_tile(q_blk, k_blk, s, scale, bias_qk, use_bias, i0, j0, offset, windo
             x *= scale
             if use_bias:
                 x += bias_qk[i0 + ii, j0 + jj]
-            if not in_band(i0 + ii, j0 + jj, offset, window_left, window_right):
+            if not in_band(band, i0 + ii, j0 + jj):
                 x = -np.inf
             s[ii, jj] = x
 
 
 @kernel
-def _forward_tiles(q, k, v, bias, use_bias, scale, offset, window_left, window_right,
-                   use_dropout, seed_lo, seed_hi, threshold, drop_scale, out, lse):
+def _forward_tiles(q, k, v, bias, band, dropout, reals, out, stats):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale, drop_scale = reals
+    use_bias = has_bias(bias)
+    use_dropout = has_dropout(dropout)
     group = Hq // Hkv
     n_qblocks = (Nq + BLOCK_M - 1) // BLOCK_M
     for task in prange(B * Hq * n_qblocks):
@@ -230,18 +258,17 @@ def _forward_tiles(q, k, v, bias, use_bias, scale, offset, window_left, window_r
         i1 = min(i0 + BLOCK_M, Nq)
         bm = i1 - i0
         kv = h // group
-        bias_qk = bias_plane(bias, b, h)
+        bias_qk = bias[bias_index(bias, b, h)]
         q_blk = q[b, h, i0:i1]
         m_i = np.full(bm, -np.inf)
         l_i = np.zeros(bm)
         acc = np.zeros((bm, Dv))
         s = np.empty((bm, BLOCK_N), dtype=q.dtype)
-        j_start, j_stop = key_range(i0, i1, Nk, offset, window_left, window_right)
+        j_start, j_stop = key_range(band, i0, i1, Nk)
         for j0 in range(j_start, j_stop, BLOCK_N):
             j1 = min(j0 + BLOCK_N, j_stop)
             bn = j1 - j0
-            scores_tile(q_blk, k[b, kv, j0:j1], s[:, :bn], scale, bias_qk, use_bias, i0, j0,
-                        offset, window_left, window_right)
+            scores_tile(q_blk, k[b, kv, j0:j1], s[:, :bn], scale, bias_qk, use_bias, band, i0, j0)
             for ii in range(bm):
                 m_new = max(m_i[ii], s[ii, :bn].max())
                 m_safe = m_new if m_new != -np.inf else 0.0
@@ -251,51 +278,54 @@ def _forward_tiles(q, k, v, bias, use_bias, scale, offset, window_left, window_r
                 for jj in range(bn):
                     p = math.exp(s[ii, jj] - m_safe)
                     l_i[ii] += p
-                    if use_dropout and not keep(seed_lo, seed_hi, b, h, i0 + ii, j0 + jj, threshold):
+                    if use_dropout and not keep(dropout, b, h, i0 + ii, j0 + jj):
                         p = 0.0
                     p *= drop_scale
                     for d in range(Dv):  # acc += p @ v_blk, one row of the product
                         acc[ii, d] += p * v[b, kv, j0 + jj, d]
                 m_i[ii] = m_new
         for ii in range(bm):
+            stats[0, b, h, i0 + ii] = m_i[ii]  # -inf and 0 on a row with no key allowed
+            stats[1, b, h, i0 + ii] = l_i[ii]
             if l_i[ii] == 0.0:  # no key allowed
                 out[b, h, i0 + ii, :] = 0.0
-                lse[b, h, i0 + ii] = -np.inf
             else:
                 for d in range(Dv):  # a loop, not an array expression (see _forward_loops)
                     out[b, h, i0 + ii, d] = acc[ii, d] / l_i[ii]
-                lse[b, h, i0 + ii] = m_i[ii] + math.log(l_i[ii])
 
 
 @helper
-def probs_and_dscores(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, p, ds, scale, bias_qk,
-                      use_bias, i0, j0, offset, window_left, window_right,
-                      use_dropout, seed_lo, seed_hi, threshold, drop_scale, b, h):
-    """One backward tile, (bm, bn): p <- p * z (the dropped probabilities), ds <- dL/ds."""
-    scores_tile(q_blk, k_blk, p, scale, bias_qk, use_bias, i0, j0, offset, window_left, window_right)
+def probs_and_dscores(q_blk, k_blk, v_blk, do_blk, rows_blk, p, ds, bias, band, dropout, reals,
+                      b, h, i0, j0):
+    """One backward tile, (bm, bn): p <- p * z (the dropped probabilities), ds <- dL/ds.
+
+    rows_blk (3, bm): the block's (shift, 1 / norm, delta), see ``_backward_inputs``."""
+    scale, drop_scale = reals
+    use_bias = has_bias(bias)
+    scores_tile(q_blk, k_blk, p, scale, bias[bias_index(bias, b, h)], use_bias, band, i0, j0)
     bm, bn = p.shape
     for ii in range(bm):
-        shift = lse_blk[ii] if lse_blk[ii] != -np.inf else np.inf  # empty row: p = 0
+        shift, inv_norm, delta = rows_blk[0, ii], rows_blk[1, ii], rows_blk[2, ii]
         for jj in range(bn):
-            # forward: p = exp(s - lse)
-            p_ij = math.exp(p[ii, jj] - shift)
+            # forward: p = exp(s - m) / l   (an empty row: inv_norm = 0, so p = 0)
+            p_ij = math.exp(p[ii, jj] - shift) * inv_norm
             # forward: out = (p * z) @ v  ->  dp = z * (dout @ v.T)
             dp = 0.0
             for d in range(v_blk.shape[1]):
                 dp += do_blk[ii, d] * v_blk[jj, d]
             z = drop_scale
-            if use_dropout and not keep(seed_lo, seed_hi, b, h, i0 + ii, j0 + jj, threshold):
+            if has_dropout(dropout) and not keep(dropout, b, h, i0 + ii, j0 + jj):
                 z = 0.0
             # forward: p = softmax(s)  ->  ds = p * (dp - delta)
-            ds[ii, jj] = p_ij * (dp * z - delta_blk[ii])
+            ds[ii, jj] = p_ij * (dp * z - delta)
             p[ii, jj] = p_ij * z
 
 
 @kernel
-def _dkdv_tiles(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left,
-                window_right, use_dropout, seed_lo, seed_hi, threshold, drop_scale, dk, dv):
+def _dkdv_tiles(q, k, v, dout, rows, bias, band, dropout, reals, dk, dv):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale = reals[0]
     group = Hq // Hkv
     n_kblocks = (Nk + BLOCK_N - 1) // BLOCK_N
     for task in prange(B * Hkv * n_kblocks):  # the key block stays resident
@@ -307,16 +337,13 @@ def _dkdv_tiles(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window
         dv_acc = np.zeros((bn, Dv))
         p = np.empty((BLOCK_M, bn), dtype=q.dtype)
         ds = np.empty((BLOCK_M, bn))
-        i_start, i_stop = query_range(j0, j1, Nq, offset, window_left, window_right)
+        i_start, i_stop = query_range(band, j0, j1, Nq)
         for h in range(kv * group, (kv + 1) * group):
-            bias_qk = bias_plane(bias, b, h)
             for i0 in range(i_start, i_stop, BLOCK_M):
                 i1 = min(i0 + BLOCK_M, i_stop)
                 bm = i1 - i0
-                probs_and_dscores(q[b, h, i0:i1], k_blk, v_blk, dout[b, h, i0:i1], lse[b, h, i0:i1],
-                                  delta[b, h, i0:i1], p[:bm], ds[:bm], scale, bias_qk, use_bias, i0,
-                                  j0, offset, window_left, window_right, use_dropout, seed_lo,
-                                  seed_hi, threshold, drop_scale, b, h)
+                probs_and_dscores(q[b, h, i0:i1], k_blk, v_blk, dout[b, h, i0:i1], rows[:, b, h, i0:i1],
+                                  p[:bm], ds[:bm], bias, band, dropout, reals, b, h, i0, j0)
                 for ii in range(bm):
                     for jj in range(bn):
                         # dv += (p * z).T @ dout ;  dk += ds.T @ q   (scale applied below)
@@ -329,10 +356,10 @@ def _dkdv_tiles(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window
 
 
 @kernel
-def _dq_tiles(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_left,
-              window_right, use_dropout, seed_lo, seed_hi, threshold, drop_scale, dq):
+def _dq_tiles(q, k, v, dout, rows, bias, band, dropout, reals, dq):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale = reals[0]
     group = Hq // Hkv
     n_qblocks = (Nq + BLOCK_M - 1) // BLOCK_M
     for task in prange(B * Hq * n_qblocks):  # the query block stays resident
@@ -340,18 +367,16 @@ def _dq_tiles(q, k, v, dout, lse, delta, bias, use_bias, scale, offset, window_l
         i1 = min(i0 + BLOCK_M, Nq)
         bm = i1 - i0
         kv = h // group
-        bias_qk = bias_plane(bias, b, h)
         dq_acc = np.zeros((bm, D))
         p = np.empty((bm, BLOCK_N), dtype=q.dtype)
         ds = np.empty((bm, BLOCK_N))
-        j_start, j_stop = key_range(i0, i1, Nk, offset, window_left, window_right)
+        j_start, j_stop = key_range(band, i0, i1, Nk)
         for j0 in range(j_start, j_stop, BLOCK_N):
             j1 = min(j0 + BLOCK_N, j_stop)
             bn = j1 - j0
             probs_and_dscores(q[b, h, i0:i1], k[b, kv, j0:j1], v[b, kv, j0:j1], dout[b, h, i0:i1],
-                              lse[b, h, i0:i1], delta[b, h, i0:i1], p[:, :bn], ds[:, :bn], scale,
-                              bias_qk, use_bias, i0, j0, offset, window_left, window_right,
-                              use_dropout, seed_lo, seed_hi, threshold, drop_scale, b, h)
+                              rows[:, b, h, i0:i1], p[:, :bn], ds[:, :bn], bias, band, dropout,
+                              reals, b, h, i0, j0)
             for ii in range(bm):
                 for jj in range(bn):  # dq += ds @ k_blk  (scale applied below)
                     for d in range(D):
