@@ -69,9 +69,9 @@ def make_problem(N, causal=False, window=None, seed=0):
 def ours(module, q, k, v, dout, spec, backward):
     """A zero-argument callable running one forward (and backward) of a kernel module."""
     def call():
-        out, lse = module.forward(q, k, v, spec)
+        out, stats = module.forward(q, k, v, spec)
         if backward:
-            module.backward(q, k, v, out, lse, dout, spec)
+            module.backward(q, k, v, out, stats, dout, spec)
     return call
 
 
@@ -143,10 +143,10 @@ def interleaved_medians(calls: dict, reps: int, warmup: int) -> dict:
 def validate(causal=False, window=None, N=300):
     """Our forward+backward against the reference before any timing (float32 tolerances)."""
     q, k, v, dout, spec = make_problem(N, causal, window, seed=1)
-    out, lse = flash.forward(q, k, v, spec)
-    grads = flash.backward(q, k, v, out, lse, dout, spec)
-    r_out, r_lse = reference.forward(q, k, v, spec)
-    r_grads = reference.backward(q, k, v, r_out, r_lse, dout, spec)
+    out, stats = flash.forward(q, k, v, spec)
+    grads = flash.backward(q, k, v, out, stats, dout, spec)
+    r_out, r_stats = reference.forward(q, k, v, spec)
+    r_grads = reference.backward(q, k, v, r_out, r_stats, dout, spec)
     for name, a, b in zip(("out", "dq", "dk", "dv"), (out,) + grads, (r_out,) + r_grads):
         err = np.abs(a - b).max() / np.abs(b).max()
         if not err < 1e-4:
@@ -215,8 +215,8 @@ def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 q, k, v, do, spec = problem(64)  # load the compiled kernels first: their memory is not "extra"
-out, lse = flash.forward(q, k, v, spec); flash.backward(q, k, v, out, lse, do, spec)
-del out, lse
+out, stats = flash.forward(q, k, v, spec); flash.backward(q, k, v, out, stats, do, spec)
+del out, stats
 q, k, v, do, spec = problem(N)
 inputs = q.nbytes + k.nbytes + v.nbytes + q.nbytes  # q + k + v + o (o has q's shape here)
 before = rss()
@@ -229,8 +229,8 @@ def sample():  # the resident set, every millisecond, while forward+backward run
 sampler = threading.Thread(target=sample)
 sampler.start()
 tracemalloc.start()
-out, lse = flash.forward(q, k, v, spec)
-grads = flash.backward(q, k, v, out, lse, do, spec)
+out, stats = flash.forward(q, k, v, spec)
+grads = flash.backward(q, k, v, out, stats, do, spec)
 traced = tracemalloc.get_traced_memory()[1]
 tracemalloc.stop()
 done.set()
