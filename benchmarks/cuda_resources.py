@@ -132,17 +132,23 @@ def target(cc):
 
 
 def kernel_sources(rung: int, dtype: str, D: int, Dv: int, rules):
-    """({name: python function}, {name: signature}, {name: threads per block}) of one rung."""
+    """({name: python function}, {name: signature}, {name: threads per block},
+    {name: launch bounds or None}) of one rung, as its launches compile them."""
     from microattn.kernels.cuda import flash, tiled
 
     if rung == 1:
         tiles = flash.Tiles(flash.GPU_RESIDENT, flash.staged_rows(np.dtype(dtype).itemsize, D, Dv))
         functions = flash.kernel_functions(dtype, D, Dv, tiles, True, True, rules=rules)
         threads = {name: tiles.resident for name in functions}
-        return functions, flash.kernel_signatures(dtype), threads
-    tiling = tiled.GPU_TILING[dtype]
-    functions = tiled.kernel_functions(dtype, D, Dv, tiling, rules=rules)
-    return functions, tiled.kernel_signatures(dtype), {name: tiling.threads for name in functions}
+        return functions, flash.kernel_signatures(dtype), threads, {name: None for name in functions}
+    tilings = tiled.gpu_tilings(dtype, D, Dv)
+    functions = tiled.kernel_functions(dtype, D, Dv, tilings.main, rules=rules)
+    functions["_attn_bwd_dkdv"] = tiled.kernel_functions(dtype, D, Dv, tilings.dkdv, rules=rules)["_attn_bwd_dkdv"]
+    threads = {name: tilings.main.threads for name in functions}
+    threads["_attn_bwd_dkdv"] = tilings.dkdv.threads
+    bounds = {name: tiled.launch_bounds(dtype, tilings.dkdv if name == "_attn_bwd_dkdv" else tilings.main)
+              for name in functions}
+    return functions, tiled.kernel_signatures(dtype), threads, bounds
 
 
 def compile_ptx(rung: int, dtype: str, D: int, Dv: int, cc) -> tuple[dict, dict]:
@@ -153,8 +159,8 @@ def compile_ptx(rung: int, dtype: str, D: int, Dv: int, cc) -> tuple[dict, dict]
 
     with target(cc):
         rules = compile_rules(cuda.jit(device=True))  # fresh: compiled for this target
-        functions, signatures, threads = kernel_sources(rung, dtype, D, Dv, rules)
-        return {name: cuda.compile_ptx(fn, signatures[name], cc=cc)[0]
+        functions, signatures, threads, bounds = kernel_sources(rung, dtype, D, Dv, rules)
+        return {name: cuda.compile_ptx(fn, signatures[name], cc=cc, launch_bounds=bounds[name])[0]
                 for name, fn in functions.items()}, threads
 
 
@@ -256,18 +262,28 @@ def is_shared_load(opcode: str) -> bool:
 
 
 def hot_loop(sass: str) -> dict:
-    """FMA and shared-load counts of the innermost loop with the most FMAs."""
+    """FMA and shared-load counts of the hot loop: the innermost loop with the most FMAs among
+    those that are at least half FMAs (the tile products), else among all innermost loops.
+
+    The "half" rule keeps float64's exp out: libdevice's exp is a DFMA polynomial, so the
+    per-element softmax loop holds ~100 DFMAs in ~500 instructions, once per element, while
+    the tile product's loop (mostly DFMA) runs ``chunk`` times per staged chunk."""
     listing, _ = instructions(sass)
     spans = loops(sass)
     innermost = [(a, b) for a, b in spans
                  if not any((c, d) != (a, b) and a <= c and d <= b for c, d in spans)]
-    best = {"fma": 0, "shared_loads": 0, "span": None}
+    candidates = []
     for first, last in innermost:
         body = [op for address, op, _ in listing if first <= address <= last]
         fma = sum(map(is_fma, body))
-        if fma > best["fma"]:
-            best = {"fma": fma, "shared_loads": sum(map(is_shared_load, body)), "span": (first, last)}
-    return best
+        candidates.append({"fma": fma, "shared_loads": sum(map(is_shared_load, body)),
+                           "span": (first, last), "dense": 2 * fma >= len(body)})
+    dense = [c for c in candidates if c["dense"] and c["fma"]]
+    pool = dense or [c for c in candidates if c["fma"]]
+    if not pool:
+        return {"fma": 0, "shared_loads": 0, "span": None}
+    best = max(pool, key=lambda c: c["fma"])
+    return {key: best[key] for key in ("fma", "shared_loads", "span")}
 
 
 def occupancy(registers: int, threads: int, shared: int, cc) -> float:

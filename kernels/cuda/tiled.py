@@ -69,11 +69,16 @@ and shared array shapes must be), bias and dropout are run-time branches hoisted
 every FMA loop. Every floating constant is in the tile dtype: float32 kernels contain no
 float64 instruction.
 
-Tiles (``tiling_for``): float32 ``Tiling(64, 64, 16, 16, 16)``, float64
-``Tiling(32, 32, 8, 8, 16)``, whose shared memory at D = Dv = 128 is 34 KiB and 35 KiB
-(``shared_memory_bytes``), within the 48 KiB of static shared memory. Under the simulator
-(one Python thread per GPU thread) ``SIM_TILING`` = 2 x 2 threads, 8 x 8 tiles, chunk 4.
-``TILING_OVERRIDE`` forces another tiling (tests; ``benchmarks/gpu_tiled.py --tiling``).
+Tiles (``gpu_tilings``, ``GPU_TILINGS`` says why each): float32 64 x 64 tiles on 16 x 16
+threads at D <= 64, 32 x 128 tiles on 8 x 32 threads at D = 128; float64 16 x 64 or 16 x 128
+tiles on 4 x 16 or 4 x 32 threads; at most 37.5 KiB of static shared memory (48 KiB allowed,
+``shared_memory_bytes``). float32 kernels are compiled with launch bounds asking for 25%
+occupancy (<= 128 registers). The dK/dV kernel may take tiles of its own (``Tilings``).
+Under the simulator (one Python thread per GPU thread) ``SIM_TILING`` = 2 x 2 threads, 8 x 8
+tiles, chunk 4. ``TILING_OVERRIDE`` forces other tiles (tests; ``benchmarks/gpu_tiled.py
+--tiling``). Two things numba-cuda lacks are added here: a 16-byte shared load
+(``load4``, an LLVM vector load: NVVM does not merge four scalar loads of a numba array)
+and, for the simulator only, ``shfl_xor_sync`` and ``syncwarp``.
 
 Compiled figures (``benchmarks/cuda_resources.py``, sm_90, float32): see docs/cuda-flash.md,
 "Rung 2". GPU timings: none yet.
@@ -99,7 +104,7 @@ except ImportError:  # flash.unavailable_reason() says why
     numba = cuda = None
 
 __all__ = ["forward", "backward", "to_device", "to_host", "unavailable_reason", "Tiling",
-           "tiling_for", "shared_memory_bytes", "kernel_functions", "kernel_signatures"]
+           "Tilings", "tiling_for", "gpu_tilings", "shared_memory_bytes", "kernel_functions", "kernel_signatures"]
 
 VEC = 4  # values per 16-byte shared load (two for float64, as two 16-byte loads)
 PAD = 4  # extra columns on transposed tiles: keeps rows 16-byte aligned, spreads the banks
@@ -118,9 +123,29 @@ class Tiling(NamedTuple):
         return self.threads_rows * self.threads_cols
 
 
-GPU_TILING = {"float32": Tiling(64, 64, 16, 16, 16), "float64": Tiling(32, 32, 8, 8, 16)}
+class Tilings(NamedTuple):
+    main: Tiling  # _attn_fwd, _attn_bwd_preprocess (its threads), _attn_bwd_dq
+    dkdv: Tiling  # _attn_bwd_dkdv: its own, because it holds two accumulators (dK and dV)
+
+
+# (dtype, head dims > 64) -> tiles on a GPU, chosen from the compiled code (no GPU timings
+# yet; benchmarks/cuda_resources.py): no spills, 4 x 4 thread tiles, and for float32 at most
+# 128 registers (25% occupancy, asked of ptxas by ``launch_bounds``).
+# * float32, D <= 64: 64 x 64 tiles on 16 x 16 threads.
+# * float32, D = 128: 32 x 128 tiles on 8 x 32 threads (a row's keys over a whole warp).
+#   64 x 64 tiles hold 4 x 8 of O (of dQ; of dK and of dV) per thread: 162 registers for
+#   dK/dV on sm_90, and 104 bytes of spills for the forward on sm_80 under the bound.
+# * float64 (two registers a value, no occupancy target): 16 x 64 (D <= 64) or 16 x 128 tiles
+#   on 4 x 16 or 4 x 32 threads; 32 x 32 tiles on 8 x 8 threads spilled 1 KB (forward, sm_80).
+GPU_TILINGS = {
+    ("float32", False): Tilings(Tiling(64, 64, 16, 16, 16), Tiling(64, 64, 16, 16, 16)),
+    ("float32", True): Tilings(Tiling(32, 128, 8, 32, 16), Tiling(32, 128, 8, 32, 16)),
+    ("float64", False): Tilings(Tiling(16, 64, 4, 16, 8), Tiling(16, 64, 4, 16, 8)),
+    ("float64", True): Tilings(Tiling(16, 128, 4, 32, 8), Tiling(16, 128, 4, 32, 8)),
+}
 SIM_TILING = Tiling(8, 8, 2, 2, 4)
-TILING_OVERRIDE: Tiling | None = None
+# Tests and tuning: a Tiling (every kernel) or a Tilings pair forces the tiles of every launch.
+TILING_OVERRIDE: Tiling | Tilings | None = None
 
 
 def check_tiling(tiling: Tiling) -> None:
@@ -130,19 +155,25 @@ def check_tiling(tiling: Tiling) -> None:
     if tiling.rows % (VEC * ty) or tiling.cols % (VEC * tx):
         raise ValueError(f"rows must be a multiple of {VEC} * threads_rows and cols of "
                          f"{VEC} * threads_cols: {tiling}")
-    if tiling.cols % tiling.chunk or tiling.rows % tiling.chunk:
-        raise ValueError(f"chunk must divide rows and cols: {tiling}")
+    if tiling.cols % tiling.chunk or tiling.rows % tiling.chunk or tiling.chunk % VEC:
+        raise ValueError(f"chunk must divide rows and cols and be a multiple of {VEC}: {tiling}")
     if not simulated() and tiling.threads % 32:
         raise ValueError(f"a block must be whole warps on a GPU: {tiling}")
 
 
-def tiling_for(dtype, D: int, Dv: int) -> Tiling:
-    """The tiling used for this dtype (SIM_TILING under the simulator, or the override)."""
+def gpu_tilings(dtype, D: int, Dv: int) -> Tilings:
+    """The tiles on a GPU (what benchmarks/cuda_resources.py compiles)."""
+    return GPU_TILINGS[np.dtype(dtype).name, max(D, Dv) > 64]
+
+
+def tiling_for(dtype, D: int, Dv: int) -> Tilings:
+    """The tiles used here: the override, SIM_TILING under the simulator, else gpu_tilings."""
     if TILING_OVERRIDE is not None:
-        return TILING_OVERRIDE
+        override = TILING_OVERRIDE
+        return override if isinstance(override, Tilings) else Tilings(override, override)
     if simulated():
-        return SIM_TILING
-    return GPU_TILING[np.dtype(dtype).name]
+        return Tilings(SIM_TILING, SIM_TILING)
+    return gpu_tilings(dtype, D, Dv)
 
 
 def padded(n: int, tiling: Tiling) -> int:
@@ -151,8 +182,12 @@ def padded(n: int, tiling: Tiling) -> int:
     return -(-n // step) * step
 
 
-def shared_memory_bytes(dtype, D: int, Dv: int, tiling: Tiling) -> dict[str, int]:
+def shared_memory_bytes(dtype, D: int, Dv: int, tiling: Tiling | Tilings) -> dict[str, int]:
     """Static shared memory of each kernel, in bytes (what the PTX declares)."""
+    if isinstance(tiling, Tilings):
+        result = shared_memory_bytes(dtype, D, Dv, tiling.main)
+        result["_attn_bwd_dkdv"] = shared_memory_bytes(dtype, D, Dv, tiling.dkdv)["_attn_bwd_dkdv"]
+        return result
     itemsize = np.dtype(dtype).itemsize
     R, C, K = tiling.rows, tiling.cols, tiling.chunk
     DP, DVP = padded(D, tiling), padded(Dv, tiling)
@@ -244,18 +279,36 @@ def _opaque_intrinsic():
     return opaque
 
 
+def _block_exchange():
+    """(slots, barrier) shared by the simulated threads of the running block."""
+    manager = threading.current_thread()._manager
+    with _SHUFFLE_LOCK:
+        state = manager.__dict__.get("_shuffle_state")
+        if state is None:
+            state = manager._shuffle_state = ({}, threading.Barrier(int(np.prod(manager._block_dim))))
+    return state
+
+
 def _simulated_shfl_xor_sync(self, mask, value, lane_mask):
     """The simulator's missing ``cuda.shfl_xor_sync``: every thread of the block posts its
     value, waits at a barrier, reads its partner's, waits again. Correct when every thread of
     the block calls it at the same point, which the kernels here do (the reductions are
     outside any per-thread branch)."""
+    slots, barrier = _block_exchange()
     thread = threading.current_thread()
-    slots = thread._manager.__dict__.setdefault("_shuffle_slots", {})
     slots[thread.thread_id] = value
-    thread.syncthreads()
+    barrier.wait()
     partner = slots[thread.thread_id ^ lane_mask]
-    thread.syncthreads()
+    barrier.wait()
     return partner
+
+
+def _simulated_syncwarp(self, mask=FULL_MASK):
+    """The simulator's missing ``cuda.syncwarp``: a barrier (the kernels call it uniformly)."""
+    _block_exchange()[1].wait()
+
+
+_SHUFFLE_LOCK = threading.Lock()
 
 
 def _install_simulated_shuffle() -> None:
@@ -263,6 +316,8 @@ def _install_simulated_shuffle() -> None:
 
     if not hasattr(kernelapi.FakeCUDAModule, "shfl_xor_sync"):
         kernelapi.FakeCUDAModule.shfl_xor_sync = _simulated_shfl_xor_sync
+    if not hasattr(kernelapi.FakeCUDAModule, "syncwarp"):
+        kernelapi.FakeCUDAModule.syncwarp = _simulated_syncwarp
 
 
 # -- the kernels ------------------------------------------------------------------------------
@@ -315,8 +370,9 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
     # -- staging: global -> shared, zero outside the arrays --------------------------------
 
     @device
-    def stage_transposed(dst, src, b, h, row0, n_rows, width, col0, t):
-        """dst[c, r] = src[b, h, row0 + r, col0 + c] for c < chunk: a d-major (k-major) chunk.
+    def stage_transposed(dst, src, b, h, row0, n_rows, width, col0, t, factor):
+        """dst[c, r] = factor * src[b, h, row0 + r, col0 + c] for c < chunk: a d-major
+        (k-major) chunk. ``factor`` is the softmax scale for q (see ``scores``), else 1.
 
         Each thread moves runs of 4 consecutive columns (few loop trips, few live addresses)."""
         length = dst.shape[1] - PAD
@@ -328,7 +384,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
             for u in range(VEC):
                 x = ZERO
                 if inside and col0 + c + u < width:
-                    x = src[b, h, row0 + r, col0 + c + u]
+                    x = src[b, h, row0 + r, col0 + c + u] * factor
                 dst[c + u, r] = x
 
     @device
@@ -376,23 +432,48 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
     # -- reductions across the lanes that share a row ---------------------------------------
 
     @device
-    def row_max(x):
-        """max over the threads_cols lanes of a row; a NaN sticks (NaN in, NaN out)."""
-        distance = HX
-        while distance > 0:
-            y = cuda.shfl_xor_sync(FULL_MASK, x, distance)
-            if y > x or y != y:
-                x = y
-            distance //= 2
-        return x
+    def max_step(x, distance):
+        for r in range(RT):
+            y = cuda.shfl_xor_sync(FULL_MASK, x[r], distance)
+            x[r] = y if (y > x[r] or y != y) else x[r]
 
     @device
-    def row_sum(x):
-        distance = HX
-        while distance > 0:
-            x += cuda.shfl_xor_sync(FULL_MASK, x, distance)
-            distance //= 2
-        return x
+    def sum_step(x, distance):
+        for r in range(RT):
+            x[r] += cuda.shfl_xor_sync(FULL_MASK, x[r], distance)
+
+    @device
+    def rows_max(x):
+        """x[r] = max over the threads_cols lanes of row r, for every row of the thread tile
+        (a butterfly; a NaN sticks: NaN in, NaN out). Written out step by step so every
+        shuffle distance is a constant: a loop over distances compiled on sm_80 to calls of
+        a shuffle subroutine, around which ptxas kept ~60 more registers live."""
+        cuda.syncwarp(FULL_MASK)
+        if TX >= 32:
+            max_step(x, 16)
+        if TX >= 16:
+            max_step(x, 8)
+        if TX >= 8:
+            max_step(x, 4)
+        if TX >= 4:
+            max_step(x, 2)
+        if TX >= 2:
+            max_step(x, 1)
+
+    @device
+    def rows_sum(x):
+        """x[r] = sum over the threads_cols lanes of row r (every lane gets the same bits)."""
+        cuda.syncwarp(FULL_MASK)
+        if TX >= 32:
+            sum_step(x, 16)
+        if TX >= 16:
+            sum_step(x, 8)
+        if TX >= 8:
+            sum_step(x, 4)
+        if TX >= 4:
+            sum_step(x, 2)
+        if TX >= 2:
+            sum_step(x, 1)
 
     @device
     def lane_coords():
@@ -407,8 +488,14 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                 acc[r, c] = ZERO
 
     @device
-    def scores(acc, bias, band, scale, b, h, i0, j0, Nq, Nk, queries_are_rows):
-        """acc (the raw products) -> scale * acc + bias, -inf where the pair is forbidden.
+    def scores(acc, bias, band, b, h, i0, j0, Nq, Nk, queries_are_rows):
+        """acc (``(scale q) . k``) -> acc + bias, -inf where the pair is forbidden.
+
+        The scale is folded into q as it is staged, so a score is one chain of FMAs and
+        every kernel rounds it the same way. ``(q . k) * scale`` followed by ``- m`` is one
+        FMA to NVVM (it contracts a multiply and an add by default), which skips the rounding
+        of s that the forward's m was taken from: p moves by an ulp of s (6e-5 at scores of
+        1e3; rung 1 measured it on an H200, docs/cuda-flash.md).
 
         ``queries_are_rows``: the thread tile is (queries x keys) (fwd, dq) or its transpose
         (dkdv). Full tiles (inside the band and the sequences) skip the band test."""
@@ -425,7 +512,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                 else:
                     i = i0 + col_of(c, tx)
                     j = j0 + row_of(r, ty)
-                s = acc[r, c] * scale
+                s = acc[r, c]
                 if full:
                     if with_bias:
                         s += bias[bb, hb, i, j]
@@ -448,6 +535,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         m_i = cuda.local.array(RT, dtype)  # running max (the shift of the exps so far)
         l_i = cuda.local.array(RT, dtype)  # running sum of exp(s - m_i), before dropout
         shift = cuda.local.array(RT, dtype)
+        row = cuda.local.array(RT, dtype)  # a per-row value being reduced across lanes
 
         t = cuda.threadIdx.x
         ty, tx = t // TX, t % TX
@@ -469,28 +557,27 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
             zero(s_acc, CT)
             for d0 in range(0, DP, K):
                 cuda.syncthreads()  # every thread is done with the previous chunk
-                stage_transposed(q_chunk, q, b, h, i0, Nq, D, d0, t)
-                stage_transposed(k_chunk, k, b, h_kv, j0, Nk, D, d0, t)
+                stage_transposed(q_chunk, q, b, h, i0, Nq, D, d0, t, scale)
+                stage_transposed(k_chunk, k, b, h_kv, j0, Nk, D, d0, t, ONE)
                 cuda.syncthreads()
                 mma_s(s_acc, q_chunk, 0, k_chunk, 0, ty, tx)
-            scores(s_acc, bias, band, scale, b, h, i0, j0, Nq, Nk, True)
+            scores(s_acc, bias, band, b, h, i0, j0, Nq, Nk, True)
 
             # 2. online softmax: m_new = max(m_i, max_j s_ij), alpha = exp(m_i - m_new)
-            ty, tx = lane_coords()
             for r in range(RT):
                 m_tile = NEG_INF
                 for c in range(CT):
                     x = s_acc[r, c]
-                    if x > m_tile or x != x:
-                        m_tile = x
-                m_tile = row_max(m_tile)
+                    m_tile = x if (x > m_tile or x != x) else m_tile
+                row[r] = m_tile
+            rows_max(row)
+            for r in range(RT):
                 m_old = m_i[r]
-                m_new = m_tile if (m_tile > m_old or m_tile != m_tile) else m_old
-                alpha = ONE
-                shift[r] = ZERO  # nothing allowed so far: exp(-inf - 0) = 0, never NaN
-                if m_new != NEG_INF:
-                    alpha = math.exp(m_old - m_new)  # 0 on the first allowed tile
-                    shift[r] = m_new
+                m_new = row[r] if (row[r] > m_old or row[r] != row[r]) else m_old
+                # nothing allowed so far (m_new = -inf): shift 0, so exp(-inf - 0) = 0, never
+                # NaN; alpha is then 0 too, which is right, since acc and l_i are still 0
+                shift[r] = m_new if m_new != NEG_INF else ZERO
+                alpha = math.exp(m_old - shift[r])  # 0 on the first allowed tile
                 m_i[r] = m_new
                 l_i[r] *= alpha
                 for e in range(VT):
@@ -498,6 +585,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
 
             # 3. p = exp(s - m_new); l_i += rowsum(p) (before dropout); P^T to shared memory
             cuda.syncthreads()  # the previous tile's P V is done with p_tile
+            ty, tx = lane_coords()
             for r in range(RT):
                 i = i0 + row_of(r, ty)
                 total = ZERO
@@ -507,7 +595,10 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                     if with_dropout:
                         p = p * dropout_scale if keep(dropout, b, h, i, j0 + col_of(c, tx)) else ZERO
                     p_tile[col_of(c, tx), row_of(r, ty)] = p
-                l_i[r] += row_sum(total)
+                row[r] = total
+            rows_sum(row)
+            for r in range(RT):
+                l_i[r] += row[r]
 
             # 4. O += P V, keys in chunks of K
             for jc in range(0, C, K):
@@ -574,8 +665,8 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                 zero(acc, CT)
                 for d0 in range(0, DVP, K):
                     cuda.syncthreads()  # (the first also: the previous dK product is done)
-                    stage_transposed(k_chunk, v, b, h_kv, j0, Nk, DV, d0, t)
-                    stage_transposed(q_chunk, dout, b, h, i0, Nq, DV, d0, t)
+                    stage_transposed(k_chunk, v, b, h_kv, j0, Nk, DV, d0, t, ONE)
+                    stage_transposed(q_chunk, dout, b, h, i0, Nq, DV, d0, t, ONE)
                     cuda.syncthreads()
                     mma_s(acc, k_chunk, 0, q_chunk, 0, ty, tx)
                 ty, tx = lane_coords()
@@ -586,11 +677,11 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                 zero(acc, CT)
                 for d0 in range(0, DP, K):
                     cuda.syncthreads()
-                    stage_transposed(k_chunk, k, b, h_kv, j0, Nk, D, d0, t)
-                    stage_transposed(q_chunk, q, b, h, i0, Nq, D, d0, t)
+                    stage_transposed(k_chunk, k, b, h_kv, j0, Nk, D, d0, t, ONE)
+                    stage_transposed(q_chunk, q, b, h, i0, Nq, D, d0, t, scale)
                     cuda.syncthreads()
                     mma_s(acc, k_chunk, 0, q_chunk, 0, ty, tx)
-                scores(acc, bias, band, scale, b, h, i0, j0, Nq, Nk, False)
+                scores(acc, bias, band, b, h, i0, j0, Nq, Nk, False)
                 ty, tx = lane_coords()
                 for c in range(CT):
                     i = i0 + col_of(c, tx)
@@ -677,8 +768,8 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
             zero(acc, CT)
             for d0 in range(0, DVP, K):
                 cuda.syncthreads()  # (the first also: the previous dQ product is done)
-                stage_transposed(q_chunk, dout, b, h, i0, Nq, DV, d0, t)
-                stage_transposed(k_chunk, v, b, h_kv, j0, Nk, DV, d0, t)
+                stage_transposed(q_chunk, dout, b, h, i0, Nq, DV, d0, t, ONE)
+                stage_transposed(k_chunk, v, b, h_kv, j0, Nk, DV, d0, t, ONE)
                 cuda.syncthreads()
                 mma_s(acc, q_chunk, 0, k_chunk, 0, ty, tx)
             ty, tx = lane_coords()
@@ -689,11 +780,11 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
             zero(acc, CT)
             for d0 in range(0, DP, K):
                 cuda.syncthreads()
-                stage_transposed(q_chunk, q, b, h, i0, Nq, D, d0, t)
-                stage_transposed(k_chunk, k, b, h_kv, j0, Nk, D, d0, t)
+                stage_transposed(q_chunk, q, b, h, i0, Nq, D, d0, t, scale)
+                stage_transposed(k_chunk, k, b, h_kv, j0, Nk, D, d0, t, ONE)
                 cuda.syncthreads()
                 mma_s(acc, q_chunk, 0, k_chunk, 0, ty, tx)
-            scores(acc, bias, band, scale, b, h, i0, j0, Nq, Nk, True)
+            scores(acc, bias, band, b, h, i0, j0, Nq, Nk, True)
             ty, tx = lane_coords()
             for r in range(RT):
                 i = i0 + row_of(r, ty)
@@ -730,6 +821,21 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
     }
 
 
+MIN_RESIDENT_THREADS = 512  # 25% of an SM's 2048: what the float32 launch bounds ask ptxas for
+
+
+def launch_bounds(dtype_name: str, tiling: Tiling) -> tuple:
+    """``(max threads per block[, min blocks per SM])`` for ``cuda.jit(launch_bounds=...)``.
+
+    float32 asks for enough resident blocks for 25% occupancy, which caps registers at
+    65536 / 512 = 128 per thread (ptxas alone chose 160-194 for the sm_80 forward, 96-123 for
+    sm_90). float64 states the block size only: its 4 x 4 tiles of doubles need more than 128
+    registers, and spilling them would cost more than the occupancy gains."""
+    if dtype_name == "float32":
+        return (tiling.threads, max(1, MIN_RESIDENT_THREADS // tiling.threads))
+    return (tiling.threads,)
+
+
 def kernel_signatures(dtype_name: str) -> dict[str, str]:
     """Explicit signatures of the four kernels (C-contiguous arrays), for cuda.compile_ptx."""
     if dtype_name not in ("float32", "float64"):
@@ -751,9 +857,15 @@ def _shared_rules():
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(dtype_name: str, D: int, Dv: int, tiling: Tiling) -> dict:
-    """cuda.jit kernels for one (dtype, D, Dv, tiling), compiled at first launch."""
-    return {name: cuda.jit(fn) for name, fn in kernel_functions(dtype_name, D, Dv, tiling).items()}
+def _kernels(dtype_name: str, D: int, Dv: int, tilings: Tilings) -> dict:
+    """cuda.jit kernels for one (dtype, D, Dv, tilings), compiled at first launch."""
+    functions = kernel_functions(dtype_name, D, Dv, tilings.main)
+    functions["_attn_bwd_dkdv"] = kernel_functions(dtype_name, D, Dv, tilings.dkdv)["_attn_bwd_dkdv"]
+    if simulated():
+        return {name: cuda.jit(fn) for name, fn in functions.items()}
+    return {name: cuda.jit(fn, launch_bounds=launch_bounds(
+                dtype_name, tilings.dkdv if name == "_attn_bwd_dkdv" else tilings.main))
+            for name, fn in functions.items()}
 
 
 # -- host side ------------------------------------------------------------------------------
@@ -785,8 +897,9 @@ def forward(q, k, v, spec: AttentionSpec):
     q_d, k_d, v_d = (_as_device(x, dtype) for x in (q, k, v))
     out = cuda.device_array((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=dtype)
     stats = cuda.device_array((2, spec.B, spec.Hq, spec.Nq), dtype=dtype)
-    grid = (math.ceil(spec.Nq / tiling.rows), spec.Hq, spec.B)
-    kernels["_attn_fwd"][grid, tiling.threads](q_d, k_d, v_d, *records, out, stats)
+    main = tiling.main
+    grid = (math.ceil(spec.Nq / main.rows), spec.Hq, spec.B)
+    kernels["_attn_fwd"][grid, main.threads](q_d, k_d, v_d, *records, out, stats)
     if on_device:
         return out, stats
     return out.copy_to_host(), stats.copy_to_host()
@@ -803,12 +916,13 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec):
     dq = cuda.device_array((spec.B, spec.Hq, spec.Nq, spec.D), dtype=dtype)
     dk = cuda.device_array((spec.B, spec.Hkv, spec.Nk, spec.D), dtype=dtype)
     dv = cuda.device_array((spec.B, spec.Hkv, spec.Nk, spec.Dv), dtype=dtype)
-    threads = tiling.threads
+    main, wide = tiling
+    threads = main.threads
     kernels["_attn_bwd_preprocess"][(math.ceil(spec.Nq / threads), spec.Hq, spec.B), threads](
         out_d, dout_d, stats_d, rows)
-    kernels["_attn_bwd_dkdv"][(math.ceil(spec.Nk / tiling.rows), spec.Hkv, spec.B), threads](
+    kernels["_attn_bwd_dkdv"][(math.ceil(spec.Nk / wide.rows), spec.Hkv, spec.B), wide.threads](
         q_d, k_d, v_d, *records, dout_d, rows, dk, dv)
-    kernels["_attn_bwd_dq"][(math.ceil(spec.Nq / tiling.rows), spec.Hq, spec.B), threads](
+    kernels["_attn_bwd_dq"][(math.ceil(spec.Nq / main.rows), spec.Hq, spec.B), threads](
         q_d, k_d, v_d, *records, dout_d, rows, dq)
     if on_device:
         return dq, dk, dv
