@@ -262,16 +262,16 @@ def gradient_floors(q, k, v, dout, spec) -> dict:
     """
     from microattn.kernels import reference
 
-    out, lse = reference.forward(q, k, v, spec)
-    p = reference.probabilities(reference.scores(q, k, spec), lse)
+    out, stats = reference.forward(q, k, v, spec)
+    p = reference.probabilities(reference.scores(q, k, spec), stats)
     z = reference.dropout_multiplier(spec)
     p_drop = p if z is None else p * z
-    dp = np.abs(np.einsum("bhid,bhjd->bhij", dout, reference.expand_kv(v, spec)))
+    dp = np.abs(np.einsum("bhid,bhjd->bhij", dout, reference.expand_kv(v, spec.group)))
     if z is not None:
         dp = dp * z
     delta = np.abs(np.einsum("bhid,bhid->bhi", out, dout))
     ds_terms = p * (dp + delta[..., None])
-    dq = spec.scale * np.einsum("bhij,bhjd->bhid", ds_terms, np.abs(reference.expand_kv(k, spec)))
+    dq = spec.scale * np.einsum("bhij,bhjd->bhid", ds_terms, np.abs(reference.expand_kv(k, spec.group)))
     dk = spec.scale * np.einsum("bhij,bhid->bhjd", ds_terms, np.abs(q))
     dv = np.einsum("bhij,bhid->bhjd", p_drop, np.abs(dout))
     return {"dq": dq.max(), "dk": dk.max(), "dv": dv.max()}
