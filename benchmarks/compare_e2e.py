@@ -179,6 +179,16 @@ def row(label, ours, theirs, scale=1e3):
           flush=True)
 
 
+def cpu_pressure() -> str:
+    """The kernel's CPU pressure (PSI): the share of time some task waited for a core over
+    the last 10 s. Above ~20% the machine is busy and every ratio below moves with it."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return f.readline().split()[1].replace("avg10=", "CPU pressure (PSI avg10) ") + "%"
+    except (OSError, IndexError):
+        return "CPU pressure unknown"
+
+
 def header(unit):
     print(f"\n| | PyTorch {torch.__version__} ({unit}) | microattn ({unit}) | ratio [range] |")
     print("|---|---|---|---|")
@@ -325,9 +335,11 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="3 repetitions")
     args = parser.parse_args(argv)
     reps = 3 if args.quick else args.repeats
-    print(f"torch threads {torch.get_num_threads()}; ratios are torch time / microattn time")
+    print(f"torch threads {torch.get_num_threads()}; ratios are torch time / microattn time; "
+          f"{cpu_pressure()} at start")
     for name in args.only:
         ROWS[name](reps)
+    print(f"\n{cpu_pressure()} at the end")
 
 
 if __name__ == "__main__":
