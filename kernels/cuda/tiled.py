@@ -877,6 +877,11 @@ def _prepare(spec: AttentionSpec):
         raise RuntimeError(f"the cuda attention backend is unavailable: {reason}")
     dtype = np.dtype(spec.dtype)
     tiling = tiling_for(dtype, spec.D, spec.Dv)
+    shared = shared_memory_bytes(dtype, spec.D, spec.Dv, tiling)
+    if max(shared.values()) > SHARED_MEMORY_BUDGET:
+        raise ValueError(f"tiles {tiling} need {max(shared.values())} bytes of shared memory for "
+                         f"{dtype.name}, D={spec.D}, Dv={spec.Dv}: over the {SHARED_MEMORY_BUDGET} "
+                         "bytes of static shared memory a block may use")
     kernels = _kernels(dtype.name, spec.D, spec.Dv, tiling)
     bias, band, dropout, reals = spec.pack()
     band = tuple(int(x) for x in band)
