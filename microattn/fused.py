@@ -13,9 +13,11 @@ of the leading axes; elementwise ops see their inputs flat.
 
 Where the work is a matrix product (``Linear``) it stays in NumPy: one BLAS call per
 product, forward and backward, on views rather than copies. Everything else is a numba
-kernel (``kernels/cpu/_compile.kernel``: parallel ``prange`` over blocks, fastmath without
-``nnan``/``ninf``, cached), with the float32 exp of the flash kernels (``fast_exp``, a
-polynomial the compiler vectorises) for the sigmoid, the GELU and the cross-entropy.
+loop nest compiled twice (``kernel`` below: a parallel ``prange`` over blocks for large
+inputs, the same loops on the calling thread for small ones; the flags of
+``kernels/cpu/_compile``, fastmath without ``nnan``/``ninf``, cached), with the float32
+exp of the flash kernels (``fast_exp``, a polynomial the compiler vectorises) for the
+sigmoid, the GELU and the cross-entropy.
 
 Compiled code follows two rules. numba types a Python float literal as float64 and would
 silently compute a float32 kernel in float64 (scalar libm ``exp``, half the SIMD lanes),
@@ -41,8 +43,6 @@ from .kernels import blas
 from .kernels.cpu._compile import FASTMATH, PARALLEL, fast_exp, numba, prange
 from .losses import REDUCTIONS
 from .tensor import Tensor
-
-
 
 PARALLEL_WORK = 1 << 16  # elements; below this a kernel runs on the calling thread
 
@@ -459,7 +459,8 @@ class CrossEntropy(Function):
 
     The semantics of ``losses.CrossEntropy`` (PyTorch's): rows whose target is
     ``ignore_index`` give 0 and are not counted by "mean". Saved for backward: one lse
-    per row instead of the (M, C) log-probabilities.
+    per row instead of the (M, C) log-probabilities. The kernels index with the targets
+    unchecked: call it through ``cross_entropy``, which validates them.
     """
 
     @staticmethod
