@@ -124,6 +124,20 @@ def time_torch(torch, B, H, N, D, causal, repeats, tf32):
         b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = previous
 
 
+def print_resources(dtype, D, tiles):
+    """Registers, static shared and local (spill) bytes of the kernels as compiled on this
+    device: the figures benchmarks/cuda_resources.py predicts offline."""
+    kernels = tiled._kernels(np.dtype(dtype).name, D, D, tiles)
+
+    def one(figures):  # keyed by signature when the dispatcher is not specialised
+        return max(figures.values()) if isinstance(figures, dict) else figures
+
+    for name, kernel in kernels.items():
+        print(f"# resources {dtype} D={D} {name}: {one(kernel.get_regs_per_thread())} registers, "
+              f"{one(kernel.get_shared_mem_per_block())} shared B, "
+              f"{one(kernel.get_local_mem_per_thread())} local B/thread", flush=True)
+
+
 def parse_tiling(text):
     return None if text is None else tiled.Tiling(*(int(x) for x in text.split(",")))
 
@@ -168,6 +182,8 @@ def main(argv=None) -> list[dict]:
                 for causal in causals:
                     modules = [("2", tiled)] + ([("1", flash)] if args.rung1 else [])
                     errors = {name: max_err(m, D, dtype, causal, args.validate_n) for name, m in modules}
+                    if not tiled.simulated() and causal == causals[0]:
+                        print_resources(dtype, D, tiles)
                     for N in args.n:
                         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
                             print(f"# budget of {args.budget_s} s spent: stopping", flush=True)
