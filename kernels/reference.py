@@ -68,7 +68,8 @@ def row_stats(s) -> np.ndarray:
 def probabilities(s, stats) -> np.ndarray:
     """p = exp(s - m) / l through ``masking.row_shift`` (the one rule every backend uses):
     exact where exp(s - lse) is not, and all zero on rows that allow no key."""
-    shift, norm = np.vectorize(row_shift, otypes=[s.dtype, s.dtype])(stats[0], stats[1])
+    with np.errstate(invalid="ignore"):  # a NaN statistic (NaN input) stays NaN, quietly
+        shift, norm = np.vectorize(row_shift, otypes=[s.dtype, s.dtype])(stats[0], stats[1])
     return np.exp(s - shift[..., None]) / norm[..., None]
 
 

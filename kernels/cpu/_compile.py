@@ -21,11 +21,10 @@ What lives here, and why:
   has no SVML, so ``math.exp`` stays a scalar libm call (~8 ns); the float32 version here is
   a polynomial the compiler vectorises (~0.5 ns, within 1 ulp of ``np.exp``,
   ``exp(-inf) == 0`` exactly, NaN in gives NaN out). float64 keeps ``math.exp``.
-* ``blas_single_threaded()``: a context manager that pins SciPy's OpenBLAS (which
-  ``np.dot`` calls inside jitted code) to one thread while our own threads run. Inside a
-  ``prange`` every worker already owns a core; an OpenBLAS that also spawns threads for
-  each tile product oversubscribes the machine (measured: 22 GF/s -> 1.2 GF/s on
-  128 x 128 x 64 tiles, 2 cores). (The attention kernels call no BLAS; ``linear.py`` does.)
+* ``blas_single_threaded()``: ``kernels/blas.py``'s one OpenBLAS thread pin (NumPy's and
+  SciPy's copies), re-exported: inside a ``prange`` every worker already owns a core, so
+  the BLAS that numba's ``np.dot`` calls must not spawn more. (The attention kernels call
+  no BLAS; ``linear.py`` does.)
 * The **threading layer**. numba picks ``omp`` when it can; on small VMs its per-call cost
   was measured at ~15 ms, far more than a whole N=1024 attention. So, *unless the user
   chose a layer* (``NUMBA_THREADING_LAYER`` in the environment), importing the kernels
@@ -39,14 +38,12 @@ checks only the kernel's own file, so after editing ``masking.py`` clear ``__pyc
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import glob
 import math
 import os
 
 import numpy as np
 
+from ..blas import single_threaded as blas_single_threaded  # noqa: F401  (re-exported for the kernels)
 from ..compile import compile_rules
 
 try:
@@ -244,49 +241,3 @@ def exp_sub_sum(row, shift, sums):
         e = fast_exp(row[i] - shift[i])
         row[i] = e
         sums[i] += e
-
-
-# -- BLAS threads ----------------------------------------------------------------------------
-
-
-def _find_scipy_openblas():
-    """SciPy's bundled OpenBLAS (the BLAS numba's np.dot uses), or None if not found."""
-    try:
-        import scipy
-    except ImportError:
-        return None
-    libs = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs")
-    for path in sorted(glob.glob(os.path.join(libs, "libscipy_openblas*.so*"))):
-        try:
-            lib = ctypes.CDLL(path)
-            get, put = lib.scipy_openblas_get_num_threads, lib.scipy_openblas_set_num_threads
-        except (OSError, AttributeError):
-            continue
-        get.restype, get.argtypes = ctypes.c_int, []
-        put.restype, put.argtypes = None, [ctypes.c_int]
-        return get, put
-    return None
-
-
-_OPENBLAS = _find_scipy_openblas()
-
-
-@contextlib.contextmanager
-def blas_single_threaded():
-    """Pin SciPy's OpenBLAS to one thread for the duration (a no-op if it is not found).
-
-    The setting is process-wide while it lasts: a SciPy BLAS call made concurrently from
-    another Python thread would run single-threaded too (correct, just slower).
-    """
-    if _OPENBLAS is None:
-        yield
-        return
-    get, put = _OPENBLAS
-    before = get()
-    if before != 1:
-        put(1)
-    try:
-        yield
-    finally:
-        if before != 1:
-            put(before)
