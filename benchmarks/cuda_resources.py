@@ -15,7 +15,9 @@ and 128, for sm_80 and sm_90:
    FMAs (FFMA, or DFMA for float64), and ``ffma_per_shared_load`` is its FMA count over
    its shared-load count (LDS, LDS.64, LDS.128 ... one each).
 
-Shared memory is the sum of the PTX's ``.shared`` declarations (static shared memory).
+Shared memory is the sum of the PTX's ``.shared`` declarations (static shared memory). The
+table also shows the hot loop's *FMA share*: FMAs over all its instructions, the fraction of
+issue slots doing arithmetic (an SM sub-partition issues one warp instruction per clock).
 ``occupancy`` is the fraction of an SM's 2048 threads the kernel can keep resident, from
 its registers, threads per block and shared memory (``occupancy`` below: sm_80 and sm_90
 both have 65536 registers, allocated per warp in units of 256, and at most 32 blocks per SM;
@@ -262,28 +264,32 @@ def is_shared_load(opcode: str) -> bool:
 
 
 def hot_loop(sass: str) -> dict:
-    """FMA and shared-load counts of the hot loop: the innermost loop with the most FMAs among
-    those that are at least half FMAs (the tile products), else among all innermost loops.
+    """FMA and shared-load counts of the hot loop.
 
-    The "half" rule keeps float64's exp out: libdevice's exp is a DFMA polynomial, so the
-    per-element softmax loop holds ~100 DFMAs in ~500 instructions, once per element, while
-    the tile product's loop (mostly DFMA) runs ``chunk`` times per staged chunk."""
+    Each loop is judged by its *own* instructions, those inside no loop nested in it, so
+    that a tile product NVVM unrolled completely (on sm_80 it does, for some kernels) is
+    counted in the loop around it. The hot loop is the loop with the most FMAs of its own
+    among those whose own instructions are at least half FMAs (a tile product), else among
+    all loops. The "half" rule keeps float64's exp out: libdevice's exp is a DFMA polynomial,
+    so the per-element softmax loop holds ~100 DFMAs in ~500 instructions, once per
+    element, while the tile product's loop runs ``chunk`` times per staged chunk."""
     listing, _ = instructions(sass)
     spans = loops(sass)
-    innermost = [(a, b) for a, b in spans
-                 if not any((c, d) != (a, b) and a <= c and d <= b for c, d in spans)]
     candidates = []
-    for first, last in innermost:
-        body = [op for address, op, _ in listing if first <= address <= last]
-        fma = sum(map(is_fma, body))
-        candidates.append({"fma": fma, "shared_loads": sum(map(is_shared_load, body)),
-                           "span": (first, last), "dense": 2 * fma >= len(body)})
+    for first, last in spans:
+        nested = [(c, d) for c, d in spans if (c, d) != (first, last) and first <= c and d <= last]
+        own = [op for address, op, _ in listing if first <= address <= last
+               and not any(c <= address <= d for c, d in nested)]
+        fma = sum(map(is_fma, own))
+        candidates.append({"fma": fma, "shared_loads": sum(map(is_shared_load, own)),
+                           "instructions": len(own), "span": (first, last),
+                           "dense": 2 * fma >= len(own)})
     dense = [c for c in candidates if c["dense"] and c["fma"]]
     pool = dense or [c for c in candidates if c["fma"]]
     if not pool:
-        return {"fma": 0, "shared_loads": 0, "span": None}
+        return {"fma": 0, "shared_loads": 0, "instructions": 0, "span": None}
     best = max(pool, key=lambda c: c["fma"])
-    return {key: best[key] for key in ("fma", "shared_loads", "span")}
+    return {key: best[key] for key in ("fma", "shared_loads", "instructions", "span")}
 
 
 def occupancy(registers: int, threads: int, shared: int, cc) -> float:
@@ -314,13 +320,14 @@ def measure(rung: int, dtype: str, D: int, cc) -> list[dict]:
             "cc": f"sm_{cc[0]}{cc[1]}", "threads": threads[name],
             "occupancy": occupancy(figures["registers"], threads[name], shared, cc),
             "fma": loop["fma"], "shared_loads": loop["shared_loads"],
+            "fma_share": loop["fma"] / loop["instructions"] if loop["instructions"] else None,
         })
     return records
 
 
 def table(records: list[dict]) -> str:
     header = (f"{'target':7} {'rung':>4} {'kernel':22} {'dtype':8} {'D':>4} {'threads':>7} {'regs':>5} "
-              f"{'spill st/ld B':>13} {'smem B':>7} {'occup.':>6} {'hot loop FMA/LDS':>17}")
+              f"{'spill st/ld B':>13} {'smem B':>7} {'occup.':>6} {'hot loop FMA/LDS':>17} {'FMA share':>9}")
     lines = [header, "-" * len(header)]
     for r in records:
         ratio = "-" if r["ffma_per_shared_load"] is None else (
@@ -328,7 +335,8 @@ def table(records: list[dict]) -> str:
         lines.append(f"{r['cc']:7} {r['rung']:>4} {r['kernel']:22} {r['dtype']:8} {r['D']:>4} "
                      f"{r['threads']:>7} {r['registers']:>5} "
                      f"{r['spill_store_bytes']:>6}/{r['spill_load_bytes']:<6} {r['shared_bytes']:>7} "
-                     f"{r['occupancy']:>6.1%} {ratio:>17}")
+                     f"{r['occupancy']:>6.1%} {ratio:>17} "
+                     f"{'-' if r['fma_share'] is None else format(r['fma_share'], '.0%'):>9}")
     return "\n".join(lines)
 
 

@@ -207,6 +207,17 @@ def _load4_python(a, i, j):
     return a[i, j], a[i, j + 1], a[i, j + 2], a[i, j + 3]
 
 
+def _extending():
+    """(cgutils, intrinsic) for CUDA: numba-cuda's own where it has them (>= 0.2x), else numba's."""
+    try:
+        from numba.cuda import cgutils
+        from numba.cuda.extending import intrinsic
+    except ImportError:  # an older numba-cuda, whose target shares numba's
+        from numba.core import cgutils
+        from numba.core.extending import intrinsic
+    return cgutils, intrinsic
+
+
 @functools.lru_cache(maxsize=None)
 def _load4_intrinsic():
     """``load4(a, i, j) -> (a[i, j], .., a[i, j+3])`` as 16-byte vector loads (LDS.128).
@@ -218,8 +229,8 @@ def _load4_intrinsic():
     """
     from llvmlite import ir
     from numba.core import types
-    from numba.cuda import cgutils
-    from numba.cuda.extending import intrinsic
+
+    cgutils, intrinsic = _extending()
 
     @intrinsic
     def load4(typingctx, a, i, j):
@@ -262,7 +273,8 @@ def _opaque_intrinsic():
     instructions per tile, outside the FMA loop."""
     from llvmlite import ir
     from numba.core import types
-    from numba.cuda.extending import intrinsic
+
+    _, intrinsic = _extending()
 
     @intrinsic
     def opaque(typingctx, x):
@@ -285,7 +297,10 @@ def _block_exchange():
     with _SHUFFLE_LOCK:
         state = manager.__dict__.get("_shuffle_state")
         if state is None:
-            state = manager._shuffle_state = ({}, threading.Barrier(int(np.prod(manager._block_dim))))
+            # a timeout, so that a thread that failed elsewhere breaks the barrier (an error)
+            # instead of leaving the block's other threads waiting for ever
+            threads = int(np.prod(manager._block_dim))
+            state = manager._shuffle_state = ({}, threading.Barrier(threads, timeout=SIM_BARRIER_TIMEOUT_S))
     return state
 
 
@@ -309,6 +324,7 @@ def _simulated_syncwarp(self, mask=FULL_MASK):
 
 
 _SHUFFLE_LOCK = threading.Lock()
+SIM_BARRIER_TIMEOUT_S = 300.0
 
 
 def _install_simulated_shuffle() -> None:
@@ -409,7 +425,8 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         def mma(acc, a, a0, bmat, b0, ty, tx):
             a_reg = cuda.local.array(RT, dtype)
             b_reg = cuda.local.array(n_cols, dtype)
-            for kk in range(K):
+            kk = 0
+            while kk < K:  # not range(): numba's range loop costs ~12 integer ops a step
                 for f in range(RT // VEC):
                     x0, x1, x2, x3 = load4(a, a0 + kk, f * RY + ty * VEC)
                     a_reg[f * VEC] = x0
@@ -425,6 +442,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                 for r in range(RT):
                     for c in range(n_cols):
                         acc[r, c] += a_reg[r] * b_reg[c]
+                kk += 1
         return mma
 
     mma_s, mma_dk, mma_dv = make_mma(CT), make_mma(DT), make_mma(VT)
