@@ -166,7 +166,9 @@ def main(argv=None) -> list[dict]:
     main_tiling, dkdv_tiling = parse_tiling(args.tiling), parse_tiling(args.dkdv_tiling)
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     start = time.perf_counter()
-    print(f"# device: {'simulator' if tiled.simulated() else tiled.cuda.get_current_device().name}; "
+    device = "simulator" if tiled.simulated() else tiled.cuda.get_current_device().name
+    device = device.decode() if isinstance(device, bytes) else device
+    print(f"# device: {device}; "
           f"B={args.batch} H={args.heads}; torch: {why or 'float32 SDPA, TF32 off / on'}", flush=True)
     print("# rung dtype D N causal | tiles | err | fwd ms TFLOP/s | fwd+bwd ms TFLOP/s", flush=True)
     rows = []
@@ -197,8 +199,9 @@ def main(argv=None) -> list[dict]:
                                    "fwd_ms": fwd_ms, "fwd_tflops": flops / fwd_ms / 1e9,
                                    "fwd_bwd_ms": fwd_bwd_ms, "fwd_bwd_tflops": 3.5 * flops / fwd_bwd_ms / 1e9}
                             rows.append(row)
+                            shown = f"{tuple(tiles.main)}/{tuple(tiles.dkdv)}" if name == "2" else "rung 1's"
                             print(f"rung{name} {dtype} D={D} N={N} causal={causal} | "
-                                  f"{tuple(tiles.main)}/{tuple(tiles.dkdv)} | {row['max_err']:.1e} | "
+                                  f"{shown} | {row['max_err']:.1e} | "
                                   f"{fwd_ms:.2f} {row['fwd_tflops']:.1f} | {fwd_bwd_ms:.2f} "
                                   f"{row['fwd_bwd_tflops']:.1f}", flush=True)
                         if torch is not None and dtype == "float32":
