@@ -38,8 +38,22 @@ from . import masking
 NO_BOUND = -1  # a window side of -1 means "unbounded on that side"
 
 
+class _Heads:
+    """What every spec derives from its head counts and lengths (GQA group, diagonal offset)."""
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head: query head h reads kv head h // group."""
+        return self.Hq // self.Hkv
+
+    @property
+    def offset(self) -> int:
+        """Diagonal shift of bottom-right alignment: query i lines up with key i + offset."""
+        return self.Nk - self.Nq
+
+
 @dataclass(frozen=True)
-class AttentionSpec:
+class AttentionSpec(_Heads):
     B: int
     Hq: int
     Hkv: int
@@ -57,16 +71,6 @@ class AttentionSpec:
     seed: int  # 0 <= seed < 2**64
 
     # -- derived quantities -------------------------------------------------------------
-    @property
-    def group(self) -> int:
-        """Query heads per key/value head: query head h reads kv head h // group."""
-        return self.Hq // self.Hkv
-
-    @property
-    def offset(self) -> int:
-        """Diagonal shift of bottom-right alignment: query i lines up with key i + offset."""
-        return self.Nk - self.Nq
-
     @property
     def has_band(self) -> bool:
         return self.window_left != NO_BOUND or self.window_right != NO_BOUND
@@ -140,7 +144,7 @@ class Packed(NamedTuple):
 
 
 @dataclass(frozen=True)
-class LinearSpec:
+class LinearSpec(_Heads):
     """Linear attention: phi(x) = elu(x) + 1; shapes, GQA rule and band as AttentionSpec."""
 
     B: int
@@ -153,14 +157,6 @@ class LinearSpec:
     dtype: np.dtype
     causal: bool
     eps: float
-
-    @property
-    def group(self) -> int:
-        return self.Hq // self.Hkv
-
-    @property
-    def offset(self) -> int:
-        return self.Nk - self.Nq
 
     @property
     def band(self) -> tuple[int, int, int]:
