@@ -175,13 +175,14 @@ def main(argv=None) -> list[dict]:
     saved = tiled.TILING_OVERRIDE
     try:
         for dtype in args.dtype:
-            for D in args.d:
-                if main_tiling or dkdv_tiling:
-                    defaults = tiled.tiling_for(dtype, D, D) if saved is None else tiled.Tilings(saved, saved)
-                    tiled.TILING_OVERRIDE = tiled.Tilings(main_tiling or defaults.main,
-                                                          dkdv_tiling or main_tiling or defaults.dkdv)
-                tiles = tiled.tiling_for(dtype, D, D)
-                for causal in causals:
+            for causal in causals:  # non-causal first: the headline figures
+                for D in args.d:
+                    tiled.TILING_OVERRIDE = saved
+                    if main_tiling or dkdv_tiling:
+                        defaults = tiled.tiling_for(dtype, D, D)
+                        tiled.TILING_OVERRIDE = tiled.Tilings(main_tiling or defaults.main,
+                                                              dkdv_tiling or main_tiling or defaults.dkdv)
+                    tiles = tiled.tiling_for(dtype, D, D)
                     modules = [("2", tiled)] + ([("1", flash)] if args.rung1 else [])
                     errors = {name: max_err(m, D, dtype, causal, args.validate_n) for name, m in modules}
                     if not tiled.simulated() and causal == causals[0]:
