@@ -2,8 +2,8 @@
 
 A LayerNorm built from Tensor ops (``nn.layers.layer_norm_composed``) is eleven graph
 nodes, eleven NumPy temporaries and eleven single-threaded passes over the activations;
-here it is one ``Function`` whose forward and backward are each one numba loop over rows,
-split across the cores. The Tensor-op versions stay in ``nn/layers.py`` as the teaching
+here it is one ``Function`` whose forward and backward are each one numba loop over rows
+(split across the cores for large inputs only: see ``PARALLEL_WORK``). The Tensor-op versions stay in ``nn/layers.py`` as the teaching
 twins and as the oracles the tests compare against (tests/test_fused.py), besides float64
 gradchecks.
 
@@ -44,15 +44,19 @@ from .kernels.cpu._compile import FASTMATH, PARALLEL, fast_exp, numba, prange
 from .losses import REDUCTIONS
 from .tensor import Tensor
 
-PARALLEL_WORK = 1 << 16  # elements; below this a kernel runs on the calling thread
+# Elements below which a kernel runs on the calling thread. These loops move memory more
+# than they compute, and on this 2-core machine one core already takes what the memory
+# gives: measured serial against parallel, SiLU forward 0.18 vs 0.23 ms at 2048 x 256 and
+# 0.70 vs 0.74 ms at 2048 x 1024, LayerNorm 0.16 vs 0.18 and 0.66 vs 0.72 ms. Waking the
+# workers costs 10-70 us besides. So both cores only from 4M elements on.
+PARALLEL_WORK = 1 << 22
 
 
 class kernel:
     """A loop nest compiled twice with ``kernels/cpu/_compile``'s flags: ``parallel``
     (``prange`` split over the cores) and ``serial`` (``prange`` is ``range``).
     ``kernel(*args, work=n)`` runs the serial one for fewer than ``PARALLEL_WORK``
-    elements: waking the worker threads costs ~10-30 us on this 2-core machine, more than
-    a decoding step's LayerNorm.
+    elements (see there: on this machine the parallel twin pays only for large inputs).
 
     NumPy's error model: a division is a division, not a branch that raises
     ZeroDivisionError, which stops LLVM vectorising the loop (measured: the SiLU loop ran
@@ -427,19 +431,17 @@ def geglu(gate, up):
 
 
 @kernel
-def _cross_entropy_forward(logits, targets, ignore_index, losses, lse):
+def _cross_entropy_forward(logits, row_max, targets, ignore_index, losses, lse):
     rows, n = logits.shape
     t = logits.dtype.type
     for r in prange(rows):
-        m = logits[r, 0]
-        for j in range(1, n):
-            m = max(m, logits[r, j])
-        total = 0.0  # the row's sum of exps in float64
+        row, m = logits[r], row_max[r]
+        total = t(0)
         for j in range(n):
-            total += fast_exp(logits[r, j] - m)
-        lse[r] = m + t(math.log(total))
+            total += fast_exp(row[j] - m)
+        lse[r] = m + math.log(total)
         target = targets[r]
-        losses[r] = t(0) if target == ignore_index else lse[r] - logits[r, target]
+        losses[r] = t(0) if target == ignore_index else lse[r] - row[target]
 
 
 @kernel
@@ -469,7 +471,10 @@ class CrossEntropy(Function):
         targets = np.ascontiguousarray(targets, dtype=np.int64)
         losses = np.empty(logits.shape[0], dtype=logits.dtype)
         lse = np.empty(logits.shape[0], dtype=logits.dtype)
-        _cross_entropy_forward(logits, targets, ignore_index, losses, lse, work=logits.size)
+        # the row max in NumPy, whose max is vectorised (a compiled max loop is not: without
+        # "nnan" LLVM keeps it scalar, 3x the time of the exp sweep); NaN propagates
+        row_max = logits.max(axis=1)  # (M,)
+        _cross_entropy_forward(logits, row_max, targets, ignore_index, losses, lse, work=logits.size)
         ctx.save_for_backward(logits, targets, lse)
         ctx.ignore_index, ctx.reduction = ignore_index, reduction
         ctx.count = int(np.count_nonzero(targets != ignore_index))
@@ -528,17 +533,18 @@ def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "m
 
 # ----------------------------------------------------------------------------- Embedding
 
-COLUMNS = 64  # embedding columns per task of the backward
+COLUMNS = 256  # embedding columns per task of the backward
 
 
 @kernel
 def _embedding_backward(tokens, g, dweight):
     rows, n = g.shape
     for b in prange((n + COLUMNS - 1) // COLUMNS):
+        start, stop = b * COLUMNS, min(n, (b + 1) * COLUMNS)
         for r in range(rows):
-            token = tokens[r]
-            for j in range(b * COLUMNS, min(n, (b + 1) * COLUMNS)):
-                dweight[token, j] += g[r, j]
+            dweight_row, g_row = dweight[tokens[r], start:stop], g[r, start:stop]
+            for j in range(stop - start):
+                dweight_row[j] += g_row[j]
 
 
 class Embedding(Function):

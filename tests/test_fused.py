@@ -189,7 +189,7 @@ def test_cross_entropy_refuses_what_losses_refuses():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_embedding_matches_twin_with_repeated_tokens(dtype):
-    weight = rng().standard_normal((7, 70))  # wider than one task's COLUMNS
+    weight = rng().standard_normal((7, fused.COLUMNS + 44))  # wider than one task's columns
     tokens = np.array([[1, 3, 3], [0, 6, 1]])
     compare_with_twin(lambda w: fused.Embedding.apply(w, tokens=tokens),
                       lambda w: layers.embedding_composed(w, tokens), [weight], dtype)
