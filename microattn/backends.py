@@ -20,7 +20,7 @@ SDPA_KERNELS = {
     "reference": "microattn.kernels.reference",
     "composed": None,
     "numba": "microattn.kernels.cpu.flash",
-    "cuda": "microattn.kernels.cuda.flash",
+    "cuda": "microattn.kernels.cuda.tiled",  # rung 2, the fastest (rung 1: cuda.flash); docs/cuda-flash.md
 }
 LINEAR_KERNELS = {
     "reference": "microattn.kernels.linear_reference",
