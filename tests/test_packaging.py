@@ -45,15 +45,18 @@ def optional_dependencies() -> dict:
     text = (ROOT / "pyproject.toml").read_text()
     table = re.search(r"^\[project\.optional-dependencies\]$(.*?)^\[", text, re.S | re.M).group(1)
     return {name: re.findall(r'"([^"]+)"', body)
-            for name, body in re.findall(r"^(\w+) = \[(.*?)\]$", table, re.S | re.M)}
+            for name, body in re.findall(r"^([\w-]+) = \[(.*?)\]$", table, re.S | re.M)}
 
 
 def test_the_test_command_installs_the_oracles_and_cuda():
-    """The PyTorch-parity, PNG and PTX tests need these extras; under CI=true their absence is a
-    failure (tests/conftest.py), so the command CI runs must install them."""
+    """The PyTorch-parity, PNG, PTX and offline-SASS tests need these extras; under CI=true their
+    absence is a failure (tests/conftest.py), so the command CI runs must install them."""
     readme = (ROOT / "README.md").read_text()
-    extras = re.search(r'pip install -e "\.\[([\w,]+)\]" && python -m pytest', readme).group(1)
-    assert set(extras.split(",")) >= {"test", "cuda", "oracle"}
+    extras = re.search(r'pip install -e "\.\[([\w,-]+)\]" && python -m pytest', readme).group(1)
+    assert set(extras.split(",")) >= {"test", "cuda-dev", "oracle"}
+    cuda_dev = optional_dependencies()["cuda-dev"]
+    assert any(req.startswith("numba-cuda[cu13]") for req in cuda_dev)
+    assert any(req.startswith("nvidia-cuda-nvdisasm") for req in cuda_dev)
     oracle = optional_dependencies()["oracle"]
     assert any(req.startswith("matplotlib") for req in oracle)
     # exactly the CPU build on this workplace's disk: anything looser downloads a CUDA build
