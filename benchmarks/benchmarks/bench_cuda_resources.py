@@ -67,27 +67,27 @@ class CudaKernelResources:
         self.record = cache[rung, kernel, dtype, D]
 
     def track_registers(self, cache, *params):
-        return self.record["registers"]
+        return float(self.record["registers"])
 
     track_registers.unit = "registers/thread"
 
     def track_spill_store_bytes(self, cache, *params):
-        return self.record["spill_store_bytes"]
+        return float(self.record["spill_store_bytes"])
 
     track_spill_store_bytes.unit = "bytes/thread"
 
     def track_spill_load_bytes(self, cache, *params):
-        return self.record["spill_load_bytes"]
+        return float(self.record["spill_load_bytes"])
 
     track_spill_load_bytes.unit = "bytes/thread"
 
     def track_shared_bytes(self, cache, *params):
-        return self.record["shared_bytes"]
+        return float(self.record["shared_bytes"])
 
     track_shared_bytes.unit = "bytes/block"
 
     def track_ffma_per_shared_load(self, cache, *params):
-        return self.record["ffma_per_shared_load"]
+        return float(self.record["ffma_per_shared_load"])
 
     track_ffma_per_shared_load.unit = "FMA/LDS"
 
