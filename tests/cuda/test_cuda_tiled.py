@@ -1,17 +1,15 @@
-"""numba.cuda rung 2 (register micro-tiles, ``kernels/cuda/tiled.py``) on the shared case grid.
+"""What only rung 2 of the numba.cuda ladder (register micro-tiles, ``kernels/cuda/tiled.py``)
+has: other tilings, the shared-memory budget, its benchmark script. The grid, NaN,
+determinism, device arrays and stats run on both rungs in test_rungs.py.
 
-Runs under the simulator (``NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cuda``) or a GPU.
 Under the simulator the tiles are ``tiled.SIM_TILING`` (8 x 8 tiles, 2 x 2 threads, head-dim
 chunks of 4), so lengths 1, 7 and 37 cross several tiles and leave ragged edges, head dims of
 3, 5, 8 and 16 are padded within a chunk or span two, and the warp shuffles (simulated) reduce
-across two lanes; ``test_other_tilings`` varies all of that. Every masking regime of
-tests/grid.py (masks, windows, empty rows, dropout, large logits, huge finite masks), GQA/MQA
-and Dv != D, in float64 and float32, judged by the one yardstick (``check_against_reference``).
+across two lanes; ``test_other_tilings`` varies all of that.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -20,10 +18,8 @@ import pytest
 
 from microattn.kernels import reference
 from microattn.kernels.cuda import tiled
-from microattn.kernels.spec import make_attention_spec
 from tests.grid import (
-    NAMES, NAN_CASES, NAN_SOURCES, Case, check_against_reference, check_nan_propagation, grid,
-    make_inputs, nan_dependents, nan_inputs, run_kernel,
+    NAMES, run_kernel,
 )
 
 pytestmark = [
@@ -33,44 +29,10 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered in scalar multiply:RuntimeWarning"),
 ]
 
+from tests.cuda.test_rungs import assert_matches_reference, mixed_inputs, spec_for  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [np.float64, np.float32]
-
-
-def simulator_case(case: Case) -> Case:
-    """Batch 1 except where the masking needs two batch entries (key padding of batch 1)."""
-    return case if case.masking == "padding_mask" else dataclasses.replace(case, B=1)
-
-
-CASES = [simulator_case(c) for c in grid(sizes=(1, 7, 37), unequal=((7, 37), (37, 7)))]
-
-
-def spec_for(q, k, v, kwargs):
-    return make_attention_spec(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype), **kwargs)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_matches_reference(case, dtype):
-    check_against_reference(tiled, case, dtype)
-
-
-def mixed_inputs(dtype=np.float64):
-    """q, k, v, dout, spec: GQA, Dv != D, a float mask with -inf, a window and dropout at once."""
-    case = Case(37, 29, Hq=4, Hkv=2, D=8, Dv=5, B=1, masking="float_mask")
-    q, k, v, dout, kwargs = make_inputs(case, dtype, seed=3)
-    kwargs.update(window=(9, 4), dropout_p=0.25, seed=99)
-    return q, k, v, dout, spec_for(q, k, v, kwargs)
-
-
-def assert_matches(got, want, rtol):
-    for name in NAMES:
-        np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=rtol * 1e-3, err_msg=name)
-
-
-def test_everything_at_once_matches_reference():
-    q, k, v, dout, spec = mixed_inputs()
-    assert_matches(run_kernel(tiled, q, k, v, dout, spec), run_kernel(reference, q, k, v, dout, spec), 1e-9)
 
 
 if tiled.simulated():  # a handful of threads per block
@@ -94,14 +56,7 @@ def test_other_tilings(tiling, monkeypatch):
     (no shuffle at all), dK/dV on tiles of its own: the same results."""
     monkeypatch.setattr(tiled, "TILING_OVERRIDE", tiling)
     q, k, v, dout, spec = mixed_inputs()
-    assert_matches(run_kernel(tiled, q, k, v, dout, spec), run_kernel(reference, q, k, v, dout, spec), 1e-9)
-
-
-@pytest.mark.parametrize("D, Dv", [(64, 128), (128, 32)])
-def test_large_head_dims(D, Dv):
-    """Head dims the GPU tiles are sized for: many chunks, several fragments of a thread's row."""
-    case = Case(9, 11, Hq=2, Hkv=1, D=D, Dv=Dv, B=1, masking="causal")
-    check_against_reference(tiled, case, np.float64)
+    assert_matches_reference(tiled, q, k, v, dout, spec)
 
 
 HUGE = {"-1e9": -1e9, "finfo.min": None, "-1e30": -1e30}
@@ -124,43 +79,10 @@ def test_padding_rows(dtype, big):
     spec = spec_for(q, k, v, {"attn_mask": mask})
     got = run_kernel(tiled, q, k, v, dout, spec)
     want = run_kernel(reference, q, k, v, dout, spec)
-    assert_matches(got, want, 1e-9 if dtype == np.float64 else 2e-5)
-    assert np.abs(got["out"][0, 0, 2]).max() <= np.abs(v).max()  # a convex combination of v
-
-
-@pytest.mark.parametrize("source", NAN_SOURCES)
-@pytest.mark.parametrize("case", [NAN_CASES[1], NAN_CASES[3], NAN_CASES[4]], ids=lambda c: c.id)
-def test_nan_inputs_give_nan_outputs(case, source):
-    """As for every backend: every output that depends on a NaN input is NaN."""
-    q, k, v, dout, kwargs, row = nan_inputs(case, np.float32, source)
-    spec = spec_for(q, k, v, kwargs)
-    got = run_kernel(tiled, q, k, v, dout, spec)
-    clean = run_kernel(tiled, *(np.nan_to_num(x, nan=0.0) for x in (q, k, v)), dout, spec)
-    allowed = np.broadcast_to(reference.allowed_pairs(spec), (spec.B, spec.Hq, spec.Nq, spec.Nk))
-    must = nan_dependents(allowed, spec.Hq // spec.Hkv, source, row)
-    check_nan_propagation(got, clean, must, 1e-4, source, row)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_deterministic(dtype):
-    """No atomics, shuffles in a fixed order: two runs give the same bits."""
-    q, k, v, dout, spec = mixed_inputs(dtype)
-    first = run_kernel(tiled, q, k, v, dout, spec)
-    second = run_kernel(tiled, q, k, v, dout, spec)
+    rtol = 1e-9 if dtype == np.float64 else 2e-5
     for name in NAMES:
-        assert np.array_equal(first[name], second[name], equal_nan=True), name
-
-
-def test_device_arrays_stay_on_the_device():
-    q, k, v, dout, spec = mixed_inputs()
-    host = run_kernel(tiled, q, k, v, dout, spec)
-    q_d, k_d, v_d, dout_d = (tiled.to_device(x) for x in (q, k, v, dout))
-    out_d, stats_d = tiled.forward(q_d, k_d, v_d, spec)
-    assert tiled.is_device_array(out_d) and tiled.is_device_array(stats_d)
-    grads_d = tiled.backward(q_d, k_d, v_d, out_d, stats_d, dout_d, spec)
-    assert all(tiled.is_device_array(g) for g in grads_d)
-    for name, x in zip(("out", "dq", "dk", "dv"), (out_d,) + tuple(grads_d)):
-        assert np.array_equal(tiled.to_host(x), host[name]), name
+        np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=rtol * 1e-3, err_msg=name)
+    assert np.abs(got["out"][0, 0, 2]).max() <= np.abs(v).max()  # a convex combination of v
 
 
 def test_tiles_fit_the_shared_memory_budget():
