@@ -37,7 +37,6 @@ Usage (needs ``pip install -e '.[cuda,cuda-dev]'``; no GPU)::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -95,20 +94,11 @@ def nvdisasm_path() -> str | None:
 
 def missing_reason() -> str | None:
     """None when the offline pipeline can run here, else what is missing."""
-    if importlib.util.find_spec("numba_cuda") is None:
-        return "numba-cuda is not installed (pip install -e '.[cuda]')"
     from microattn.kernels.cuda import flash
 
-    if flash.cuda is None:
-        return f"numba-cuda cannot be imported: {flash.unavailable_reason()}"
-    if flash.simulated():
-        return "the CUDA simulator (NUMBA_ENABLE_CUDASIM=1) has no compiler; run without it"
-    try:
-        from numba.cuda.cudadrv import nvvm
-
-        nvvm.NVVM()
-    except Exception as exc:  # noqa: BLE001 - any failure to load libNVVM means "no compiler"
-        return f"numba-cuda's NVVM compiler cannot be loaded: {exc}"
+    reason = flash.ptx_compiler_missing()
+    if reason is not None:
+        return reason
     try:
         from cuda.bindings import nvjitlink
 

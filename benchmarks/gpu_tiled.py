@@ -35,45 +35,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from microattn.kernels import reference  # noqa: E402
 from microattn.kernels.cuda import flash, tiled  # noqa: E402
-from microattn.kernels.spec import make_attention_spec  # noqa: E402
-
-
-def forward_flops(B, H, N, D, causal):
-    flops = 4 * B * H * N * N * D
-    return flops / 2 if causal else flops
-
-
-def make_spec(B, H, N, D, dtype, causal):
-    shape = (B, H, N, D)
-    return make_attention_spec(shape, shape, shape, (np.dtype(dtype),) * 3, is_causal=causal)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_flash import (  # noqa: E402  (rung 1's script: the shared timing and validation)
+    forward_flops, import_torch_cuda, make_spec, max_rel_err, time_call, validation_problem,
+)
 
 
 def max_err(module, D, dtype, causal, n) -> float:
     """max over out, dq, dk, dv of max |got - truth| / max |truth|, truth in float64."""
-    rng = np.random.default_rng(0)
-    q, k, v, dout = (rng.standard_normal((1, 2, n, D)).astype(dtype) for _ in range(4))
+    (q, k, v, dout), truth = validation_problem(D, dtype, causal, n)
     spec = make_spec(1, 2, n, D, dtype, causal)
     out, stats = module.forward(q, k, v, spec)
     got = (module.to_host(out),) + tuple(module.to_host(g) for g in module.backward(q, k, v, out, stats, dout, spec))
-    q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, dout))
-    spec64 = make_spec(1, 2, n, D, np.float64, causal)
-    r_out, r_stats = reference.forward(q64, k64, v64, spec64)
-    truth = (r_out,) + tuple(reference.backward(q64, k64, v64, r_out, r_stats, do64, spec64))
-    return float(max(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max() for a, b in zip(got, truth)))
-
-
-def time_call(fn, repeats, synchronize):
-    """Best wall time of ``fn()`` in ms, synchronising the device before and after."""
-    best = np.inf
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    return max_rel_err(got, truth)
 
 
 def time_module(module, B, H, N, D, dtype, causal, repeats):
@@ -90,16 +65,6 @@ def time_module(module, B, H, N, D, dtype, causal, repeats):
         module.backward(q, k, v, o, s, dout, spec)
 
     return fwd_ms, time_call(fwd_bwd, repeats, sync)
-
-
-def import_torch_cuda():
-    try:
-        import torch
-    except ImportError as exc:
-        return None, f"torch is not importable ({exc})"
-    if not torch.cuda.is_available():
-        return None, "torch sees no CUDA device"
-    return torch, None
 
 
 def time_torch(torch, B, H, N, D, causal, repeats, tf32):

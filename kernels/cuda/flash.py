@@ -182,6 +182,26 @@ def unavailable_reason() -> str | None:
             "driver); set NUMBA_ENABLE_CUDASIM=1 before numba is imported to use the simulator")
 
 
+def ptx_compiler_missing() -> str | None:
+    """None when PTX can be compiled here without a GPU (``cuda.compile_ptx``), else why not.
+
+    numba still bundles an old ``numba.cuda`` that imports fine but cannot compile these
+    kernels, so the numba-cuda package itself is looked for; the simulator has no compiler."""
+    import importlib.util
+
+    if importlib.util.find_spec("numba_cuda") is None or cuda is None:
+        return "numba-cuda is not installed (the cuda extra: pip install -e '.[cuda]')"
+    if simulated():
+        return "the CUDA simulator (NUMBA_ENABLE_CUDASIM=1) has no PTX compiler; run without it"
+    try:
+        from numba.cuda.cudadrv import nvvm
+
+        nvvm.NVVM()
+    except Exception as exc:  # noqa: BLE001 - any failure to load libNVVM means "no compiler"
+        return f"numba-cuda's NVVM compiler cannot be loaded: {exc}"
+    return None
+
+
 def is_device_array(x) -> bool:
     """A numba.cuda device array (or the simulator's stand-in for one)."""
     return hasattr(x, "copy_to_host") and not isinstance(x, np.ndarray)
