@@ -579,11 +579,20 @@ def _prepare(spec: AttentionSpec) -> _Launch:
     bias, band, dropout, reals = spec.pack()  # bias: (Bm, Hm, Nq, Nk), or (1, 1, 0, 0) for none
     kernels = _kernels(dtype.name, spec.D, spec.Dv, tiles, bool(masking.has_bias(bias)),
                        bool(masking.has_dropout(dropout)))
-    bias_d = cuda.to_device(np.ascontiguousarray(bias, dtype=dtype))
-    return _Launch(kernels, tiles, (bias_d, band, dropout, reals))
+    return _Launch(kernels, tiles, device_records(spec))
 
 
-def _as_device(x, dtype):
+def device_records(spec: AttentionSpec) -> tuple:
+    """``spec.pack()`` as every CUDA rung's kernels take it: the bias on the device, the band
+    and dropout records as plain ints (``UniTuple(int64, 3)``), the reals in the dtype."""
+    dtype = np.dtype(spec.dtype)
+    bias, band, dropout, reals = spec.pack()
+    return (as_device(bias, dtype), tuple(int(x) for x in band), tuple(int(x) for x in dropout),
+            tuple(dtype.type(x) for x in reals))
+
+
+def as_device(x, dtype):
+    """x as a C-contiguous device array of ``dtype`` (device arrays pass through)."""
     if is_device_array(x):
         return x
     return cuda.to_device(np.ascontiguousarray(x, dtype=dtype))
@@ -594,7 +603,7 @@ def forward(q, k, v, spec: AttentionSpec):
     on_device = is_device_array(q)
     launch = _prepare(spec)
     dtype = np.dtype(spec.dtype)
-    q_d, k_d, v_d = (_as_device(x, dtype) for x in (q, k, v))
+    q_d, k_d, v_d = (as_device(x, dtype) for x in (q, k, v))
     out = cuda.device_array((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=dtype)
     stats = cuda.device_array((2, spec.B, spec.Hq, spec.Nq), dtype=dtype)
     BLOCK_M = launch.tiles.resident
@@ -611,7 +620,7 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec):
     launch = _prepare(spec)
     dtype = np.dtype(spec.dtype)
     q_d, k_d, v_d, out_d, stats_d, dout_d = (
-        _as_device(x, dtype) for x in (q, k, v, out, stats, dout))
+        as_device(x, dtype) for x in (q, k, v, out, stats, dout))
     delta = cuda.device_array((spec.B, spec.Hq, spec.Nq), dtype=dtype)
     dq = cuda.device_array((spec.B, spec.Hq, spec.Nq, spec.D), dtype=dtype)
     dk = cuda.device_array((spec.B, spec.Hkv, spec.Nk, spec.D), dtype=dtype)

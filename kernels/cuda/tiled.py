@@ -95,7 +95,10 @@ import numpy as np
 
 from ..compile import compile_rules
 from ..spec import AttentionSpec
-from .flash import SHARED_MEMORY_BUDGET, is_device_array, simulated, to_device, to_host, unavailable_reason
+from .flash import (  # noqa: F401  (to_device, to_host, unavailable_reason: this module's hooks too)
+    SHARED_MEMORY_BUDGET, as_device, device_records, is_device_array, simulated, to_device, to_host,
+    unavailable_reason,
+)
 
 try:
     import numba
@@ -370,7 +373,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
     RP, CP = R + PAD, C + PAD  # padded row lengths of the transposed tiles
     RT, CT = R // TY, C // TX  # thread tile of S: RT x CT
     DT, VT = DP // TX, DVP // TX  # thread tile columns of dQ/dK (D) and O/dV (Dv)
-    RY, CX, HX = VEC * TY, VEC * TX, TX // 2  # fragment strides; first shuffle distance
+    RY, CX = VEC * TY, VEC * TX  # fragment strides
     K4 = K // VEC  # runs of 4 columns in a chunk
 
     # -- thread-tile coordinates: 4-wide fragments, one per 4 * threads apart --------------
@@ -900,16 +903,7 @@ def _prepare(spec: AttentionSpec):
         raise ValueError(f"tiles {tiling} need {max(shared.values())} bytes of shared memory for "
                          f"{dtype.name}, D={spec.D}, Dv={spec.Dv}: over the {SHARED_MEMORY_BUDGET} "
                          "bytes of static shared memory a block may use")
-    kernels = _kernels(dtype.name, spec.D, spec.Dv, tiling)
-    bias, band, dropout, reals = spec.pack()
-    band = tuple(int(x) for x in band)
-    dropout = tuple(int(x) for x in dropout)
-    reals = tuple(dtype.type(x) for x in reals)
-    return kernels, tiling, (to_device(np.ascontiguousarray(bias, dtype=dtype)), band, dropout, reals)
-
-
-def _as_device(x, dtype):
-    return x if is_device_array(x) else cuda.to_device(np.ascontiguousarray(x, dtype=dtype))
+    return _kernels(dtype.name, spec.D, spec.Dv, tiling), tiling, device_records(spec)
 
 
 def forward(q, k, v, spec: AttentionSpec):
@@ -917,7 +911,7 @@ def forward(q, k, v, spec: AttentionSpec):
     on_device = is_device_array(q)
     kernels, tiling, records = _prepare(spec)
     dtype = np.dtype(spec.dtype)
-    q_d, k_d, v_d = (_as_device(x, dtype) for x in (q, k, v))
+    q_d, k_d, v_d = (as_device(x, dtype) for x in (q, k, v))
     out = cuda.device_array((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=dtype)
     stats = cuda.device_array((2, spec.B, spec.Hq, spec.Nq), dtype=dtype)
     main = tiling.main
@@ -934,7 +928,7 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec):
     kernels, tiling, records = _prepare(spec)
     dtype = np.dtype(spec.dtype)
     q_d, k_d, v_d, out_d, stats_d, dout_d = (
-        _as_device(x, dtype) for x in (q, k, v, out, stats, dout))
+        as_device(x, dtype) for x in (q, k, v, out, stats, dout))
     rows = cuda.device_array((3, spec.B, spec.Hq, spec.Nq), dtype=dtype)
     dq = cuda.device_array((spec.B, spec.Hq, spec.Nq, spec.D), dtype=dtype)
     dk = cuda.device_array((spec.B, spec.Hkv, spec.Nk, spec.D), dtype=dtype)
