@@ -71,6 +71,15 @@ def test_linear_takes_a_non_contiguous_input():
     compare_with_twin(fused.Linear.apply, layers.linear_composed, [x, w, b], np.float64)
 
 
+@pytest.mark.parametrize("rows", [3, 37])  # fewer and more rows than PRODUCT_PARTS
+def test_linear_products_split_over_two_threads(rows, monkeypatch):
+    monkeypatch.setattr(fused, "THREADED_PRODUCT", 0)  # every product through _split_product
+    monkeypatch.setattr(fused, "FEW_ROWS", 0)
+    x, w, b = rng().standard_normal((rows, 6)), rng(1).standard_normal((5, 6)), rng(2).standard_normal(5)
+    for dtype in DTYPES:
+        compare_with_twin(fused.Linear.apply, layers.linear_composed, [x, w, b], dtype)
+
+
 # ----------------------------------------------------------------------------- norms
 
 
