@@ -17,11 +17,10 @@ rows of the full sequence.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
-
-import functools
 
 from .. import backends
 from .. import functional as F
