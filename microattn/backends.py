@@ -31,12 +31,17 @@ PROTOCOLS = {"scaled_dot_product_attention": protocol.AttentionKernel,
              "linear_attention": protocol.LinearKernel}
 
 
+_CHECKED: set = set()  # (module name, family) pairs that passed protocol.check
+
+
 def _import(module_name: str, family: str) -> tuple[ModuleType | None, str | None]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:  # numba (or numba-cuda) missing, or a broken install
         return None, f"{module_name} cannot be imported: {exc}"
-    protocol.check(module, PROTOCOLS[family])
+    if (module_name, family) not in _CHECKED:  # once per process: ~100 us a check
+        protocol.check(module, PROTOCOLS[family])
+        _CHECKED.add((module_name, family))
     check = getattr(module, "unavailable_reason", None)
     reason = check() if check is not None else None
     return (None, reason) if reason else (module, None)

@@ -43,8 +43,7 @@ import numpy as np
 from .autograd import Function
 from .kernels import blas
 from .kernels.cpu._compile import FASTMATH, PARALLEL, fast_exp, numba, prange
-from .losses import REDUCTIONS
-from .tensor import Tensor
+from .losses import apply_cross_entropy
 
 # Elements below which a kernel runs on the calling thread. These loops move memory more
 # than they compute, and on this 2-core machine one core already takes what the memory
@@ -541,25 +540,7 @@ def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "m
 
     logits (..., C) Tensor, targets (...) int -> a scalar ("mean", "sum") or (...) ("none").
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    logits = logits if isinstance(logits, Tensor) else Tensor(np.asarray(logits))
-    targets = np.asarray(getattr(targets, "data", targets))
-    if logits.dtype.kind != "f":
-        raise TypeError(f"logits must be floating point, got dtype {logits.dtype}")
-    if not np.issubdtype(targets.dtype, np.integer):
-        raise TypeError(f"targets must be integer class indices, got dtype {targets.dtype}")
-    if logits.ndim < 1 or targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets must have the shape of logits without the class axis: "
-                         f"logits {logits.shape} needs targets {logits.shape[:-1]}, got {targets.shape}")
-    live = targets[targets != ignore_index]
-    if live.size and (live.min() < 0 or live.max() >= logits.shape[-1]):
-        raise ValueError(f"targets must be in [0, {logits.shape[-1]}) or ignore_index={ignore_index}, "
-                         f"got values in [{live.min()}, {live.max()}]")
-    flat = logits.reshape(-1, logits.shape[-1])  # (M, C)
-    loss = CrossEntropy.apply(flat, targets=targets.reshape(-1), ignore_index=ignore_index,
-                              reduction=reduction)
-    return loss.reshape(targets.shape) if reduction == "none" else loss
+    return apply_cross_entropy(CrossEntropy, logits, targets, ignore_index, reduction)
 
 
 # ----------------------------------------------------------------------------- Embedding

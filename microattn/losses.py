@@ -70,6 +70,12 @@ def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "m
         >>> float(cross_entropy(logits, np.array([0, 2])).data)  # log 3
         1.0986122886681098
     """
+    return apply_cross_entropy(CrossEntropy, logits, targets, ignore_index, reduction)
+
+
+def apply_cross_entropy(function, logits, targets, ignore_index, reduction) -> Tensor:
+    """Validate cross-entropy's arguments (before any work), flatten to (M, C) and apply
+    ``function`` (this module's CrossEntropy, or the fused one in ``fused.py``)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     logits = logits if isinstance(logits, Tensor) else Tensor(np.asarray(logits))
@@ -91,6 +97,6 @@ def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "m
             f"got values in [{live.min()}, {live.max()}]"
         )
     flat_logits = logits.reshape(-1, num_classes)  # (M, C)
-    loss = CrossEntropy.apply(flat_logits, targets=targets.reshape(-1),
-                              ignore_index=ignore_index, reduction=reduction)
+    loss = function.apply(flat_logits, targets=targets.reshape(-1),
+                          ignore_index=ignore_index, reduction=reduction)
     return loss.reshape(targets.shape) if reduction == "none" else loss
