@@ -43,7 +43,7 @@ import numpy as np
 from .autograd import Function
 from .kernels import blas
 from .kernels.cpu._compile import FASTMATH, PARALLEL, fast_exp, numba, prange
-from .losses import apply_cross_entropy
+from .losses import apply_cross_entropy, reduce_losses
 
 # Elements below which a kernel runs on the calling thread. These loops move memory more
 # than they compute, and on this 2-core machine one core already takes what the memory
@@ -508,13 +508,7 @@ class CrossEntropy(Function):
         ctx.save_for_backward(logits, targets, lse)
         ctx.ignore_index, ctx.reduction = ignore_index, reduction
         ctx.count = int(np.count_nonzero(targets != ignore_index))
-        if reduction == "none":
-            return losses
-        total = losses.sum()
-        if reduction == "sum":
-            return total
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return (total / logits.dtype.type(ctx.count)).astype(logits.dtype)
+        return reduce_losses(losses, ctx.count, reduction)
 
     @staticmethod
     def backward(ctx, grad):

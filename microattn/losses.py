@@ -31,13 +31,7 @@ class CrossEntropy(Function):
         count = valid.sum()
         ctx.save_for_backward(log_probs, safe_targets, valid)
         ctx.reduction, ctx.count = reduction, count
-        if reduction == "none":
-            return losses
-        total = losses.sum()
-        if reduction == "sum":
-            return total
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return (total / logits.dtype.type(count)).astype(logits.dtype)
+        return reduce_losses(losses, count, reduction)
 
     @staticmethod
     def backward(ctx, grad):
@@ -71,6 +65,18 @@ def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "m
         1.0986122886681098
     """
     return apply_cross_entropy(CrossEntropy, logits, targets, ignore_index, reduction)
+
+
+def reduce_losses(losses, count, reduction):
+    """Per-row losses (M,) as the reduction asks: as they are, their sum, or their sum over
+    the ``count`` rows not ignored (0/0 = NaN when every row is ignored, as in PyTorch)."""
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (total / losses.dtype.type(count)).astype(losses.dtype)
 
 
 def apply_cross_entropy(function, logits, targets, ignore_index, reduction) -> Tensor:
