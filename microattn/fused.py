@@ -95,13 +95,14 @@ def _flat(x):
 
 FEW_ROWS = 16  # up to this many rows (decoding), a product is a matrix-vector product per row
 THREADED_PRODUCT = 1 << 25  # multiply-adds; smaller products run whole on one thread
-PRODUCT_PARTS = 8  # row blocks a large product is cut into, for two threads to take turns on
+PRODUCT_PARTS = 4  # at most this many blocks a large product is cut into, for two threads
+MIN_PART = 128  # rows (or columns) of the output per block, at least
 _product_helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="microattn-product")
 
 
 def _product(a, b):
-    """a @ b on OpenBLAS pinned to one thread: whole when small, else in row blocks that
-    this thread and one helper take in turn (``_split_product``)."""
+    """a @ b on OpenBLAS pinned to one thread: whole when small, else in blocks that this
+    thread and one helper take in turn (``_split_product``)."""
     if a.shape[0] * a.shape[1] * b.shape[1] >= THREADED_PRODUCT:
         return _split_product(a, b)
     with blas.single_threaded():
@@ -109,25 +110,34 @@ def _product(a, b):
 
 
 def _split_product(a, b):
-    """a @ b on two threads that never wait for each other's turn.
+    """a @ b (M, K) @ (K, N) on two threads that never wait for each other's turn.
 
     OpenBLAS's own threads meet at barriers inside every product and spin there; on a
     busy 2-core machine a barrier waits for a descheduled thread, the spinning burns the
     core the other needs, and the training step measured 1.9-2.1 s wall and 1.4-1.7 s CPU
-    with OpenBLAS threaded against 0.47-0.57 s on one thread. Here the row blocks of a are
-    claimed one at a time by this thread and a helper (NumPy releases the GIL inside each
-    block's product); whoever is running takes the next block, and the only wait is for
-    a block already started. Quiet machine: 358-369 ms a step, as OpenBLAS threaded
-    (355-360 ms), against 460-469 ms on one thread; busy: 0.59-0.84 s.
+    with OpenBLAS threaded against 0.47-0.57 s on one thread. Here the output is cut
+    along its longer side (rows of a, or columns of b: a weight gradient ``g.T @ x`` has
+    only 256 rows but 1024 columns) into at most ``PRODUCT_PARTS`` blocks of at least
+    ``MIN_PART``, claimed one at a time by this thread and a helper (NumPy releases the
+    GIL inside each block's product); whoever is running takes the next block, and the
+    only wait is for a block already started. Few large blocks: each block is a BLAS
+    call with its own packing, and 8 row blocks of 32 rows ran the weight gradients at
+    half speed (88 against 234 GF/s for (256, 2048) @ (2048, 256)).
     """
     out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
-    bounds = [a.shape[0] * part // PRODUCT_PARTS for part in range(PRODUCT_PARTS + 1)]
+    by_rows = a.shape[0] >= b.shape[1]
+    length = a.shape[0] if by_rows else b.shape[1]
+    n_parts = max(1, min(PRODUCT_PARTS, length // MIN_PART))
+    bounds = [length * part // n_parts for part in range(n_parts + 1)]
     parts = itertools.count()  # next() is atomic under the GIL: each block is taken once
 
     def take_blocks():
-        while (part := next(parts)) < PRODUCT_PARTS:
-            rows = slice(bounds[part], bounds[part + 1])
-            np.matmul(a[rows], b, out=out[rows])
+        while (part := next(parts)) < n_parts:
+            cut = slice(bounds[part], bounds[part + 1])
+            if by_rows:
+                np.matmul(a[cut], b, out=out[cut])
+            else:
+                np.matmul(a, b[:, cut], out=out[:, cut])
 
     with blas.single_threaded():
         helper = _product_helper.submit(take_blocks)

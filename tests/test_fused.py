@@ -74,6 +74,7 @@ def test_linear_takes_a_non_contiguous_input():
 @pytest.mark.parametrize("rows", [3, 37])  # fewer and more rows than PRODUCT_PARTS
 def test_linear_products_split_over_two_threads(rows, monkeypatch):
     monkeypatch.setattr(fused, "THREADED_PRODUCT", 0)  # every product through _split_product
+    monkeypatch.setattr(fused, "MIN_PART", 1)  # many blocks: cut by rows (37) and by columns (3)
     monkeypatch.setattr(fused, "FEW_ROWS", 0)
     x, w, b = rng().standard_normal((rows, 6)), rng(1).standard_normal((5, 6)), rng(2).standard_normal(5)
     for dtype in DTYPES:
