@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import backends
-from .autograd import Function
+from .autograd import Function, is_grad_enabled
+from .kernels.cpu import decode
 from .kernels.masking import in_band, keep
 from .kernels.protocol import lse_of
 from .kernels.spec import AttentionSpec, make_attention_spec, make_linear_spec
@@ -120,7 +121,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     * A query allowed no key outputs zeros, has lse -inf and gets zero gradient.
     * ``return_lse=True`` returns ``(out, lse)``, lse (B, Hq, Nq) a constant Tensor.
     * ``dropout_p``/``seed``: element (b, h, i, j) is kept iff ``keep(seed, b, h, i, j)``.
-    * ``backend``: "reference", "composed", "numba", "cuda" or "auto".
+    * ``backend``: "reference", "composed", "numba", "cuda" or "auto". On "numba", a call
+      of at most 16 queries that records no graph (inference, decoding) runs
+      ``kernels/cpu/decode.py``: the keys split across threads, each K/V row read once
+      per kv head; with a graph, the tiled flash kernel (whose backward needs its own
+      forward's rounding of the scores).
 
     Example::
 
@@ -135,12 +140,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         dropout_p=dropout_p, is_causal=is_causal, scale=scale, window=window, seed=seed,
     )
     name, kernel = backends.resolve(backend, "scaled_dot_product_attention")
+    if name == "numba" and spec.Nq <= decode.MAX_QUERIES and not _records_graph(q, k, v):
+        kernel = decode  # inference on a few queries: keys split across threads (decode.py)
     if name == "composed":
         out, lse = _composed_attention(q, k, v, spec)
     else:
         out = Attention.apply(q, k, v, spec=spec, kernel=kernel)
         lse = Tensor(out._ctx.lse)
     return (out, lse) if return_lse else out
+
+
+def _records_graph(*tensors) -> bool:
+    return is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _composed_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):

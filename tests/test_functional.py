@@ -12,7 +12,7 @@ import pytest
 import microattn as ma
 from microattn import backends
 from microattn import functional as F
-
+from microattn.kernels.cpu import decode
 
 from .grid import NAMES, Case, build, errors, grid, make_inputs, natural_scales
 
@@ -277,6 +277,27 @@ def test_no_grad_builds_no_graph():
     with ma.no_grad():
         out = F.scaled_dot_product_attention(t, t, t)
     assert not out.requires_grad
+
+
+DECODING = [case for case in GRID if case.Nq <= 16 and case.masking in (
+    "causal", "window", "float_mask", "empty_rows", "dropout", "large_logits")][:12]
+
+
+@pytest.mark.parametrize("case", DECODING, ids=lambda c: c.id)
+def test_numba_inference_on_few_queries_runs_the_decode_kernel(case, monkeypatch):
+    """Without a graph, numba hands a call of <= 16 queries to kernels/cpu/decode.py (keys
+    split across threads); with one, to the tiled kernel. Both agree with the reference."""
+    calls, decode_forward = [], decode.forward
+    monkeypatch.setattr(decode, "forward", lambda *a, **kw: calls.append(1) or decode_forward(*a, **kw))
+    q, k, v, _, kwargs = make_inputs(case, np.float64)
+    want = F.scaled_dot_product_attention(q, k, v, backend="reference", **kwargs).data
+    with ma.no_grad():
+        got = F.scaled_dot_product_attention(ma.tensor(q, requires_grad=True), k, v, backend="numba", **kwargs)
+    assert calls == [1]
+    np.testing.assert_allclose(got.data, want, rtol=1e-10, atol=1e-12)
+    got = F.scaled_dot_product_attention(ma.tensor(q, requires_grad=True), k, v, backend="numba", **kwargs)
+    assert calls == [1]  # a graph: the tiled kernel, whose backward shares its scores' rounding
+    np.testing.assert_allclose(got.data, want, rtol=1e-10, atol=1e-12)
 
 
 def test_available_backends():

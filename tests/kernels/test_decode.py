@@ -83,3 +83,14 @@ def test_nan_query_gives_nan_row_only():
     assert np.isnan(out[0, 1, 2]).all()
     out[0, 1, 2] = 0
     assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("B, Hkv, Nk, threads, want", [
+    (1, 1, 8192, 2, 4),   # MQA, one step: both threads get two splits each
+    (1, 8, 32768, 2, 1),  # kv heads enough: no split
+    (1, 1, 1500, 2, 1),   # too few keys to be worth cutting
+    (1, 2, 4096, 4, 4),
+])
+def test_splits_give_every_thread_work_without_tiny_splits(B, Hkv, Nk, threads, want):
+    spec = make_attention_spec((B, Hkv, 1, 8), (B, Hkv, Nk, 8), (B, Hkv, Nk, 8), (np.float32,) * 3)
+    assert decode.splits_for(spec, threads) == want
