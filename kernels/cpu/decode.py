@@ -88,9 +88,18 @@ def forward(q, k, v, spec: AttentionSpec, splits: int | None = None):
     work = spec.B * spec.Hq * spec.Nq * spec.Nk
     step = _decode_parallel if work >= PARALLEL_WORK else _decode_serial
     step(q, k_rows, v_rows, spec.Nk, *packed, splits, m_part, l_part, acc_part)
-    out = np.empty((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=spec.dtype)
-    stats = np.empty((2, spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
-    _merge_compiled(m_part, l_part, acc_part, out, stats)
+    return merge_partials(m_part, l_part, acc_part)
+
+
+def merge_partials(m_part, l_part, acc_part):
+    """out (B, Hq, Nq, Dv), stats (2, B, Hq, Nq) from partial results over disjoint key sets:
+    m_part, l_part (parts, B, Hq, Nq) each part's shift and sum, acc_part (parts, B, Hq,
+    Nq, Dv) its *unnormalised* sum of exp(s - m) v. Split-KV decoding and ring attention
+    (``microattn.distributed``) both end here. A part that saw no key: (-inf, 0, 0)."""
+    out = np.empty(acc_part.shape[1:], dtype=acc_part.dtype)
+    stats = np.empty((2,) + m_part.shape[1:], dtype=m_part.dtype)
+    _merge_compiled(np.ascontiguousarray(m_part), np.ascontiguousarray(l_part),
+                    np.ascontiguousarray(acc_part), out, stats)
     return out, stats
 
 

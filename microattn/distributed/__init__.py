@@ -16,10 +16,11 @@ from .data_parallel import (
     check_same_weights,
     weights_digest,
 )
+from .ring import ring_attention
 from .sharding import LAYOUTS, gather, positions, shard
 from .ulysses import ulysses_attention
 
 __all__ = [
     "LAYOUTS", "allreduce_gradients", "broadcast_parameters", "buckets", "check_same_weights",
-    "gather", "positions", "shard", "ulysses_attention", "weights_digest",
+    "gather", "positions", "ring_attention", "shard", "ulysses_attention", "weights_digest",
 ]

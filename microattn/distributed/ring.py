@@ -1,0 +1,217 @@
+"""Ring attention: each rank keeps its query rows; key/value blocks travel round the ring.
+
+P ranks in a ring, rank r holding rows ``positions(N, P, r, layout)`` of q, k and v. At
+step t = 0 .. P-1 rank r holds the K/V block of rank ``(r - t) mod P``, attends its own
+queries to it with any kernel module, and passes the block on to rank r + 1 (the transfer
+of the next block overlaps the kernel: non-blocking send and receive are posted first)::
+
+    step 0      step 1      step 2      step 3         (P = 4; rank r holds K/V of ...)
+    r0: K0      r0: K3      r0: K2      r0: K1
+    r1: K1      r1: K0      r1: K3      r1: K2
+    ...
+
+Each (query chunk, key chunk) pair is an ordinary kernel call on a spec that knows where
+the pair lies in the whole (``origin`` for dropout's indices, ``band_offset`` for causal
+and windows, the mask's rows and columns sliced): the results are the exact rows of the
+one-process attention restricted to those keys. Pairs the band excludes entirely (causal:
+keys after every query of the chunk) are not computed. The partial results (out, m, l)
+per key block are merged once at the end by ``decode.merge_partials``, the split-KV merge:
+
+    m = max_t m_t,   l = sum_t l_t exp(m_t - m),   out = sum_t l_t exp(m_t - m) out_t / l
+
+Backward: the kernels' backward takes the *final* out and row statistics (m, l), so each
+pair recomputes its share of the global probabilities ``p = exp(s - m) / l`` and delta =
+rowsum(out * dout) is the global one: dq of the pair adds into this rank's dq; dk, dv
+add into accumulators that travel round the ring with their K/V block and arrive back at
+their owner after P steps. Every sum is taken in a fixed order: reruns are bit-identical.
+
+Layouts (``sharding.py``): with a causal mask, contiguous rows give the last rank all the
+long rows, so ranks wait for it; zigzag gives rank r chunks r and 2P-1-r and every rank
+the same number of unmasked pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .. import backends
+from ..autograd import Function
+from ..kernels import masking
+from ..kernels.cpu import decode
+from ..kernels.protocol import lse_of
+from ..kernels.spec import make_attention_spec
+from ..tensor import Tensor
+from .sharding import check_length, check_same_everywhere, positions
+
+
+def _identity(x):
+    return x
+
+
+class Ring:
+    """One ring attention call: the communicator, the layout, the kernel, and the spec of
+    every (query chunk, key chunk) pair, built once and used by forward and backward."""
+
+    def __init__(self, comm, layout, n, whole, kernel, shapes):
+        self.comm, self.layout, self.n, self.whole, self.kernel = comm, layout, n, whole, kernel
+        self.B, self.H, self.Hkv, self.D, self.Dv = shapes
+        self.to_host = getattr(kernel, "to_host", _identity)
+        self._specs = {}
+
+    def chunks(self, rank):
+        """[(global start, length, local start)] of rank's rows: one chunk, or two (zigzag)."""
+        rows = positions(self.n * self.comm.size, self.comm.size, rank, self.layout)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        starts = np.concatenate([[0], breaks])
+        stops = np.concatenate([breaks, [len(rows)]])
+        return [(int(rows[a]), int(b - a), int(a)) for a, b in zip(starts, stops)]
+
+    def pair_spec(self, qa, qlen, ka, klen):
+        """The spec of queries [qa, qa + qlen) against keys [ka, ka + klen) of the whole, or
+        None when the band allows no pair (nothing to compute)."""
+        key = (qa, ka)
+        if key not in self._specs:
+            w = self.whole
+            bias = None if w.bias is None else w.bias[:, :, qa:qa + qlen, ka:ka + klen]
+            window = (w.window_left, w.window_right) if w.has_band else None
+            spec = make_attention_spec(
+                (self.B, self.H, qlen, self.D), (self.B, self.Hkv, klen, self.D),
+                (self.B, self.Hkv, klen, self.Dv), (w.dtype,) * 3, attn_mask=bias,
+                dropout_p=w.dropout_p, is_causal=w.causal, scale=w.scale,
+                window=None if w.causal and window == (-1, 0) else window, seed=w.seed)
+            spec = dataclasses.replace(spec, origin=(0, qa, ka), band_offset=w.offset + qa - ka)
+            j_start, j_stop = masking.key_range(spec.band, 0, qlen, klen)
+            self._specs[key] = spec if j_start < j_stop else None
+        return self._specs[key]
+
+    def pairs(self, owner):
+        """(query chunk, key chunk, spec) for every pair with work against owner's block."""
+        for qa, qlen, qoff in self.chunks(self.comm.rank):
+            for ka, klen, koff in self.chunks(owner):
+                spec = self.pair_spec(qa, qlen, ka, klen)
+                if spec is not None:
+                    yield slice(qoff, qoff + qlen), slice(koff, koff + klen), spec
+
+    def shift(self, arrays, wait_for=None):
+        """Post the send of ``arrays`` (packed in one buffer) to the next rank and the
+        receive of the previous rank's; returns a function that waits and unpacks."""
+        from mpi4py import MPI
+
+        comm = self.comm
+        send = np.concatenate([a.ravel() for a in arrays])
+        received = np.empty_like(send)
+        requests = [comm.Isend(send, dest=(comm.rank + 1) % comm.size, tag=7),
+                    comm.Irecv(received, source=(comm.rank - 1) % comm.size, tag=7)]
+
+        def finish():
+            MPI.Request.Waitall(requests)
+            out, offset = [], 0
+            for a in arrays:
+                out.append(received[offset:offset + a.size].reshape(a.shape))
+                offset += a.size
+            return out
+
+        return finish
+
+    def forward(self, q, k, v):
+        P, rank = self.comm.size, self.comm.rank
+        parts = {qoff: [] for _, _, qoff in self.chunks(rank)}
+        held = [np.ascontiguousarray(k), np.ascontiguousarray(v)]
+        for t in range(P):
+            owner = (rank - t) % P
+            finish = self.shift(held) if t < P - 1 else None  # the next block, meanwhile
+            for rows, cols, spec in self.pairs(owner):
+                out, stats = self.kernel.forward(q[:, :, rows], held[0][:, :, cols], held[1][:, :, cols], spec)
+                parts[rows.start].append((self.to_host(out), self.to_host(stats)))
+            if finish is not None:
+                held = finish()
+        n, dtype = q.shape[2], q.dtype
+        out = np.zeros((self.B, self.H, n, self.Dv), dtype=dtype)
+        stats = np.zeros((2, self.B, self.H, n), dtype=dtype)
+        stats[0] = -np.inf
+        for (_, qlen, qoff) in self.chunks(rank):
+            found = parts[qoff]
+            if not found:
+                continue  # no key at all: out 0, (m, l) = (-inf, 0)
+            m_part = np.stack([st[0] for _, st in found])
+            l_part = np.stack([st[1] for _, st in found])
+            acc_part = np.stack([o * st[1][..., None] for o, st in found])  # unnormalised
+            rows = slice(qoff, qoff + qlen)
+            out[:, :, rows], stats[:, :, :, rows] = decode.merge_partials(m_part, l_part, acc_part)
+        return out, stats
+
+    def backward(self, q, k, v, out, stats, dout):
+        P, rank = self.comm.size, self.comm.rank
+        dq = np.zeros_like(q)
+        held = [np.ascontiguousarray(k), np.ascontiguousarray(v), np.zeros_like(k), np.zeros_like(v)]
+        for t in range(P):
+            owner = (rank - t) % P
+            k_blk, v_blk, dk_blk, dv_blk = held
+            for rows, cols, spec in self.pairs(owner):
+                dq_c, dk_c, dv_c = self.kernel.backward(
+                    q[:, :, rows], k_blk[:, :, cols], v_blk[:, :, cols], out[:, :, rows],
+                    stats[:, :, :, rows], dout[:, :, rows], spec)
+                dq[:, :, rows] += self.to_host(dq_c)
+                dk_blk[:, :, cols] += self.to_host(dk_c)
+                dv_blk[:, :, cols] += self.to_host(dv_c)
+            held = self.shift(held)() if P > 1 else held  # after P shifts: our own block
+        return dq, held[2], held[3]
+
+
+class RingAttention(Function):
+    """out = attention of this rank's queries over every rank's keys (see the module)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, *, ring):
+        out, stats = ring.forward(q, k, v)
+        ctx.save_for_backward(q, k, v, out, stats)
+        ctx.ring = ring
+        ctx.lse = lse_of(stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, stats = ctx.saved_tensors
+        return ctx.ring.backward(q, k, v, out, stats, np.ascontiguousarray(dout))
+
+
+def ring_attention(query, key, value, *, comm, attn_mask=None, is_causal=False, window=None,
+                   scale=None, dropout_p=0.0, seed=None, layout="contiguous", return_lse=False,
+                   backend="auto"):
+    """Attention over the whole sequence, each rank holding its rows (``layout``), by ring.
+
+    query (B, H, N/P, D), key (B, Hkv, N/P, D), value (B, Hkv, N/P, Dv): this rank's rows
+    -> out (B, H, N/P, Dv), this rank's rows (and lse (B, H, N/P), a constant, with
+    ``return_lse``). ``attn_mask``: the whole (.., N, N) mask, the same on every rank.
+    Other arguments as ``F.scaled_dot_product_attention``; ``seed`` must be the same on
+    every rank (None: drawn on rank 0 and broadcast). ``backend``: a kernel module's name
+    ("reference", "numba", "cuda" or "auto"); "composed" has no kernel to call per block.
+    """
+    q, k, v = (x if isinstance(x, Tensor) else Tensor(np.asarray(x)) for x in (query, key, value))
+    P, rank = comm.size, comm.rank
+    check_same_everywhere(comm, "the shapes of query, key, value",
+                          (q.shape, k.shape, v.shape, str(q.dtype)))
+    if len(q.shape) != 4 or len(k.shape) != 4 or len(v.shape) != 4:
+        raise ValueError(f"query, key, value must be (B, H, N/P, D); got {q.shape}, {k.shape}, {v.shape}")
+    n = q.shape[2]
+    if k.shape[2] != n or v.shape[2] != n:
+        raise ValueError(f"query, key and value must hold the same rows; got {n}, {k.shape[2]}, {v.shape[2]}")
+    check_length(n * P, P, layout)
+    if dropout_p > 0 and seed is None:
+        seed = comm.bcast(int(np.random.randint(0, 2**63 - 1, dtype=np.int64)) if rank == 0 else None)
+    mask = None if attn_mask is None else np.asarray(getattr(attn_mask, "data", attn_mask))
+    N = n * P
+    B, H, _, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    whole = make_attention_spec((B, H, N, D), (B, Hkv, N, D), (B, Hkv, N, Dv), (q.dtype, k.dtype, v.dtype),
+                                attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                scale=scale, window=window, seed=seed)
+    name, kernel = backends.resolve(backend, "scaled_dot_product_attention")
+    if name == "composed":
+        raise ValueError('ring_attention calls a kernel module per block; backend="composed" has '
+                         'none (use "reference", "numba", "cuda" or "auto")')
+    ring = Ring(comm, layout, n, whole, kernel, (B, H, Hkv, D, Dv))
+    out = RingAttention.apply(q, k, v, ring=ring)
+    return (out, Tensor(out._ctx.lse)) if return_lse else out
