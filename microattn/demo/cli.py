@@ -344,10 +344,29 @@ def _cpu_count() -> int:
 # ----------------------------------------------------------------------------- train
 
 
+def mpi_world():
+    """MPI_COMM_WORLD when this process is one of several ranks started by mpiexec (MPICH's
+    or Open MPI's environment says so), else None."""
+    import os
+
+    size = int(os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
+    if size <= 1:
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise CLIError(f"started as one of {size} MPI ranks, but mpi4py is missing: "
+                       "pip install 'microattn[mpi]'") from None
+    return MPI.COMM_WORLD
+
+
 def cmd_train(args) -> int:
     given = {field: getattr(args, field) for _, field, _, _ in RUN_OPTIONS if getattr(args, field) is not None}
     if args.out.exists() and not args.out.is_dir():
         raise CLIError(f"--out {args.out} is a file; expected a directory (for checkpoint.npz and loss.png)")
+    comm = mpi_world()
+    writer = comm is None or comm.rank == 0
+    say = print if writer else (lambda *_, **__: None)  # rank 0 speaks for all
     checkpoint = args.out / CHECKPOINT_NAME
     if args.resume:
         run = Run.load(args.out)
@@ -357,22 +376,36 @@ def cmd_train(args) -> int:
         if changed:
             raise CLIError("a resumed run keeps its configuration; drop " + ", ".join(changed))
         if run.step >= run.config.steps:
-            print(f"{checkpoint} is already at step {run.step} of {run.config.steps}; nothing to do")
+            say(f"{checkpoint} is already at step {run.step} of {run.config.steps}; nothing to do")
             return 0
-        print(f"resuming {run.config.task} / {run.config.attention} at step {run.step} of {run.config.steps}")
+        say(f"resuming {run.config.task} / {run.config.attention} at step {run.step} of {run.config.steps}")
     else:
         if checkpoint.exists():
             raise CLIError(f"{checkpoint} exists; pass --resume to continue that run, or choose another --out")
+        if comm is not None:
+            comm.Barrier()  # every rank has looked before rank 0 writes the first checkpoint
         run = Run.create(TrainConfig(**given))
-        print(f"training {run.config.task} / {run.config.attention}: {run.model.num_parameters():,} parameters, "
-              f"{run.config.steps} steps of {run.config.batch_size} x {run.task.seq_len} tokens")
+        say(f"training {run.config.task} / {run.config.attention}: {run.model.num_parameters():,} parameters, "
+            f"{run.config.steps} steps of {run.config.batch_size} x {run.task.seq_len} tokens")
+    if comm is not None:
+        run.data_parallel(comm)
+        say(f"data parallel over {comm.size} MPI ranks: {run.config.batch_size // comm.size} sequences "
+            "each per step, gradients averaged")
 
-    bar = None if args.no_progress else ProgressBar(run.config.steps, f"{run.config.attention}", start=run.step)
+    bar = None if args.no_progress or not writer else ProgressBar(
+        run.config.steps, f"{run.config.attention}", start=run.step)
     result = train(run, args.out, progress=bar)
+    if comm is not None:
+        from .. import distributed
+
+        digest = distributed.check_same_weights(run.model.parameters(), comm)
+        say(f"weights identical on all {comm.size} ranks (sha256 {digest[:16]})")
     if result.interrupted:
-        print(f"interrupted at step {run.step}; checkpoint saved to {result.checkpoint}; "
-              f"continue with: microattn train --out {args.out} --resume")
+        say(f"interrupted at step {run.step}; checkpoint saved to {result.checkpoint}; "
+            f"continue with: microattn train --out {args.out} --resume")
         return INTERRUPTED
+    if not writer:
+        return 0
 
     accuracy = inspection.evaluate(run.model, run.task, run.config.seed, args.eval_examples)
     print(f"step {run.step}: loss {np.mean(run.losses[-10:]):.4f} (mean of the last 10 steps), "

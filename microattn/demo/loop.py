@@ -12,6 +12,14 @@ Reproducibility: the batch for step ``s`` is ``tasks.make_batch(task, seed, s)``
 function, and the model has no dropout, so a run's whole state is its model, optimizer and
 schedule state plus the step counter. A checkpoint (:mod:`.checkpoint`) stores exactly
 that; a run interrupted and resumed reproduces the uninterrupted run's losses bit for bit.
+
+Data parallel (``mpiexec -n P microattn train ...``, ``Run.comm`` an MPI communicator):
+every rank holds the whole model (rank 0's weights, broadcast), takes rows ``[r B/P, (r +
+1) B/P)`` of each step's batch, and the gradients are averaged over the ranks before the
+step (``microattn.distributed``). The loss each rank differentiates is its sum of answer
+tokens' losses over the whole batch's count (times P, which the average divides out), so
+a step is the single-process step on the whole batch whatever the ranks' counts. Only
+rank 0 writes checkpoints; a checkpoint holds no rank count, so a run resumes on any.
 """
 
 from __future__ import annotations
@@ -172,6 +180,23 @@ class Run:
     schedule: optim.CosineSchedule
     step: int = 0  # optimizer steps taken; also the data cursor (the next batch is make_batch(..., step))
     losses: list = field(default_factory=list)  # training loss of every step taken
+    comm: object = None  # an MPI communicator for data parallel training (not saved)
+
+    def data_parallel(self, comm) -> None:
+        """Train on ``comm``'s ranks from now on: rank 0's weights everywhere; each rank
+        takes its rows of every batch (ValueError on every rank if they do not divide)."""
+        from .. import distributed
+
+        if self.config.batch_size % comm.size:
+            raise ValueError(f"--batch-size {self.config.batch_size} cannot be split evenly over "
+                             f"{comm.size} ranks: use a multiple of {comm.size}")
+        distributed.broadcast_parameters(self.model.parameters(), comm)
+        self.comm = comm
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes checkpoints and reports (rank 0, or no MPI)."""
+        return self.comm is None or self.comm.rank == 0
 
     @classmethod
     def create(cls, config: TrainConfig) -> Run:
@@ -223,7 +248,8 @@ class Run:
         }
 
     def save(self, out_dir) -> Path:
-        return save_checkpoint(Path(out_dir) / CHECKPOINT_NAME, self.state())
+        path = Path(out_dir) / CHECKPOINT_NAME
+        return save_checkpoint(path, self.state()) if self.is_writer else path
 
     @property
     def tokens_per_step(self) -> int:
@@ -265,19 +291,40 @@ def step_peak_memory(run: Run) -> int:
 
 
 def train_step(run: Run) -> float:
-    """One optimizer step on the batch for ``run.step``; returns its loss."""
+    """One optimizer step on the batch for ``run.step``; returns its loss (of the whole
+    batch, on every rank)."""
     config = run.config
     batch = make_batch(run.task, config.seed, run.step, config.batch_size)
     run.model.zero_grad()
-    loss = loss_on_batch(run.model, batch)
-    loss.backward()
+    if run.comm is None:
+        loss = loss_on_batch(run.model, batch)
+        loss.backward()
+        value = float(loss.item())
+    else:
+        value = _data_parallel_backward(run, batch)
     optim.clip_grad_norm_(run.model.parameters(), config.grad_clip)
     run.optimizer.step()
     run.schedule.step()
     run.step += 1
-    value = float(loss.item())
     run.losses.append(value)
     return value
+
+
+def _data_parallel_backward(run: Run, batch) -> float:
+    """This rank's rows of ``batch``, backward, gradients averaged over the ranks; returns
+    the whole batch's mean loss."""
+    from mpi4py import MPI
+
+    from .. import distributed
+
+    comm, rows = run.comm, run.config.batch_size // run.comm.size
+    mine = slice(comm.rank * rows, (comm.rank + 1) * rows)
+    inputs, targets = batch.inputs[mine], batch.targets[mine]
+    counted = comm.allreduce(int((targets != IGNORE).sum()), op=MPI.SUM)  # the whole batch's
+    total = losses.cross_entropy(run.model(inputs), targets, ignore_index=IGNORE, reduction="sum")
+    (total * (comm.size / max(counted, 1))).backward()  # the average over ranks divides P out
+    distributed.allreduce_gradients(run.model.parameters(), comm)
+    return comm.allreduce(float(total.item()), op=MPI.SUM) / max(counted, 1)
 
 
 @dataclass
@@ -306,7 +353,7 @@ def train(run: Run, out_dir=None, *, progress=None, on_step=None) -> TrainResult
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     start_step, started = run.step, time.perf_counter()
     with _sigint_deferred() as stop:
-        while run.step < run.config.steps and not stop.is_set():
+        while run.step < run.config.steps and not _stop_requested(run, stop):
             loss = train_step(run)
             if progress is not None:
                 progress.update(run.step, loss)
@@ -317,12 +364,21 @@ def train(run: Run, out_dir=None, *, progress=None, on_step=None) -> TrainResult
                     stop.set()
             if out_dir is not None and run.step % run.config.checkpoint_every == 0:
                 run.save(out_dir)
-        interrupted = stop.is_set()
+        interrupted = _stop_requested(run, stop)
     seconds = time.perf_counter() - started
     if progress is not None:
         progress.close()
     checkpoint = run.save(out_dir) if out_dir is not None else None
     return TrainResult(run.step - start_step, seconds, interrupted, checkpoint)
+
+
+def _stop_requested(run: Run, stop: threading.Event) -> bool:
+    """Whether to stop; under MPI, whether any rank was asked to (all stop at one step)."""
+    if run.comm is None:
+        return stop.is_set()
+    from mpi4py import MPI
+
+    return bool(run.comm.allreduce(int(stop.is_set()), op=MPI.MAX))
 
 
 @contextlib.contextmanager
