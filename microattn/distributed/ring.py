@@ -33,6 +33,7 @@ the same number of unmasked pairs.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 
@@ -59,6 +60,7 @@ class Ring:
         self.B, self.H, self.Hkv, self.D, self.Dv = shapes
         self.to_host = getattr(kernel, "to_host", _identity)
         self._specs = {}
+        self.seconds = {"kernel": 0.0, "wait": 0.0}  # where this call's time went (benchmarks)
 
     def chunks(self, rank):
         """[(global start, length, local start)] of rank's rows: one chunk, or two (zigzag)."""
@@ -106,7 +108,9 @@ class Ring:
                     comm.Irecv(received, source=(comm.rank - 1) % comm.size, tag=7)]
 
         def finish():
+            started = time.perf_counter()
             MPI.Request.Waitall(requests)
+            self.seconds["wait"] += time.perf_counter() - started
             out, offset = [], 0
             for a in arrays:
                 out.append(received[offset:offset + a.size].reshape(a.shape))
@@ -122,9 +126,11 @@ class Ring:
         for t in range(P):
             owner = (rank - t) % P
             finish = self.shift(held) if t < P - 1 else None  # the next block, meanwhile
+            started = time.perf_counter()
             for rows, cols, spec in self.pairs(owner):
                 out, stats = self.kernel.forward(q[:, :, rows], held[0][:, :, cols], held[1][:, :, cols], spec)
                 parts[rows.start].append((self.to_host(out), self.to_host(stats)))
+            self.seconds["kernel"] += time.perf_counter() - started
             if finish is not None:
                 held = finish()
         n, dtype = q.shape[2], q.dtype
@@ -149,6 +155,7 @@ class Ring:
         for t in range(P):
             owner = (rank - t) % P
             k_blk, v_blk, dk_blk, dv_blk = held
+            started = time.perf_counter()
             for rows, cols, spec in self.pairs(owner):
                 dq_c, dk_c, dv_c = self.kernel.backward(
                     q[:, :, rows], k_blk[:, :, cols], v_blk[:, :, cols], out[:, :, rows],
@@ -156,6 +163,7 @@ class Ring:
                 dq[:, :, rows] += self.to_host(dq_c)
                 dk_blk[:, :, cols] += self.to_host(dk_c)
                 dv_blk[:, :, cols] += self.to_host(dv_c)
+            self.seconds["kernel"] += time.perf_counter() - started
             held = self.shift(held)() if P > 1 else held  # after P shifts: our own block
         return dq, held[2], held[3]
 
