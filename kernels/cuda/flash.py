@@ -544,7 +544,7 @@ def kernel_signatures(dtype_name: str) -> dict[str, str]:
         raise ValueError(f"the cuda kernels take float32 or float64, got {dtype_name!r}")
     f = dtype_name
     a3, a4 = f"{f}[:, :, ::1]", f"{f}[:, :, :, ::1]"
-    packed = f"{a4}, UniTuple(int64, 3), UniTuple(int64, 3), UniTuple({f}, 2)"  # bias, band, dropout, reals
+    packed = f"{a4}, UniTuple(int64, 3), UniTuple(int64, 6), UniTuple({f}, 2)"  # bias, band, dropout, reals
     return {
         "_attn_fwd": f"void({a4}, {a4}, {a4}, {a4}, {a4}, {packed})",
         "_attn_bwd_preprocess": f"void({a4}, {a4}, {a3})",
@@ -584,7 +584,7 @@ def _prepare(spec: AttentionSpec) -> _Launch:
 
 def device_records(spec: AttentionSpec) -> tuple:
     """``spec.pack()`` as every CUDA rung's kernels take it: the bias on the device, the band
-    and dropout records as plain ints (``UniTuple(int64, 3)``), the reals in the dtype."""
+    and dropout records as plain ints (``UniTuple(int64, 3)``, ``(int64, 6)``), the reals in the dtype."""
     dtype = np.dtype(spec.dtype)
     bias, band, dropout, reals = spec.pack()
     return (as_device(bias, dtype), tuple(int(x) for x in band), tuple(int(x) for x in dropout),

@@ -863,7 +863,7 @@ def kernel_signatures(dtype_name: str) -> dict[str, str]:
         raise ValueError(f"the cuda kernels take float32 or float64, got {dtype_name!r}")
     f = dtype_name
     a4 = f"{f}[:, :, :, ::1]"
-    records = f"{a4}, UniTuple(int64, 3), UniTuple(int64, 3), UniTuple({f}, 2)"  # bias, band, dropout, reals
+    records = f"{a4}, UniTuple(int64, 3), UniTuple(int64, 6), UniTuple({f}, 2)"  # bias, band, dropout, reals
     return {
         "_attn_fwd": f"void({a4}, {a4}, {a4}, {records}, {a4}, {a4})",
         "_attn_bwd_preprocess": f"void({a4}, {a4}, {a4}, {a4})",

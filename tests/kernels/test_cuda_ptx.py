@@ -10,7 +10,7 @@ installs the extra: see tests/conftest.py).
 * float32 kernels contain no float64 instruction (no stray double constant or promotion);
 * the shared memory each kernel declares is what ``flash.shared_memory_bytes`` says and fits
   the 48 KiB static budget;
-* the records of ``spec.pack()`` (band, dropout: ``UniTuple(int64, 3)``; reals:
+* the records of ``spec.pack()`` (band: ``UniTuple(int64, 3)``, dropout: ``(int64, 6)``; reals:
   ``UniTuple(dtype, 2)``) are kernel arguments, and no kernel takes more than 12;
 * a specialisation without bias or dropout compiles no dropout hash.
 """
@@ -127,7 +127,7 @@ def test_kernels_take_the_packed_spec(dtype):
     from numba import typeof, types
     from numba.cuda.core import sigutils
 
-    band = dropout = types.UniTuple(types.int64, 3)
+    band, dropout = types.UniTuple(types.int64, 3), types.UniTuple(types.int64, 6)
     reals = types.UniTuple(getattr(types, dtype), 2)
     shape = (1, 2, 5, 8)
     packed = make_attention_spec(shape, shape, shape, (np.dtype(dtype),) * 3, is_causal=True,
