@@ -76,12 +76,12 @@ def forward(q, k, v, spec: AttentionSpec, splits: int = 1):
     return out, stats
 
 
-def backward(q, k, v, out, stats, dout, spec: AttentionSpec):
+def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     """The reference's backward (decoding is inference: correct, not fast), on the row
     statistics of the reference's own scores: this kernel's dot products round differently,
     and at large logits exp magnifies that (float32, scores ~1e3: 6e-5 in dv)."""
     stats = reference.row_stats(reference.scores(q, k, spec))
-    return reference.backward(q, k, v, out, stats, dout, spec)
+    return reference.backward(q, k, v, out, stats, dout, spec, dlse)
 
 
 def _cache_rows(x, dtype):
