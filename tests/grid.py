@@ -204,7 +204,8 @@ def spec_in_float64(spec):
     return make_attention_spec(*shapes, (np.float64,) * 3,
                                attn_mask=None if spec.bias is None else spec.bias.astype(np.float64),
                                dropout_p=spec.dropout_p, seed=spec.seed, scale=spec.scale,
-                               window=window)
+                               window=window,
+                               sinks=None if spec.sinks is None else spec.sinks.astype(np.float64))
 
 
 def random_dlse(spec, dtype, seed=0) -> np.ndarray:

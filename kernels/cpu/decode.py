@@ -37,7 +37,7 @@ import types
 
 import numpy as np
 
-from .. import reference
+from .. import reference, sinks
 from ..compile import compile_rules
 from ..spec import AttentionSpec
 from ._compile import FASTMATH, NUMBA_ERROR, PARALLEL, fast_exp, numba, prange
@@ -81,6 +81,8 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     statistics of the reference's own scores: this kernel's dot products round differently,
     and at large logits exp magnifies that (float32, scores ~1e3: 6e-5 in dv)."""
     stats = reference.row_stats(reference.scores(q, k, spec))
+    if spec.sinks is not None:  # the caller folded them into the forward's stats (sinks.py)
+        stats = sinks.fold(out, stats, spec.sinks)[1]
     return reference.backward(q, k, v, out, stats, dout, spec, dlse)
 
 
