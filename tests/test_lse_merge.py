@@ -182,3 +182,17 @@ BAD_MERGES = [
 def test_merge_refuses_mismatched_inputs(exc, fragment, args):
     with pytest.raises(exc, match=fragment):
         F.merge_attention_states(*args)
+
+
+def test_merge_rows_compiles_with_numba():
+    """The formula is written so the numba kernels (split-KV decoding) can call it as is."""
+    import numba
+
+    compiled = numba.njit(merge.merge_rows)
+    m_a = np.array([0.0, -np.inf, -np.inf, 3.0, 2.0], dtype=np.float32)
+    l_a = np.array([2.0, 0.0, 0.0, 1.0, 5.0], dtype=np.float32)
+    m_b = np.array([1.0, 2.0, -np.inf, -np.inf, -1e9], dtype=np.float32)
+    l_b = np.array([1.0, 1.0, 0.0, 0.0, 3.0], dtype=np.float32)
+    for got, want in zip(compiled(m_a, l_a, m_b, l_b), merge.merge_rows(m_a, l_a, m_b, l_b)):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-6)
