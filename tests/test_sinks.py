@@ -104,16 +104,21 @@ def test_matches_torch_maths(backend, case):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=name)
 
 
-@pytest.mark.parametrize("backend", ["numba"])
-def test_float32_within_float32_error(backend):
-    """float32 against the float64 result on the same (float32-rounded) inputs."""
+def test_float32_within_float32_error():
+    """numba in float32 against the float64 result on the same (float32-rounded) inputs:
+    within 4x the float32 reference's own error (floored at 1e-6), as tests/grid.py judges."""
     (q, k, v, sinks), kwargs, g_out, g_lse = sink_problem("causal", np.float32)
-    got = ours(backend, q, k, v, sinks, kwargs, g_out, g_lse)
     truth = ours("reference", *(x.astype(np.float64) for x in (q, k, v, sinks)), kwargs,
                  g_out.astype(np.float64), g_lse.astype(np.float64))
-    for name, a, b in zip(NAMES, got, truth):
+    got = ours("numba", q, k, v, sinks, kwargs, g_out, g_lse)
+    ref32 = ours("reference", q, k, v, sinks, kwargs, g_out, g_lse)
+
+    def error(x, want):
+        return np.abs(x.astype(np.float64) - want).max() / np.abs(want).max()
+
+    for name, a, r, t in zip(NAMES, got, ref32, truth):
         assert a.dtype == np.float32, name
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+        assert error(a, t) <= 4 * max(error(r, t), 1e-6), (name, error(a, t), error(r, t))
 
 
 @pytest.mark.parametrize("case", ["gqa", "bool_mask+empty_row", "dropout"])
