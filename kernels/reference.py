@@ -85,8 +85,9 @@ def forward(q, k, v, spec: AttentionSpec):
     return out.astype(spec.dtype, copy=False), stats
 
 
-def backward(q, k, v, out, stats, dout, spec: AttentionSpec):
-    """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv) from dout (B, Hq, Nq, Dv)."""
+def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
+    """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv) from dout (B, Hq, Nq, Dv)
+    and dlse (B, Hq, Nq), the gradient reaching lse (None: lse was not used)."""
     k_all, v_all = expand_kv(k, spec.group), expand_kv(v, spec.group)  # (B, Hq, Nk, D), (B, Hq, Nk, Dv)
     scale = spec.dtype.type(spec.scale)
     # forward: p = exp(s - m) / l, recomputed instead of stored
@@ -103,6 +104,10 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec):
     # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta),
     #    delta_i = sum_j p_ij dp_ij = sum_d out_id dout_id (the cheap form, no Nk sum)
     delta = np.einsum("bhid,bhid->bhi", out, dout)
+    # 3'. forward: lse = log(sum_j exp(s_j))  ->  ds += p * dlse   (p undropped: lse has no
+    #     dropout), folded into delta: ds = p * (dp - (delta - dlse))
+    if dlse is not None:
+        delta = delta - dlse
     ds = p * (dp - delta[..., None])
     # 4. forward: s = scale * q @ k^T + bias  ->  dq = scale * ds @ k, dk = scale * ds^T @ q
     dq = np.einsum("bhij,bhjd->bhid", ds, k_all) * scale

@@ -21,6 +21,9 @@ Every rule of who may attend to whom is folded into three things here:
 * **dropout**: ``dropout_p`` and a 64-bit ``seed``, turned into the integer
   ``dropout_threshold`` that :func:`microattn.kernels.masking.keep` compares against.
 
+``sinks`` (Hq,) (one logit per query head, or None) is not for the kernels: every backend
+runs without it and ``sinks.py`` folds it into the result (``functional.Attention``).
+
 ``make_attention_spec`` raises ``ValueError`` / ``TypeError`` before any work is done;
 kernels trust the spec and never validate again.
 """
@@ -74,6 +77,7 @@ class AttentionSpec(_Heads):
     # offset in this call's indices (None: Nk - Nq, bottom-right alignment).
     origin: tuple = (0, 0, 0)
     band_offset: int | None = None
+    sinks: np.ndarray | None = None  # (Hq,) sink logits in the dtype, or None (sinks.py)
 
     # -- derived quantities -------------------------------------------------------------
     @property
@@ -261,14 +265,30 @@ def _check_mask(attn_mask, B, Hq, Nq, Nk, dtype) -> np.ndarray | None:
     return np.ascontiguousarray(np.broadcast_to(bias, plane_shape))
 
 
+def _check_sinks(sinks, Hq, dtype) -> np.ndarray | None:
+    """sinks (Hq,) in q's dtype; finite or -inf (a head without a sink); NaN, +inf refused."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, np.ndarray):
+        raise TypeError(f"sinks must be a Tensor, a NumPy array or None, got {type(sinks).__name__}")
+    if sinks.dtype != dtype:
+        raise TypeError(f"sinks must have the dtype of query ({dtype}), got {sinks.dtype}")
+    if sinks.shape != (Hq,):
+        raise ValueError(f"sinks must have shape (Hq,) = ({Hq},), one logit per query head, "
+                         f"got shape {sinks.shape}")
+    if np.isnan(sinks).any() or np.isposinf(sinks).any():
+        raise ValueError("sinks must not contain NaN or +inf (-inf means no sink for that head)")
+    return np.ascontiguousarray(sinks)
+
+
 def make_attention_spec(
     q_shape, k_shape, v_shape, dtypes, *, attn_mask=None, dropout_p=0.0, is_causal=False,
-    scale=None, window=None, seed=None,
+    scale=None, window=None, seed=None, sinks=None,
 ) -> AttentionSpec:
     """Validate every argument of scaled_dot_product_attention; build the spec.
 
-    Raises ValueError (shapes, mask shape, dropout_p, window, scale) or TypeError (dtypes)
-    before any work is done.
+    Raises ValueError (shapes, mask shape, dropout_p, window, scale, sinks' shape or values)
+    or TypeError (dtypes, sinks' type) before any work is done.
     """
     B, Hq, Hkv, Nq, Nk, D, Dv, dtype = check_qkv(q_shape, k_shape, v_shape, dtypes)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float, np.floating, np.integer)):
@@ -289,10 +309,11 @@ def make_attention_spec(
         seed = int(np.random.randint(0, 2**63 - 1, dtype=np.int64)) if dropout_p > 0 else 0
     elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    sinks = _check_sinks(sinks, Hq, dtype)
     return AttentionSpec(
         B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv, dtype=dtype, scale=float(scale),
         causal=bool(is_causal), window_left=left, window_right=right, bias=bias,
-        dropout_p=float(dropout_p), seed=int(seed),
+        dropout_p=float(dropout_p), seed=int(seed), sinks=sinks,
     )
 
 

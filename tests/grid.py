@@ -147,27 +147,29 @@ def build(case: Case, dtype, seed=0):
     return q, k, v, dout, make_attention_spec(q.shape, k.shape, v.shape, (q.dtype,) * 3, **kwargs)
 
 
-def run_kernel(module, q, k, v, dout, spec) -> dict:
+def run_kernel(module, q, k, v, dout, spec, dlse=None) -> dict:
     """out, lse, dq, dk, dv of one kernel module (the protocol of kernels/protocol.py); its
-    backward sees its own forward's out and stats. Device arrays come back as NumPy."""
+    backward sees its own forward's out and stats, and ``dlse`` (B, Hq, Nq) or None, the
+    gradient reaching lse. Device arrays come back as NumPy."""
     from microattn.kernels.protocol import lse_of
 
     host = getattr(module, "to_host", lambda x: x)
     out, stats = module.forward(q, k, v, spec)
-    grads = module.backward(q, k, v, out, stats, dout, spec)
+    grads = module.backward(q, k, v, out, stats, dout, spec, dlse=dlse)
     out, stats = host(out), host(stats)
     return dict(zip(NAMES, (out, lse_of(stats)) + tuple(host(g) for g in grads)))
 
 
-def natural_scales(q, k, v, dout, spec) -> dict:
-    """The size of the terms each output is a sum of."""
+def natural_scales(q, k, v, dout, spec, dlse=None) -> dict:
+    """The size of the terms each output is a sum of (ds = p * (dp - delta + dlse))."""
     aq, ak, av, ado = (float(np.abs(x).max()) for x in (q, k, v, dout))
+    adlse = 0.0 if dlse is None else float(np.abs(dlse).max(initial=0.0))
     drop = spec.dropout_scale if spec.dropout_p > 0 else 1.0
     return {
         "out": drop * av,
         "lse": 1.0 + spec.scale * aq * ak,
-        "dq": drop * spec.scale * ak * ado * av,
-        "dk": drop * spec.scale * aq * ado * av,
+        "dq": spec.scale * ak * (drop * ado * av + adlse),
+        "dk": spec.scale * aq * (drop * ado * av + adlse),
         "dv": drop * ado,
     }
 
@@ -202,36 +204,57 @@ def spec_in_float64(spec):
     return make_attention_spec(*shapes, (np.float64,) * 3,
                                attn_mask=None if spec.bias is None else spec.bias.astype(np.float64),
                                dropout_p=spec.dropout_p, seed=spec.seed, scale=spec.scale,
-                               window=window)
+                               window=window,
+                               sinks=None if spec.sinks is None else spec.sinks.astype(np.float64))
 
 
-def check_against_reference(module, case: Case, dtype, seed=0) -> dict:
-    """Run ``module`` on ``case`` and hold it to the yardstick above; returns its errors."""
+def random_dlse(spec, dtype, seed=0) -> np.ndarray:
+    """A gradient reaching lse, (B, Hq, Nq), standard normal."""
+    rng = np.random.default_rng(seed + 1000)
+    return rng.standard_normal((spec.B, spec.Hq, spec.Nq)).astype(dtype)
+
+
+# Cases a gradient reaching lse (dlse) is checked on, for every kernel module: GQA, Dv != D,
+# masks with empty rows, windows, dropout, huge finite masks.
+DLSE_CASES = [
+    Case(7, 37, 4, 2, 8, 5, masking="float_mask"),
+    Case(37, 37, 4, 1, 3, 16, masking="causal+window", window=(16, 16)),
+    Case(37, 7, 4, 4, 8, 8, masking="empty_rows"),
+    Case(37, 37, 4, 2, 8, 5, masking="dropout+causal"),
+    Case(37, 37, 4, 4, 8, 8, masking="huge_mask"),
+]
+
+
+def check_against_reference(module, case: Case, dtype, seed=0, with_dlse=False) -> dict:
+    """Run ``module`` on ``case`` and hold it to the yardstick above; returns its errors.
+    ``with_dlse``: the backward also gets a random gradient reaching lse (both sides)."""
     from microattn.kernels import reference
 
     q, k, v, dout, spec = build(case, dtype, seed)
-    got = run_kernel(module, q, k, v, dout, spec)
+    dlse = random_dlse(spec, dtype, seed) if with_dlse else None
+    got = run_kernel(module, q, k, v, dout, spec, dlse)
     for name in NAMES:
         assert got[name].dtype == np.dtype(dtype), f"{name} is {got[name].dtype}, not {np.dtype(dtype)}"
     empty = np.isneginf(got["lse"])
     assert (got["out"][empty] == 0).all() and (got["dq"][empty] == 0).all(), \
         "a row that allows no key must give out 0 and dq 0"
     if dtype == np.float64:
-        want = run_kernel(reference, q, k, v, dout, spec)
-        err = errors(got, want, natural_scales(q, k, v, dout, spec))
+        want = run_kernel(reference, q, k, v, dout, spec, dlse)
+        err = errors(got, want, natural_scales(q, k, v, dout, spec, dlse))
         assert max(err.values()) <= 1e-9, err
         return err
     if case.masking == "huge_mask":
-        want = run_kernel(reference, q, k, v, dout, spec)
-        err = errors(got, want, natural_scales(q, k, v, dout, spec))
+        want = run_kernel(reference, q, k, v, dout, spec, dlse)
+        err = errors(got, want, natural_scales(q, k, v, dout, spec, dlse))
         assert max(err.values()) <= 2e-5, err
         return err
     q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, dout))
+    dlse64 = None if dlse is None else dlse.astype(np.float64)
     spec64 = spec_in_float64(spec)
-    truth = run_kernel(reference, q64, k64, v64, do64, spec64)
-    scales = natural_scales(q64, k64, v64, do64, spec64)
+    truth = run_kernel(reference, q64, k64, v64, do64, spec64, dlse64)
+    scales = natural_scales(q64, k64, v64, do64, spec64, dlse64)
     ours = errors(got, truth, scales)
-    ref32 = errors(run_kernel(reference, q, k, v, dout, spec), truth, scales)
+    ref32 = errors(run_kernel(reference, q, k, v, dout, spec, dlse), truth, scales)
     for name in NAMES:
         assert ours[name] <= 4 * max(ref32[name], 1e-6), (name, ours, ref32)
     return ours

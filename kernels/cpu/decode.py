@@ -26,8 +26,8 @@ whole group** (not once per query head: the step is a read of the cache, so read
     pass 2:  acc[r] = sum_j P[r, j] v_j                        V read once, acc resident
 
 **Split-KV (flash-decoding).** Each split leaves a partial ``(m, l, acc)`` per row;
-``_merge`` rescales the partials to the largest m and sums them (the same merge as
-``merge_attention_states``), then divides by l. ``splits_for`` cuts the keys when there are
+``merge_partials`` merges them with ``merge.merge_rows``, the formula of
+``merge_attention_states`` and of sinks. ``splits_for`` cuts the keys when there are
 fewer (b, kv head) tasks than twice the threads (one kv head, MQA: both cores read half the
 cache each); with kv heads enough, one split.
 
@@ -51,8 +51,9 @@ import types
 
 import numpy as np
 
-from .. import reference
+from .. import reference, sinks
 from ..compile import compile_rules
+from ..merge import merge_rows
 from ..spec import AttentionSpec
 from ._compile import FASTMATH, NUMBA_ERROR, PARALLEL, fast_exp, numba, prange
 
@@ -95,12 +96,17 @@ def merge_partials(m_part, l_part, acc_part):
     """out (B, Hq, Nq, Dv), stats (2, B, Hq, Nq) from partial results over disjoint key sets:
     m_part, l_part (parts, B, Hq, Nq) each part's shift and sum, acc_part (parts, B, Hq,
     Nq, Dv) its *unnormalised* sum of exp(s - m) v. Split-KV decoding and ring attention
-    (``microattn.distributed``) both end here. A part that saw no key: (-inf, 0, 0)."""
-    out = np.empty(acc_part.shape[1:], dtype=acc_part.dtype)
-    stats = np.empty((2,) + m_part.shape[1:], dtype=m_part.dtype)
-    _merge_compiled(np.ascontiguousarray(m_part), np.ascontiguousarray(l_part),
-                    np.ascontiguousarray(acc_part), out, stats)
-    return out, stats
+    (``microattn.distributed``) both end here; the formula is ``merge.merge_rows``, folded
+    over the parts in order. A part that saw no key: (-inf, 0, 0)."""
+    def normalised(part):
+        l = l_part[part]
+        return acc_part[part] / np.where(l == 0, np.ones_like(l), l)[..., None]
+
+    m, l, out = m_part[0], l_part[0], normalised(0)
+    for part in range(1, m_part.shape[0]):
+        m, l, w_out, w_part = merge_rows(m, l, m_part[part], l_part[part])
+        out = w_out[..., None] * out + w_part[..., None] * normalised(part)
+    return out.astype(acc_part.dtype, copy=False), np.stack([m, l]).astype(m_part.dtype, copy=False)
 
 
 def splits_for(spec: AttentionSpec, threads: int | None = None) -> int:
@@ -113,12 +119,14 @@ def splits_for(spec: AttentionSpec, threads: int | None = None) -> int:
     return max(1, min(wanted, spec.Nk // MIN_SPLIT))
 
 
-def backward(q, k, v, out, stats, dout, spec: AttentionSpec):
+def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     """The reference's backward (decoding is inference: correct, not fast), on the row
     statistics of the reference's own scores: this kernel's dot products round differently,
     and at large logits exp magnifies that (float32, scores ~1e3: 6e-5 in dv)."""
     stats = reference.row_stats(reference.scores(q, k, spec))
-    return reference.backward(q, k, v, out, stats, dout, spec)
+    if spec.sinks is not None:  # the caller folded them into the forward's stats (sinks.py)
+        stats = sinks.fold(out, stats, spec.sinks)[1]
+    return reference.backward(q, k, v, out, stats, dout, spec, dlse)
 
 
 def _cache_rows(x, dtype):
@@ -139,38 +147,6 @@ def _cache_rows(x, dtype):
             and buffer.__array_interface__["data"][0] == x.__array_interface__["data"][0]):
         return buffer  # same first element and strides: x is buffer[:, :, :N]
     return np.ascontiguousarray(x, dtype=dtype)
-
-
-# -- merging the splits -------------------------------------------------------------------
-
-
-def _merge(m_part, l_part, acc_part, out, stats):
-    """Partials (splits, B, Hq, Nq[, Dv]) -> out (B, Hq, Nq, Dv), stats (2, B, Hq, Nq):
-    rescale each split to the row's largest m, sum, divide by the norm of
-    ``masking.row_shift`` (+inf on a row that saw no key: out 0; NaN stays NaN)."""
-    splits, B, Hq, Nq, Dv = acc_part.shape
-    t = out.dtype.type
-    for b in range(B):
-        for h in range(Hq):
-            for i in range(Nq):
-                m = m_part[0, b, h, i]
-                for split in range(1, splits):
-                    m = m_part[split, b, h, i] if m_part[split, b, h, i] > m else m
-                shift = t(0) if m == -np.inf else m
-                out_row = out[b, h, i]
-                out_row[:] = t(0)
-                l = t(0)
-                for split in range(splits):
-                    m_split = m_part[split, b, h, i]
-                    alpha = t(1) if m_split == m else fast_exp(m_split - shift)
-                    l += alpha * l_part[split, b, h, i]
-                    acc = acc_part[split, b, h, i]
-                    for e in range(Dv):
-                        out_row[e] += alpha * acc[e]
-                stats[0, b, h, i], stats[1, b, h, i] = m, l
-                norm = row_shift(m, l)[1]
-                for e in range(Dv):
-                    out_row[e] /= norm
 
 
 # -- the step ---------------------------------------------------------------------------
@@ -259,4 +235,3 @@ def _compile_twice(fn):
 
 
 _decode_parallel, _decode_serial = _compile_twice(_decode)
-_merge_compiled = _compile_twice(_merge)[1]

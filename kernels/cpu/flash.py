@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..protocol import dlse_or_empty
 from ..spec import AttentionSpec
 from ._compile import (
     NUMBA_ERROR, bias_index, exp_sub, exp_sub_sum, has_bias, has_dropout, helper, in_band, keep,
@@ -129,8 +130,10 @@ def forward(q, k, v, spec: AttentionSpec, blocks=None):
     return out, stats
 
 
-def backward(q, k, v, out, stats, dout, spec: AttentionSpec, fused=None, blocks=None):
-    """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv) from dout (B, Hq, Nq, Dv).
+def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None, fused=None, blocks=None):
+    """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv) from dout (B, Hq, Nq, Dv)
+    and dlse (B, Hq, Nq) or None, the gradient reaching lse (folded into delta by
+    ``_bwd_preprocess``, see ``protocol.py``).
 
     ``fused`` picks the single-pass backward (None: when ``B * Hkv`` keeps every thread
     busy). Both passes give the same result up to rounding; each is deterministic.
@@ -144,13 +147,18 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, fused=None, blocks=
     if fused is None:
         fused = spec.B * spec.Hkv >= 2 * _num_threads()
     records = spec.pack()
-    _bwd_preprocess(out, dout, stats, rows)
+    _bwd_preprocess(out, dout, stats, _dlse_array(dlse, spec), rows)
     if fused:
         _bwd_fused(q, k, v, _transposed(k), dout, rows, *records, _blocks(blocks, spec), grads)
     else:
         _bwd_dkdv(q, k, v, dout, rows, *records, _blocks(blocks, spec), grads)
         _bwd_dq(q, k, v, _transposed(k), dout, rows, *records, _blocks(blocks, spec), grads)
     return grads
+
+
+def _dlse_array(dlse, spec: AttentionSpec) -> np.ndarray:
+    """dlse as ``_bwd_preprocess`` takes it: (B, Hq, Nq) contiguous, or empty for None."""
+    return np.ascontiguousarray(dlse_or_empty(dlse, spec.dtype), dtype=spec.dtype)
 
 
 def _blocks(blocks, spec: AttentionSpec) -> tuple[int, int]:
@@ -368,11 +376,14 @@ def _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, out, stats):
 
 
 @kernel
-def _bwd_preprocess(out, dout, stats, rows):
+def _bwd_preprocess(out, dout, stats, dlse, rows):
     """The per-row terms of the backward, rows (3, B, Hq, Nq) = (shift, 1 / norm, delta):
     ``(shift, norm) = row_shift(m, l)``, so that ``p = exp(s - shift) / norm`` (never from
-    lse; an empty row gets 1 / norm = 0), and ``delta[b, h, i] = sum_d out * dout``."""
+    lse; an empty row gets 1 / norm = 0), and ``delta[b, h, i] = sum_d out * dout - dlse``:
+    the gradient reaching lse, dlse (B, Hq, Nq) or an empty array for none, enters the
+    scores' gradient as ``ds = p * (dp - delta + dlse)`` (``protocol.py``)."""
     B, Hq, Nq, Dv = out.shape
+    use_dlse = dlse.shape[0] > 0
     for task in prange(B * Hq):
         b = task // Hq
         h = task % Hq
@@ -385,6 +396,8 @@ def _bwd_preprocess(out, dout, stats, rows):
             total = 0.0
             for d in range(Dv):
                 total += o_row[d] * do_row[d]
+            if use_dlse:  # forward: lse = log(sum_j exp(s_j))  ->  ds += p * dlse
+                total -= dlse[b, h, i]
             rows[2, b, h, i] = total
 
 

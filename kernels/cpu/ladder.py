@@ -1,9 +1,10 @@
 """The CPU attention ladder, llm.c style: the same maths three times, each rung faster.
 
 Every rung offers the kernel protocol (``forward(q, k, v, spec) -> (out, stats)``,
-``backward(q, k, v, out, stats, dout, spec) -> (dq, dk, dv)``, ``kernels/protocol.py``),
-handles everything in the contract (GQA, Dv != D, masks, bottom-right causal, windows,
-dropout, empty rows, rows under huge finite masks), and is tested against
+``backward(q, k, v, out, stats, dout, spec, dlse=None) -> (dq, dk, dv)``,
+``kernels/protocol.py``), handles everything in the contract (GQA, Dv != D, masks,
+bottom-right causal, windows, dropout, empty rows, rows under huge finite masks, a
+gradient reaching lse), and is tested against
 ``kernels/reference.py`` in tests/kernels/test_cpu_flash.py. Shape legend: ``spec.py``.
 
 The kernels take the spec as its records (``*spec.pack()``: bias, band, dropout, reals),
@@ -48,7 +49,7 @@ from ..spec import AttentionSpec
 from ._compile import (
     bias_index, has_bias, has_dropout, helper, in_band, keep, kernel, key_range, prange, query_range,
 )
-from .flash import _bwd_preprocess
+from .flash import _bwd_preprocess, _dlse_array
 
 # -- rung 1: plain loops ------------------------------------------------------------------
 
@@ -61,8 +62,8 @@ def forward_loops(q, k, v, spec: AttentionSpec):
     return out, stats
 
 
-def backward_loops(q, k, v, out, stats, dout, spec: AttentionSpec):
-    q, k, v, dout, rows = _backward_inputs(q, k, v, out, stats, dout, spec)
+def backward_loops(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
+    q, k, v, dout, rows = _backward_inputs(q, k, v, out, stats, dout, spec, dlse)
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
     records = spec.pack()
     _dq_loops(q, k, v, dout, rows, *records, dq)
@@ -70,13 +71,14 @@ def backward_loops(q, k, v, out, stats, dout, spec: AttentionSpec):
     return dq, dk, dv
 
 
-def _backward_inputs(q, k, v, out, stats, dout, spec: AttentionSpec):
+def _backward_inputs(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     """Contiguous q, k, v, dout, and rows (3, B, Hq, Nq) = (shift, 1 / norm, delta) per
-    query row: p = exp(s - shift) / norm (masking.row_shift), delta = rowsum(dO * O)."""
+    query row: p = exp(s - shift) / norm (masking.row_shift), delta = rowsum(dO * O) - dlse
+    (``protocol.py``: the gradient reaching lse, folded into delta)."""
     q, k, v, out, stats, dout = (np.ascontiguousarray(x, dtype=spec.dtype)
                                  for x in (q, k, v, out, stats, dout))
     rows = np.empty((3, spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
-    _bwd_preprocess(out, dout, stats, rows)
+    _bwd_preprocess(out, dout, stats, _dlse_array(dlse, spec), rows)
     return q, k, v, dout, rows
 
 
@@ -218,8 +220,8 @@ def forward_tiles(q, k, v, spec: AttentionSpec):
     return out, stats
 
 
-def backward_tiles(q, k, v, out, stats, dout, spec: AttentionSpec):
-    q, k, v, dout, rows = _backward_inputs(q, k, v, out, stats, dout, spec)
+def backward_tiles(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
+    q, k, v, dout, rows = _backward_inputs(q, k, v, out, stats, dout, spec, dlse)
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
     records = spec.pack()
     _dkdv_tiles(q, k, v, dout, rows, *records, dk, dv)

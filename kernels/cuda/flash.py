@@ -7,7 +7,7 @@ Shape legend: see ``spec.py``::
     out (B, Hq, Nq, Dv)   stats (2, B, Hq, Nq) = (m, l)   delta (B, Hq, Nq)
 
 Module protocol (``kernels/protocol.py``): ``forward(q, k, v, spec) -> (out, stats)`` and
-``backward(q, k, v, out, stats, dout, spec) -> (dq, dk, dv)`` take NumPy arrays or CUDA device
+``backward(q, k, v, out, stats, dout, spec, dlse=None) -> (dq, dk, dv)`` take NumPy arrays or CUDA device
 arrays; results come back as device arrays when ``q`` is one, else as NumPy arrays.
 ``to_device`` / ``to_host`` move arrays; ``unavailable_reason()`` says why this backend cannot
 run here (None when it can).
@@ -17,7 +17,7 @@ records of ``spec.pack()`` (``bias, band, dropout, reals``), unpacked only by th
 ``masking.py``::
 
     _attn_fwd(q, k, v, out, stats, bias, band, dropout, reals)
-    _attn_bwd_preprocess(out, dout, delta)
+    _attn_bwd_preprocess(out, dout, dlse, delta)
     _attn_bwd_dkdv(q, k, v, dout, stats, delta, dk, dv, bias, band, dropout, reals)
     _attn_bwd_dq(q, k, v, dout, stats, delta, dq, bias, band, dropout, reals)
 
@@ -28,7 +28,9 @@ records of ``spec.pack()`` (``bias, band, dropout, reals``), unpacked only by th
                          row-major loads) and every thread reads the same K/V row at the same
                          time (a shared-memory broadcast, no bank conflicts). Online softmax
                          with ``alpha = exp(m_old - m_new)``; stores ``stats = (m_i, l_i)``.
-``_attn_bwd_preprocess`` ``delta_i = sum_d out_id * dout_id``, one thread per query row.
+``_attn_bwd_preprocess`` ``delta_i = sum_d out_id * dout_id - dlse_i``, one thread per query
+                         row (dlse: the gradient reaching lse, an empty array for none;
+                         ``protocol.py``).
 ``_attn_bwd_dkdv``       grid (ceil(Nk / BLOCK_N), Hkv, B), BLOCK_N threads. Thread ``t`` owns
                          key row ``j``: k, v rows and the ``dk``/``dv`` accumulators in
                          registers. It loops over the GQA group's query heads and, for each,
@@ -97,6 +99,7 @@ import numpy as np
 
 from .. import masking
 from ..compile import compile_rules
+from ..protocol import dlse_or_empty
 from ..spec import AttentionSpec
 
 try:
@@ -338,7 +341,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
             stats[0, b, h, i] = m_i
             stats[1, b, h, i] = l_i
 
-    def _attn_bwd_preprocess(out, dout, delta):
+    def _attn_bwd_preprocess(out, dout, dlse, delta):
         BLOCK_M = RESIDENT
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
@@ -348,6 +351,8 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
             total = ZERO
             for d in range(DV):
                 total += out[b, h, i, d] * dout[b, h, i, d]
+            if dlse.shape[0] > 0:  # forward: lse = log(sum_j exp(s_j))  ->  ds += p * dlse
+                total -= dlse[b, h, i]
             delta[b, h, i] = total
 
     def _attn_bwd_dkdv(q, k, v, dout, stats, delta, dk, dv, bias, band, dropout, reals):
@@ -547,7 +552,7 @@ def kernel_signatures(dtype_name: str) -> dict[str, str]:
     packed = f"{a4}, UniTuple(int64, 3), UniTuple(int64, 6), UniTuple({f}, 2)"  # bias, band, dropout, reals
     return {
         "_attn_fwd": f"void({a4}, {a4}, {a4}, {a4}, {a4}, {packed})",
-        "_attn_bwd_preprocess": f"void({a4}, {a4}, {a3})",
+        "_attn_bwd_preprocess": f"void({a4}, {a4}, {a3}, {a3})",
         "_attn_bwd_dkdv": f"void({a4}, {a4}, {a4}, {a4}, {a4}, {a3}, {a4}, {a4}, {packed})",
         "_attn_bwd_dq": f"void({a4}, {a4}, {a4}, {a4}, {a4}, {a3}, {a4}, {packed})",
     }
@@ -614,13 +619,14 @@ def forward(q, k, v, spec: AttentionSpec):
     return out.copy_to_host(), stats.copy_to_host()
 
 
-def backward(q, k, v, out, stats, dout, spec: AttentionSpec):
-    """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv); deterministic, no atomics."""
+def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
+    """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv); deterministic, no atomics.
+    ``dlse`` (B, Hq, Nq) or None: the gradient reaching lse, folded into delta."""
     on_device = is_device_array(q)
     launch = _prepare(spec)
     dtype = np.dtype(spec.dtype)
-    q_d, k_d, v_d, out_d, stats_d, dout_d = (
-        as_device(x, dtype) for x in (q, k, v, out, stats, dout))
+    q_d, k_d, v_d, out_d, stats_d, dout_d, dlse_d = (
+        as_device(x, dtype) for x in (q, k, v, out, stats, dout, dlse_or_empty(dlse, dtype)))
     delta = cuda.device_array((spec.B, spec.Hq, spec.Nq), dtype=dtype)
     dq = cuda.device_array((spec.B, spec.Hq, spec.Nq, spec.D), dtype=dtype)
     dk = cuda.device_array((spec.B, spec.Hkv, spec.Nk, spec.D), dtype=dtype)
@@ -629,7 +635,7 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec):
     query_grid = (math.ceil(spec.Nq / resident), spec.Hq, spec.B)
     key_grid = (math.ceil(spec.Nk / resident), spec.Hkv, spec.B)
     kernels = launch.kernels
-    kernels["_attn_bwd_preprocess"][query_grid, resident](out_d, dout_d, delta)
+    kernels["_attn_bwd_preprocess"][query_grid, resident](out_d, dout_d, dlse_d, delta)
     kernels["_attn_bwd_dkdv"][key_grid, resident](
         q_d, k_d, v_d, dout_d, stats_d, delta, dk, dv, *launch.packed)
     kernels["_attn_bwd_dq"][query_grid, resident](

@@ -40,7 +40,8 @@ Four kernels, named as in Triton's fused-attention tutorial:
                          online softmax; ``P^T`` written to shared memory; ``O += P V`` with V
                          staged ``chunk`` key rows at a time.
 ``_attn_bwd_preprocess`` ``rows = (shift, 1/norm, delta)`` per query row, from
-                         ``masking.row_shift(m, l)`` and ``delta = out . dout``.
+                         ``masking.row_shift(m, l)`` and ``delta = out . dout - dlse``
+                         (dlse: the gradient reaching lse, ``protocol.py``).
 ``_attn_bwd_dkdv``       grid (ceil(Nk / rows), Hkv, B): the key tile is resident (its rows are
                          the block's rows). For each query head of the GQA group and each
                          query tile: ``S^T = K Q^T``, ``dP^T = V dO^T``, then
@@ -94,6 +95,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..compile import compile_rules
+from ..protocol import dlse_or_empty
 from ..spec import AttentionSpec
 from .flash import (  # noqa: F401  (to_device, to_host, unavailable_reason: this module's hooks too)
     SHARED_MEMORY_BUDGET, as_device, device_records, is_device_array, simulated, to_device, to_host,
@@ -643,8 +645,9 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
 
     # -- backward ------------------------------------------------------------------------------
 
-    def _attn_bwd_preprocess(out, dout, stats, rows):
-        """rows[:, b, h, i] = (shift, 1 / norm, delta): p = exp(s - shift) * (1 / norm)."""
+    def _attn_bwd_preprocess(out, dout, stats, dlse, rows):
+        """rows[:, b, h, i] = (shift, 1 / norm, delta): p = exp(s - shift) * (1 / norm);
+        delta = out . dout - dlse (dlse: the gradient reaching lse, an empty array for none)."""
         h, b = cuda.blockIdx.y, cuda.blockIdx.z
         i = cuda.blockIdx.x * NT + cuda.threadIdx.x
         if i < out.shape[2]:
@@ -653,6 +656,8 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
             total = ZERO
             for d in range(DV):
                 total += out[b, h, i, d] * dout[b, h, i, d]
+            if dlse.shape[0] > 0:  # forward: lse = log(sum_j exp(s_j))  ->  ds += p * dlse
+                total -= dlse[b, h, i]
             rows[0, b, h, i] = shift
             rows[1, b, h, i] = ONE / norm  # 0 on an empty row (norm = +inf)
             rows[2, b, h, i] = total
@@ -862,11 +867,11 @@ def kernel_signatures(dtype_name: str) -> dict[str, str]:
     if dtype_name not in ("float32", "float64"):
         raise ValueError(f"the cuda kernels take float32 or float64, got {dtype_name!r}")
     f = dtype_name
-    a4 = f"{f}[:, :, :, ::1]"
+    a3, a4 = f"{f}[:, :, ::1]", f"{f}[:, :, :, ::1]"
     records = f"{a4}, UniTuple(int64, 3), UniTuple(int64, 6), UniTuple({f}, 2)"  # bias, band, dropout, reals
     return {
         "_attn_fwd": f"void({a4}, {a4}, {a4}, {records}, {a4}, {a4})",
-        "_attn_bwd_preprocess": f"void({a4}, {a4}, {a4}, {a4})",
+        "_attn_bwd_preprocess": f"void({a4}, {a4}, {a4}, {a3}, {a4})",
         "_attn_bwd_dkdv": f"void({a4}, {a4}, {a4}, {records}, {a4}, {a4}, {a4}, {a4})",
         "_attn_bwd_dq": f"void({a4}, {a4}, {a4}, {records}, {a4}, {a4}, {a4})",
     }
@@ -922,13 +927,14 @@ def forward(q, k, v, spec: AttentionSpec):
     return out.copy_to_host(), stats.copy_to_host()
 
 
-def backward(q, k, v, out, stats, dout, spec: AttentionSpec):
-    """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv); deterministic, no atomics."""
+def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
+    """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv); deterministic, no atomics.
+    ``dlse`` (B, Hq, Nq) or None: the gradient reaching lse, folded into delta."""
     on_device = is_device_array(q)
     kernels, tiling, records = _prepare(spec)
     dtype = np.dtype(spec.dtype)
-    q_d, k_d, v_d, out_d, stats_d, dout_d = (
-        as_device(x, dtype) for x in (q, k, v, out, stats, dout))
+    q_d, k_d, v_d, out_d, stats_d, dout_d, dlse_d = (
+        as_device(x, dtype) for x in (q, k, v, out, stats, dout, dlse_or_empty(dlse, dtype)))
     rows = cuda.device_array((3, spec.B, spec.Hq, spec.Nq), dtype=dtype)
     dq = cuda.device_array((spec.B, spec.Hq, spec.Nq, spec.D), dtype=dtype)
     dk = cuda.device_array((spec.B, spec.Hkv, spec.Nk, spec.D), dtype=dtype)
@@ -936,7 +942,7 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec):
     main, wide = tiling
     threads = main.threads
     kernels["_attn_bwd_preprocess"][(math.ceil(spec.Nq / threads), spec.Hq, spec.B), threads](
-        out_d, dout_d, stats_d, rows)
+        out_d, dout_d, stats_d, dlse_d, rows)
     kernels["_attn_bwd_dkdv"][(math.ceil(spec.Nk / wide.rows), spec.Hkv, spec.B), wide.threads](
         q_d, k_d, v_d, *records, dout_d, rows, dk, dv)
     kernels["_attn_bwd_dq"][(math.ceil(spec.Nq / main.rows), spec.Hq, spec.B), threads](

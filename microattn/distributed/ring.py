@@ -148,7 +148,7 @@ class Ring:
             out[:, :, rows], stats[:, :, :, rows] = decode.merge_partials(m_part, l_part, acc_part)
         return out, stats
 
-    def backward(self, q, k, v, out, stats, dout):
+    def backward(self, q, k, v, out, stats, dout, dlse=None):
         P, rank = self.comm.size, self.comm.rank
         dq = np.zeros_like(q)
         held = [np.ascontiguousarray(k), np.ascontiguousarray(v), np.zeros_like(k), np.zeros_like(v)]
@@ -159,7 +159,8 @@ class Ring:
             for rows, cols, spec in self.pairs(owner):
                 dq_c, dk_c, dv_c = self.kernel.backward(
                     q[:, :, rows], k_blk[:, :, cols], v_blk[:, :, cols], out[:, :, rows],
-                    stats[:, :, :, rows], dout[:, :, rows], spec)
+                    stats[:, :, :, rows], dout[:, :, rows], spec,
+                    dlse=None if dlse is None else dlse[:, :, rows])
                 dq[:, :, rows] += self.to_host(dq_c)
                 dk_blk[:, :, cols] += self.to_host(dk_c)
                 dv_blk[:, :, cols] += self.to_host(dv_c)
@@ -169,20 +170,27 @@ class Ring:
 
 
 class RingAttention(Function):
-    """out = attention of this rank's queries over every rank's keys (see the module)."""
+    """out = attention of this rank's queries over every rank's keys (see the module).
+
+    ``with_lse``: out and lse packed along the last axis, as ``functional.Attention`` does,
+    so that lse is differentiable (its gradient enters every pair's backward as dlse)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, *, ring):
+    def forward(ctx, q, k, v, *, ring, with_lse=False):
         out, stats = ring.forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, stats)
-        ctx.ring = ring
-        ctx.lse = lse_of(stats)
-        return out
+        ctx.ring, ctx.with_lse = ring, with_lse
+        if not with_lse:
+            return out
+        return np.concatenate([out, lse_of(stats)[..., None]], axis=-1)
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, grad):
         q, k, v, out, stats = ctx.saved_tensors
-        return ctx.ring.backward(q, k, v, out, stats, np.ascontiguousarray(dout))
+        dlse = None
+        if ctx.with_lse:  # forward: result = concatenate([out, lse], -1)
+            grad, dlse = grad[..., :-1], np.ascontiguousarray(grad[..., -1])
+        return ctx.ring.backward(q, k, v, out, stats, np.ascontiguousarray(grad), dlse)
 
 
 def ring_attention(query, key, value, *, comm, attn_mask=None, is_causal=False, window=None,
@@ -191,7 +199,7 @@ def ring_attention(query, key, value, *, comm, attn_mask=None, is_causal=False, 
     """Attention over the whole sequence, each rank holding its rows (``layout``), by ring.
 
     query (B, H, N/P, D), key (B, Hkv, N/P, D), value (B, Hkv, N/P, Dv): this rank's rows
-    -> out (B, H, N/P, Dv), this rank's rows (and lse (B, H, N/P), a constant, with
+    -> out (B, H, N/P, Dv), this rank's rows (and lse (B, H, N/P), differentiable, with
     ``return_lse``). ``attn_mask``: the whole (.., N, N) mask, the same on every rank.
     Other arguments as ``F.scaled_dot_product_attention``; ``seed`` must be the same on
     every rank (None: drawn on rank 0 and broadcast). ``backend``: a kernel module's name
@@ -221,5 +229,7 @@ def ring_attention(query, key, value, *, comm, attn_mask=None, is_causal=False, 
         raise ValueError('ring_attention calls a kernel module per block; backend="composed" has '
                          'none (use "reference", "numba", "cuda" or "auto")')
     ring = Ring(comm, layout, n, whole, kernel, (B, H, Hkv, D, Dv))
-    out = RingAttention.apply(q, k, v, ring=ring)
-    return (out, Tensor(out._ctx.lse)) if return_lse else out
+    if not return_lse:
+        return RingAttention.apply(q, k, v, ring=ring)
+    both = RingAttention.apply(q, k, v, ring=ring, with_lse=True)
+    return both[..., :Dv], both[..., Dv]

@@ -122,15 +122,10 @@ def ulysses_attention(query, key, value, *, comm, attn_mask=None, is_causal=Fals
                                attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                scale=scale, window=window, seed=seed)
     spec = dataclasses.replace(spec, origin=(rank * H // P, 0, 0))  # dropout: global heads
+    backends.resolve(backend, "scaled_dot_product_attention")  # an unknown backend: before any transfer
     qh, kh, vh = (SeqToHeads.apply(x, comm=comm, layout=layout) for x in (q, k, v))
-    name, kernel = backends.resolve(backend, "scaled_dot_product_attention")
-    if name == "composed":
-        out, lse = F._composed_attention(qh, kh, vh, spec)
-    else:
-        out = F.Attention.apply(qh, kh, vh, spec=spec, kernel=kernel)
-        lse = Tensor(out._ctx.lse)
+    out, lse = F.attend(qh, kh, vh, spec, backend, return_lse=return_lse)
     out = HeadsToSeq.apply(out, comm=comm, layout=layout)
-    if return_lse:
-        lse_local = _heads_to_seq(lse.data[..., None], comm, layout)[..., 0]
-        return out, Tensor(lse_local)
+    if return_lse:  # differentiable too: its gradient goes back by the same all-to-alls
+        return out, HeadsToSeq.apply(lse.reshape(*lse.shape, 1), comm=comm, layout=layout)[..., 0]
     return out

@@ -21,7 +21,7 @@ from microattn.kernels import reference
 from microattn.kernels.cuda import flash, tiled
 from microattn.kernels.spec import make_attention_spec
 from tests.grid import (
-    NAMES, NAN_CASES, NAN_SOURCES, Case, check_against_reference, check_nan_propagation, grid,
+    DLSE_CASES, NAMES, NAN_CASES, NAN_SOURCES, Case, check_against_reference, check_nan_propagation, grid,
     make_inputs, nan_dependents, nan_inputs, run_kernel,
 )
 
@@ -69,6 +69,20 @@ def assert_matches_reference(rung, q, k, v, dout, spec, rtol=1e-9):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matches_reference(case, dtype, rung):
     check_against_reference(rung, case, dtype)
+
+
+# the grid's dlse cases at simulator sizes (lengths <= 13; float_mask keeps its empty row)
+SIM_DLSE_CASES = [dataclasses.replace(simulator_case(c), Nq=min(c.Nq, 13), Nk=min(c.Nk, 13))
+                  for c in DLSE_CASES]
+
+
+@rungs
+@pytest.mark.parametrize("case", SIM_DLSE_CASES, ids=lambda c: c.id)
+def test_dlse_matches_reference(case, rung):
+    """A gradient reaching lse, folded into delta by the preprocess kernel."""
+    check_against_reference(rung, case, np.float64, with_dlse=True)
+    if case.masking == "dropout+causal":
+        check_against_reference(rung, case, np.float32, with_dlse=True)
 
 
 @rungs

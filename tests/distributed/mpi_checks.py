@@ -79,12 +79,22 @@ def bad_lengths_and_mismatched_shapes_fail_on_every_rank():
                           "layout must be one of")
 
 
-def one_process(q, k, v, dout, **kw):
-    """out, lse, dq, dk, dv of the whole problem in this process (the oracle)."""
+def one_process(q, k, v, dout, dlse=None, **kw):
+    """out, lse, dq, dk, dv of the whole problem in this process (the oracle); the loss is
+    sum(out * dout) + sum(lse * dlse)."""
     tq, tk, tv = (ma.tensor(x, requires_grad=True) for x in (q, k, v))
     out, lse = F.scaled_dot_product_attention(tq, tk, tv, return_lse=True, backend="reference", **kw)
-    out.backward(dout)
+    loss(out, lse, dout, dlse).backward()
     return out.data, lse.data, tq.grad, tk.grad, tv.grad
+
+
+def loss(out, lse, dout, dlse):
+    total = (out * dout).sum()
+    if dlse is not None:
+        # an empty row's lse is -inf, a row masked by finfo.min has lse ~ -1.8e308: out of the loss
+        moderate = np.abs(lse.data) < 1e100
+        total = total + (ma.where(moderate, lse, 0.0) * dlse).sum()
+    return total
 
 
 def problem(seed, B=2, H=2 * P, Hkv=P, n=3, D=5):  # GQA, heads divisible by P
@@ -113,12 +123,13 @@ def sequence_parallel_equals_one_process(attention, backends):
         for case in ATTENTION_CASES + [masked_case()]:
             for backend in backends:
                 q, k, v, dout = problem(1)
-                want = one_process(q, k, v, dout, **case)
+                dlse = np.random.default_rng(8).standard_normal(dout.shape[:-1])
+                want = one_process(q, k, v, dout, dlse, **case)
                 rows = dist.positions(q.shape[2], P, RANK, layout)
                 tq, tk, tv = (ma.tensor(x[:, :, rows], requires_grad=True) for x in (q, k, v))
                 out, lse = attention(tq, tk, tv, comm=comm, layout=layout, return_lse=True,
                                      backend=backend, **case)
-                out.backward(dout[:, :, rows])
+                loss(out, lse, dout[:, :, rows], dlse[:, :, rows]).backward()
                 got = (out.data, lse.data, tq.grad, tk.grad, tv.grad)
                 for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
                     w = w[:, :, rows]

@@ -25,8 +25,8 @@ from microattn.kernels.cpu import flash
 from microattn.kernels.protocol import lse_of
 from microattn.kernels.spec import make_attention_spec
 from tests.grid import (
-    NAMES, NAN_CASES, NAN_SOURCES, Case, build, check_against_reference, check_nan_propagation, grid,
-    make_inputs, nan_dependents, nan_inputs, run_kernel,
+    DLSE_CASES, NAMES, NAN_CASES, NAN_SOURCES, Case, build, check_against_reference,
+    check_nan_propagation, grid, make_inputs, nan_dependents, nan_inputs, run_kernel,
 )
 
 if flash.unavailable_reason() is not None:  # numba is a dependency: its absence is a failure
@@ -171,6 +171,27 @@ def test_ladder_matches_reference(rung, case):
     ~15 s of first-run compilation (benchmarks/compare_cpu.py --ladder runs them in float32;
     the padding-row tests below run them in float32 too)."""
     check_against_reference(ladder.RUNGS[rung], case, np.float64)
+
+
+# -- a gradient reaching lse (dlse, folded into delta by _bwd_preprocess) ----------------------
+
+DLSE_MODULES = {
+    "flash-split-tiny": flash_variant(False, blocks=TINY),
+    "flash-fused-tiny": flash_variant(True, blocks=TINY),
+    "rung1": ladder.RUNGS[1],
+    "rung2": ladder.RUNGS[2],
+}
+
+
+# the slow rungs in float64 only (see test_ladder_matches_reference)
+DLSE_RUNS = [(name, dtype) for name in DLSE_MODULES for dtype in DTYPES
+             if dtype == np.float64 or name.startswith("flash")]
+
+
+@pytest.mark.parametrize("case", DLSE_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("name, dtype", DLSE_RUNS, ids=lambda x: getattr(x, "__name__", x))
+def test_dlse_matches_reference(name, dtype, case):
+    check_against_reference(DLSE_MODULES[name], case, dtype, with_dlse=True)
 
 
 # -- rows under huge finite masks: composed and finite differences -----------------------------

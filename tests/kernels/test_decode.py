@@ -7,7 +7,7 @@ import pytest
 from microattn.kernels import protocol, reference
 from microattn.kernels.cpu import decode
 from microattn.kernels.spec import make_attention_spec
-from tests.grid import check_against_reference, grid
+from tests.grid import DLSE_CASES, check_against_reference, grid
 
 pytestmark = pytest.mark.skipif(decode.unavailable_reason() is not None,
                                 reason=str(decode.unavailable_reason()))
@@ -23,6 +23,12 @@ def test_follows_the_protocol():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_matches_the_reference(case, dtype):
     check_against_reference(decode, case, dtype)
+
+
+@pytest.mark.parametrize("case", [c for c in DLSE_CASES if c.Nq <= decode.MAX_QUERIES],
+                         ids=lambda c: c.id)
+def test_dlse_matches_the_reference(case):
+    check_against_reference(decode, case, np.float64, with_dlse=True)
 
 
 def cached_problem(Nq=3, Nk=50, capacity=64, Hq=4, Hkv=2, dtype=np.float64, seed=0, **spec_kw):

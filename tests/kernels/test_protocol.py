@@ -19,7 +19,7 @@ def good_forward(q, k, v, spec):
     return None
 
 
-def good_backward(q, k, v, out, stats, dout, spec, blocks=(2, 2)):  # extra keywords allowed
+def good_backward(q, k, v, out, stats, dout, spec, dlse=None, blocks=(2, 2)):  # extra keywords allowed
     return None
 
 
@@ -38,17 +38,30 @@ def test_a_conforming_module_passes():
 
 
 def test_missing_function_is_named():
-    with pytest.raises(TypeError, match=r"fake has no backward\(q, k, v, out, stats, dout, spec\)"):
+    with pytest.raises(TypeError, match=r"fake has no backward\(q, k, v, out, stats, dout, spec, dlse=None\)"):
         protocol.check(module(forward=good_forward), protocol.AttentionKernel)
 
 
 def test_wrong_parameters_are_shown():
-    def old_backward(q, k, v, out, lse, dout, spec):
+    def old_backward(q, k, v, out, lse, dout, spec, dlse=None):
         return None
 
-    with pytest.raises(TypeError, match=r"fake.backward must take \(q, k, v, out, stats, dout, spec\), "
-                                        r"got \(q, k, v, out, lse, dout, spec\)"):
+    with pytest.raises(TypeError, match=r"fake.backward must take \(q, k, v, out, stats, dout, spec, "
+                                        r"dlse=None\), got \(q, k, v, out, lse, dout, spec, dlse\)"):
         protocol.check(module(forward=good_forward, backward=old_backward), protocol.AttentionKernel)
+
+
+def test_backward_without_dlse_is_refused():
+    """A backward that cannot take the gradient reaching lse would silently drop it."""
+    def no_dlse(q, k, v, out, stats, dout, spec):
+        return None
+
+    def dlse_required(q, k, v, out, stats, dout, spec, dlse):
+        return None
+
+    for backward in (no_dlse, dlse_required):
+        with pytest.raises(TypeError, match="dlse=None"):
+            protocol.check(module(forward=good_forward, backward=backward), protocol.AttentionKernel)
 
 
 def test_extra_required_parameter_is_refused():
