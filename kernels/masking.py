@@ -16,7 +16,8 @@ hands them a few small tuples (``spec.py`` documents each field), and the helper
 them, so a new feature is a field and a helper, not an argument in every signature::
 
     band    = (offset, window_left, window_right)     int64   (who may see whom)
-    dropout = (threshold, seed_lo, seed_hi)           int64   (threshold 0: no dropout)
+    dropout = (threshold, seed_lo, seed_hi, h0, i0, j0)   int64   (threshold 0: no dropout;
+                                                          (h0, i0, j0) the call's origin)
     reals   = (scale, dropout_scale)                  dtype   (floating constants)
     bias    = (Bm, Hm, Nq, Nk) array, or (1, 1, 0, 0) when there is none
 
@@ -132,10 +133,13 @@ def dropout_bits(seed_lo, seed_hi, b, h, i, j):
 def keep(dropout, b, h, i, j):
     """Dropout keeps element (b, h, i, j) iff its hash is >= threshold = round(p * 2**32).
 
-    ``dropout = (threshold, seed_lo, seed_hi)``; with threshold 0 every element is kept.
+    ``dropout = (threshold, seed_lo, seed_hi, h0, i0, j0)``; with threshold 0 every element
+    is kept. (h0, i0, j0) is the call's origin: a call computing a block of a larger
+    attention (a sequence-parallel rank's rows, keys from another rank, a share of the
+    heads) hashes the larger call's indices, so its mask is the one-process mask.
     """
-    threshold, seed_lo, seed_hi = dropout
-    return dropout_bits(seed_lo, seed_hi, b, h, i, j) >= threshold
+    threshold, seed_lo, seed_hi, h0, i0, j0 = dropout
+    return dropout_bits(seed_lo, seed_hi, b, h + h0, i + i0, j + j0) >= threshold
 
 
 def has_dropout(dropout):

@@ -69,8 +69,19 @@ class AttentionSpec(_Heads):
     bias: np.ndarray | None  # (Bm, Hm, Nq, Nk) additive, same dtype as q, or None
     dropout_p: float
     seed: int  # 0 <= seed < 2**64
+    # A block of a larger attention (sequence parallel): the larger call's index of this
+    # call's query head 0, query 0 and key 0 (dropout hashes those), and the diagonal
+    # offset in this call's indices (None: Nk - Nq, bottom-right alignment).
+    origin: tuple = (0, 0, 0)
+    band_offset: int | None = None
 
     # -- derived quantities -------------------------------------------------------------
+    @property
+    def offset(self) -> int:
+        """Diagonal shift: query i lines up with key i + offset (Nk - Nq unless a block of
+        a larger call says otherwise, ``band_offset``)."""
+        return self.Nk - self.Nq if self.band_offset is None else self.band_offset
+
     @property
     def has_band(self) -> bool:
         return self.window_left != NO_BOUND or self.window_right != NO_BOUND
@@ -121,7 +132,7 @@ class AttentionSpec(_Heads):
         return Packed(
             bias=bias,
             band=self.band,
-            dropout=(threshold, self.seed_lo, self.seed_hi),
+            dropout=(threshold, self.seed_lo, self.seed_hi, *self.origin),
             reals=(t(self.scale), t(self.dropout_scale if threshold > 0 else 1.0)),
         )
 
@@ -131,7 +142,7 @@ class Packed(NamedTuple):
 
     ``bias``     (Bm, Hm, Nq, Nk) additive, or an empty (1, 1, 0, 0) array: no bias
     ``band``     (offset, window_left, window_right)      ints (masking.in_band)
-    ``dropout``  (threshold, seed_lo, seed_hi)            ints (masking.keep; 0: off)
+    ``dropout``  (threshold, seed_lo, seed_hi, h0, i0, j0) ints (masking.keep; 0: off)
     ``reals``    (scale, dropout_scale)                   the spec's dtype
 
     Kernels take them in this order (``*spec.pack()``).
