@@ -8,9 +8,11 @@ import pytest
 
 from tests.conftest import require
 
-safetensors_numpy = require("safetensors.numpy")
+require("safetensors")
 torch = require("torch")
 transformers = require("transformers")
+
+import safetensors.numpy as safetensors_numpy
 
 from microattn import optim
 from microattn.models import CausalLM, from_pretrained, read_config, save_pretrained
