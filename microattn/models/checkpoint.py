@@ -220,7 +220,7 @@ def _load(model: CausalLM, tensors: _Tensors) -> None:
         parts = np.split(array, np.cumsum([p.shape[0] for p in params])[:-1], axis=0)
         updates += [(param, part) for param, part in zip(params, parts)]
     unexpected = sorted(name for name in available - used
-                        if not any(name.endswith(suffix) for suffix in family.ignored_weights)
+                        if not any(f".{name}".endswith(f".{suffix}") for suffix in family.ignored_weights)
                         and not (model.arch.tie_embeddings and name == "lm_head.weight"))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match its config.json ({family.model_type}): "

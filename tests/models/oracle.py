@@ -39,13 +39,18 @@ CASES = {
                                            "final_logit_softcapping": 10.0}),
     "gpt2": (transformers.GPT2Config, {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4,
                                        "n_positions": 64, "bos_token_id": 0, "eos_token_id": 0}),
+    "gpt2-options": (transformers.GPT2Config, {  # untied head, relu, n_inner, per-layer scale
+        "vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "bos_token_id": 0,
+        "eos_token_id": 0, "tie_word_embeddings": False, "activation_function": "relu", "n_inner": 48,
+        "scale_attn_by_inverse_layer_idx": True}),
 }
 
 
 # Matrices are scaled up from transformers' N(0, 0.02^2) initialisation so that the logits
 # spread and greedy decoding does not settle on one token (the generation tests check it
-# does not); Gemma 2's tied head, fed sqrt(hidden)-scaled embeddings, settles beyond 2x.
-WEIGHT_SCALE = {"gemma2": 2.0}
+# does not); Gemma 2's tied head, fed sqrt(hidden)-scaled embeddings, settles beyond 2x,
+# GPT-2 with ReLU and per-layer scales below 20x.
+WEIGHT_SCALE = {"gemma2": 2.0, "gpt2-options": 20.0}
 
 
 def hf_config(case: str, **overrides):

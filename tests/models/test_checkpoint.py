@@ -181,6 +181,25 @@ def test_tensors_that_do_not_match_the_config_are_named(tmp_path):
         from_pretrained(tmp_path)
 
 
+def test_gpt2_checkpoints_of_the_base_model_load(tmp_path):
+    """The original GPT-2 files name tensors without "transformer." and carry the causal-mask
+    buffers attn.bias / attn.masked_bias: both are understood."""
+    model = hf_checkpoint("gpt2", tmp_path / "full")
+    tensors = safetensors_numpy.load_file(tmp_path / "full" / "model.safetensors")
+    tensors = {name.removeprefix("transformer."): array for name, array in tensors.items()}
+    tensors.update({f"h.{i}.attn.{buffer}": np.tril(np.ones((64, 64), np.float32))
+                    for i in range(2) for buffer in ("bias", "masked_bias")})
+    (tmp_path / "base").mkdir()
+    safetensors_numpy.save_file(tensors, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "base" / "config.json").write_text((tmp_path / "full" / "config.json").read_text())
+    x = tokens()
+    assert relative_error(from_pretrained(tmp_path / "base")(x).data, hf_logits(model, x)) <= 1e-4
+    tensors["h.0.mlp.c_fc.scale"] = np.ones(3, np.float32)  # not a buffer GPT-2 has: refused
+    safetensors_numpy.save_file(tensors, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"unexpected tensors \['h.0.mlp.c_fc.scale'\]"):
+        from_pretrained(tmp_path / "base")
+
+
 def test_directories_without_a_checkpoint_are_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         from_pretrained(tmp_path)

@@ -102,6 +102,7 @@ SWITCHES = {
     "gemma2 query_pre_attn_scalar": {"query_pre_attn_scalar": 16},
     "llama3": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
     "llama-options": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    "gpt2-options": {"scale_attn_by_inverse_layer_idx": False},
 }
 
 
