@@ -154,9 +154,12 @@ def test_embedding_looks_up_and_accumulates_repeated_ids():
         emb(np.array([0.0]))
 
 
-@pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
+@pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm, "gemma"])
 def test_norms_match_formula_and_gradcheck(norm):
-    layer = norm(6, **F64)
+    offset = 1.0 if norm == "gemma" else 0.0  # Gemma's RMSNorm scales by (1 + weight)
+    norm = nn.RMSNorm if norm == "gemma" else norm
+    layer = norm(6, **F64) if not offset else norm(6, offset=offset, **F64)
+    np.testing.assert_allclose(layer.weight.data + offset, 1.0)  # the scale starts at ones
     layer.weight.data = rng(1).standard_normal(6)
     if norm is nn.LayerNorm:
         layer.bias.data = rng(2).standard_normal(6)
@@ -166,7 +169,7 @@ def test_norms_match_formula_and_gradcheck(norm):
         expected = (a - a.mean(-1, keepdims=True)) / np.sqrt(a.var(-1, keepdims=True) + 1e-5)
         expected = expected * layer.weight.data + layer.bias.data
     else:
-        expected = a / np.sqrt((a * a).mean(-1, keepdims=True) + 1e-6) * layer.weight.data
+        expected = a / np.sqrt((a * a).mean(-1, keepdims=True) + 1e-6) * (offset + layer.weight.data)
     np.testing.assert_allclose(layer(x).data, expected, rtol=1e-12, atol=1e-12)
     check_module_grad(layer, x)
 
@@ -245,6 +248,36 @@ def test_rope_matches_the_formula_and_gradchecks():
     assert ma.gradcheck(lambda x: rope(x, positions), [x])
 
 
+def test_rope_halves_pairs_channel_i_with_i_plus_half():
+    """pairs="halves" (Hugging Face's rotate_half) is the interleaved rotation of the
+    channels reordered (0, hd/2, 1, hd/2 + 1, ...)."""
+    rope = nn.RotaryEmbedding(6, pairs="halves")
+    x = leaf(rng().standard_normal((2, 3, 5, 6)))
+    positions = np.array([0, 1, 4, 9, 100])
+    order = np.array([0, 3, 1, 4, 2, 5])  # halves layout -> interleaved layout
+    expected = np.empty_like(x.data)
+    expected[..., order] = rope_by_formula(x.data[..., order], positions)
+    np.testing.assert_allclose(rope(x, positions).data, expected, rtol=1e-12, atol=1e-12)
+    assert ma.gradcheck(lambda x: rope(x, positions), [x])
+    with pytest.raises(ValueError, match="pairs"):
+        nn.RotaryEmbedding(6, pairs="adjacent")
+
+
+def test_llama3_scaling_keeps_high_frequencies_and_slows_low_ones():
+    inv_freq = 10000.0 ** (-np.arange(0, 64, 2) / 64)  # wavelengths 2 pi ... ~ 47000
+    scaled = nn.llama3_scaling(inv_freq, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                               original_max_position_embeddings=1024)
+    wavelength = 2 * np.pi / inv_freq
+    short, long = wavelength < 1024 / 4, wavelength > 1024
+    assert short.any() and long.any() and (~short & ~long).any()
+    np.testing.assert_array_equal(scaled[short], inv_freq[short])
+    np.testing.assert_allclose(scaled[long], inv_freq[long] / 8, rtol=1e-15)
+    middle = ~short & ~long
+    assert np.all((scaled[middle] < inv_freq[middle]) & (scaled[middle] > inv_freq[middle] / 8))
+    rope = nn.RotaryEmbedding(64, scaling=lambda f: f / 2)
+    np.testing.assert_allclose(rope.inv_freq, nn.RotaryEmbedding(64).inv_freq / 2)
+
+
 def test_rope_preserves_norms_and_depends_on_relative_position_only():
     rope = nn.RotaryEmbedding(8, base=100.0)
     q = rng(1).standard_normal((1, 1, 1, 8))
@@ -270,6 +303,9 @@ ATTENTION_CASES = {
     "window-gqa-rope": dict(attention="window", window=1, num_kv_heads=2, rope=True),
     "linear": dict(attention="linear"),
     "linear-gqa": dict(attention="linear", num_kv_heads=2, rope=True),
+    # Gemma 2's options: capped scores (built from Tensor ops), its own scale, no output bias
+    "softcap-window-gqa": dict(attention="window", window=2, num_kv_heads=2, rope=True, softcap=0.7,
+                               scale=0.9, out_bias=False),
 }
 
 
@@ -280,7 +316,7 @@ def make_mha(case, embed_dim=8, num_heads=4, seed=0, **extra):
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
-@pytest.mark.parametrize("case", ["flash", "flash-gqa-rope", "window", "linear-gqa"])
+@pytest.mark.parametrize("case", ["flash", "flash-gqa-rope", "window", "linear-gqa", "softcap-window-gqa"])
 def test_mha_gradchecks(case, is_causal):
     mha = make_mha(case, embed_dim=4, num_heads=2)
     x = leaf(rng(1).standard_normal((2, 5, 4)))
@@ -348,6 +384,44 @@ def test_need_weights_follows_masks():
     float_mask = np.where(mask, 0.5, -np.inf)
     _, float_weights = mha(x, attn_mask=float_mask, need_weights=True)
     np.testing.assert_allclose(float_weights, weights, atol=1e-12)  # a constant shift cancels
+
+
+def test_softcap_caps_the_scores_and_a_huge_cap_changes_nothing():
+    x = rng(1).standard_normal((2, 7, 8)) * 4
+    capped = make_mha("softcap-window-gqa")
+    _, weights = capped(x, is_causal=True, need_weights=True)
+    q, k, _ = heads_by_hand(capped, x)
+    scores = q @ np.swapaxes(np.repeat(k, 2, axis=1), -1, -2) * 0.9  # (B, H, N, N), before the cap
+    assert np.abs(scores).max() > 2  # the cap bites
+    i, j = np.indices((7, 7))
+    allowed = (j <= i) & (j >= i - 2)
+    expected = np.where(allowed, np.exp(0.7 * np.tanh(scores / 0.7)), 0)
+    np.testing.assert_allclose(weights, expected / expected.sum(-1, keepdims=True), rtol=1e-12, atol=1e-14)
+    huge = make_mha("softcap-window-gqa", softcap=1e9)
+    plain = make_mha("softcap-window-gqa", softcap=None)
+    np.testing.assert_allclose(huge(x, is_causal=True).data, plain(x, is_causal=True).data, rtol=1e-9, atol=1e-12)
+
+
+def test_mha_head_dim_scale_and_out_bias_options():
+    mha = nn.MultiHeadAttention(8, 2, num_kv_heads=1, head_dim=6, scale=0.3, out_bias=False,
+                                backend="reference", **F64, rng=rng())
+    assert mha.q_proj.weight.shape == (12, 8) and mha.k_proj.weight.shape == (6, 8)
+    assert mha.out_proj.weight.shape == (8, 12) and mha.out_proj.bias is None and mha.q_proj.bias is not None
+    x = leaf(rng(1).standard_normal((1, 5, 8)))
+    out, weights = mha(x, is_causal=True, need_weights=True)
+    q, k, v = heads_by_hand(mha, x.data)
+    s = q @ np.swapaxes(np.repeat(k, 2, axis=1), -1, -2) * 0.3
+    s = np.where(np.tril(np.ones((5, 5), bool)), s, -np.inf)
+    np.testing.assert_allclose(weights, np.exp(s) / np.exp(s).sum(-1, keepdims=True), rtol=1e-12)
+    heads = (weights @ np.repeat(v, 2, axis=1)).transpose(0, 2, 1, 3).reshape(1, 5, 12)  # (B, N, H * hd)
+    np.testing.assert_allclose(mha.out_proj(heads).data, out.data, rtol=1e-12)
+    check_module_grad(mha, x, is_causal=True)
+    with pytest.raises(ValueError, match="head_dim"):
+        nn.MultiHeadAttention(8, 2, rope=nn.RotaryEmbedding(6))
+    with pytest.raises(ValueError, match="softcap"):
+        nn.MultiHeadAttention(8, 2, softcap=0.0)
+    with pytest.raises(ValueError, match="scale"):
+        nn.MultiHeadAttention(8, 2, scale=-1.0)
 
 
 def test_mha_argument_errors():
@@ -433,6 +507,22 @@ def test_kv_cache_gradient_reaches_the_new_tokens():
 def test_transformer_block_gradchecks(options):
     block = nn.TransformerBlock(4, 2, mlp_ratio=2, backend="reference", **options, **F64, rng=rng())
     x = leaf(rng(1).standard_normal((1, 4, 4)))
+    check_module_grad(block, x, is_causal=True)
+
+
+def test_a_block_from_parts_with_post_norms():
+    """Gemma 2's sandwich: x + post_norm_1(attn(norm_1(x))), then the same around the MLP."""
+    parts = dict(norm_1=nn.RMSNorm(4, offset=1.0, **F64), attn=nn.MultiHeadAttention(4, 2, backend="reference", **F64, rng=rng()),
+                 norm_2=nn.RMSNorm(4, **F64), mlp=nn.MLP(4, 8, "geglu", bias=False, **F64, rng=rng(1)))
+    post = dict(post_norm_1=nn.RMSNorm(4, **F64), post_norm_2=nn.LayerNorm(4, **F64))
+    for norm in [parts["norm_1"], parts["norm_2"], *post.values()]:
+        norm.weight.data = rng(2).standard_normal(4)
+    block = nn.TransformerBlock.from_parts(**parts, **post)
+    x = leaf(rng(3).standard_normal((1, 5, 4)))
+    h = x + post["post_norm_1"](parts["attn"](parts["norm_1"](x), is_causal=True))
+    expected = h + post["post_norm_2"](parts["mlp"](parts["norm_2"](h)))
+    np.testing.assert_allclose(block(x, is_causal=True).data, expected.data, rtol=1e-12)
+    assert len(block.parameters()) == len(nn.TransformerBlock.from_parts(**parts).parameters()) + 3
     check_module_grad(block, x, is_causal=True)
 
 
@@ -597,7 +687,7 @@ def test_decoding_under_no_grad_equals_the_full_forward(case, chunks, monkeypatc
             parts.append(mha(x[:, start : start + n], is_causal=True, kv_cache=cache).data)
             start += n
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-10, atol=1e-10)
-    assert len(calls) == (0 if case.startswith("linear") else len(chunks))
+    assert len(calls) == (0 if case.startswith(("linear", "softcap")) else len(chunks))
 
 
 def test_generate_uses_preallocated_caches():

@@ -49,11 +49,11 @@ def optional_dependencies() -> dict:
 
 
 def test_the_test_command_installs_the_oracles_and_cuda():
-    """The PyTorch-parity, PNG, PTX and offline-SASS tests need these extras; under CI=true their
-    absence is a failure (tests/conftest.py), so the command CI runs must install them."""
+    """The PyTorch-parity, PNG, PTX, offline-SASS and checkpoint tests need these extras; under
+    CI=true their absence is a failure (tests/conftest.py), so the command CI runs must install them."""
     readme = (ROOT / "README.md").read_text()
     extras = re.search(r'pip install -e "\.\[([\w,-]+)\]" && python -m pytest', readme).group(1)
-    assert set(extras.split(",")) >= {"test", "cuda-dev", "oracle"}
+    assert set(extras.split(",")) >= {"test", "cuda-dev", "oracle", "models"}
     cuda_dev = optional_dependencies()["cuda-dev"]
     assert any(req.startswith("numba-cuda[cu13]") for req in cuda_dev)
     assert any(req.startswith("nvidia-cuda-nvdisasm") for req in cuda_dev)
@@ -61,10 +61,15 @@ def test_the_test_command_installs_the_oracles_and_cuda():
     assert any(req.startswith("matplotlib") for req in oracle)
     # exactly the CPU build on this workplace's disk: anything looser downloads a CUDA build
     assert "torch==2.13.0" in oracle
+    # the Hugging Face parity tests (tests/models) were written against this release
+    assert "transformers==5.24.0" in oracle
+    models = optional_dependencies()["models"]
+    assert any(req.startswith("safetensors") for req in models)
+    assert any(req.startswith("tokenizers") for req in models)
 
 
 def test_the_package_never_imports_torch():
-    """torch is a test oracle only: no module of the package imports it."""
+    """torch and transformers are test oracles only: no module of the package imports them."""
     for top in ("microattn", "kernels"):
         for source in (ROOT / top).rglob("*.py"):
-            assert not re.search(r"^\s*(?:import|from)\s+torch\b", source.read_text(), re.M), source
+            assert not re.search(r"^\s*(?:import|from)\s+(?:torch|transformers)\b", source.read_text(), re.M), source

@@ -5,14 +5,51 @@ See docs/nn.md for the layers, the KV cache and the documented choices.
 
 from ..fused import cross_entropy
 from .attention import KVCache, MultiHeadAttention
-from .layers import GELU, Dropout, Embedding, LayerNorm, Linear, ReLU, RMSNorm, SiLU, gelu, silu
+from .layers import (
+    GELU,
+    Dropout,
+    Embedding,
+    LayerNorm,
+    Linear,
+    ReLU,
+    RMSNorm,
+    SiLU,
+    gelu,
+    silu,
+)
 from .module import Module, ModuleList, Parameter
-from .rope import Rotary, RotaryEmbedding
-from .transformer import MLP, DecoderLM, TransformerBlock
+from .rope import Rotary, RotaryEmbedding, llama3_scaling
+from .transformer import (
+    MLP,
+    DecoderLM,
+    TransformerBlock,
+    generate_tokens,
+    sample_next_token,
+)
 
 __all__ = [
-    "Parameter", "Module", "ModuleList",
-    "Linear", "Embedding", "LayerNorm", "RMSNorm", "Dropout", "GELU", "ReLU", "SiLU", "gelu", "silu",
-    "Rotary", "RotaryEmbedding", "KVCache", "MultiHeadAttention",
-    "MLP", "TransformerBlock", "DecoderLM", "cross_entropy",
+    "GELU",
+    "MLP",
+    "DecoderLM",
+    "Dropout",
+    "Embedding",
+    "KVCache",
+    "LayerNorm",
+    "Linear",
+    "Module",
+    "ModuleList",
+    "MultiHeadAttention",
+    "Parameter",
+    "RMSNorm",
+    "ReLU",
+    "Rotary",
+    "RotaryEmbedding",
+    "SiLU",
+    "TransformerBlock",
+    "cross_entropy",
+    "gelu",
+    "generate_tokens",
+    "llama3_scaling",
+    "sample_next_token",
+    "silu",
 ]

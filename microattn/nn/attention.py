@@ -26,8 +26,8 @@ from .. import backends
 from .. import functional as F
 from ..autograd import is_grad_enabled
 from ..kernels.cpu import decode
-from ..kernels.masking import in_band
-from ..kernels.spec import make_attention_spec
+from ..kernels.masking import in_band, keep
+from ..kernels.spec import AttentionSpec, make_attention_spec
 from ..tensor import Tensor, concatenate
 from .layers import Dropout, Linear
 from .module import Module
@@ -109,7 +109,7 @@ class KVCache:
         return f"KVCache(length={self.length}, k.shape={shape})"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _runs_on_cpu_kernels(backend: str) -> bool:
     """Whether ``backend`` resolves to the numba CPU kernels here (checked once per name)."""
     try:
@@ -134,17 +134,38 @@ class MultiHeadAttention(Module):
       continue from the KV cache's length).
     * ``dropout``: on the attention probabilities in training (seeded and resumable, see
       ``Dropout``); for "linear" attention, which has no probabilities, on its output.
+
+    Options that pretrained checkpoints need (``microattn.models``), all keyword-only:
+
+    * ``head_dim``: per-head size when it is not embed_dim // num_heads (Gemma 2);
+      q_proj is then (E -> H * hd) and out_proj (H * hd -> E).
+    * ``scale``: the softmax scale, 1/sqrt(head_dim) by default.
+    * ``out_bias``: whether out_proj has a bias, when it differs from ``bias`` (Qwen2 has
+      q/k/v biases and none on the output).
+    * ``rope``: True, or a ``RotaryEmbedding`` to use (another ``pairs`` layout, scaling).
+    * ``softcap``: scores become ``softcap * tanh(scores / softcap)`` before masking and
+      softmax (Gemma 2's attn_logit_softcapping); softmax attention only.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None,
                  dropout: float = 0.0, bias: bool = True, attention: str = "flash",
-                 window: int | None = None, rope: bool = False, *, backend: str = "auto",
-                 rope_base: float = 10000.0, dtype=np.float32,
+                 window: int | None = None, rope: bool | RotaryEmbedding = False, *,
+                 backend: str = "auto", rope_base: float = 10000.0, head_dim: int | None = None,
+                 scale: float | None = None, out_bias: bool | None = None,
+                 softcap: float | None = None, dtype=np.float32,
                  rng: np.random.Generator | None = None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if embed_dim % num_heads:
+        if head_dim is None and embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
+        if head_dim is not None and (isinstance(head_dim, bool) or head_dim < 1):
+            raise ValueError(f"head_dim must be a positive integer, got {head_dim!r}")
+        if scale is not None and not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite positive number, got {scale!r}")
+        if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be a finite positive number, got {softcap!r}")
+        if softcap is not None and attention == "linear":
+            raise ValueError('softcap caps softmax scores; attention="linear" has none')
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         if attention not in ATTENTIONS:
@@ -155,14 +176,22 @@ class MultiHeadAttention(Module):
             raise ValueError(f'window={window!r} is only used with attention="window", not {attention!r}')
         rng = np.random.default_rng() if rng is None else rng
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
         self.attention, self.window, self.backend = attention, window, backend
         hd = self.head_dim
+        self.scale = 1.0 / math.sqrt(hd) if scale is None else float(scale)
+        self.softcap = None if softcap is None else float(softcap)
+        out_bias = bias if out_bias is None else out_bias
         self.q_proj = Linear(embed_dim, num_heads * hd, bias, dtype=dtype, rng=rng)
         self.k_proj = Linear(embed_dim, num_kv_heads * hd, bias, dtype=dtype, rng=rng)
         self.v_proj = Linear(embed_dim, num_kv_heads * hd, bias, dtype=dtype, rng=rng)
-        self.out_proj = Linear(num_heads * hd, embed_dim, bias, dtype=dtype, rng=rng)
-        self.rope = RotaryEmbedding(hd, base=rope_base) if rope else None
+        self.out_proj = Linear(num_heads * hd, embed_dim, out_bias, dtype=dtype, rng=rng)
+        if isinstance(rope, RotaryEmbedding):
+            if rope.head_dim != hd:
+                raise ValueError(f"rope has head_dim {rope.head_dim}, the attention's is {hd}")
+            self.rope = rope
+        else:
+            self.rope = RotaryEmbedding(hd, base=rope_base) if rope else None
         self.attn_dropout = Dropout(dropout, rng=rng)
 
     def forward(self, x, context=None, *, is_causal: bool = False, attn_mask=None,
@@ -205,11 +234,15 @@ class MultiHeadAttention(Module):
 
     def _attend(self, q, k, v, is_causal, attn_mask):
         dropout_p = self.attn_dropout.p if self.training else 0.0
+        if self.softcap is not None:
+            # SOFTCAP SWITCH: the one place where softcapped attention is computed. Until
+            # F.scaled_dot_product_attention takes softcap=, it is built from Tensor ops
+            # (softcapped_attention below); then pass softcap=self.softcap in the calls
+            # that follow and delete softcapped_attention.
+            spec = self._spec(q, k, v, is_causal, attn_mask, dropout_p)
+            return softcapped_attention(q, k, v, spec, self.softcap)
         if self._decoding(q, k, v, dropout_p):
-            spec = make_attention_spec(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype),
-                                       attn_mask=None if attn_mask is None else np.asarray(
-                                           getattr(attn_mask, "data", attn_mask)),
-                                       is_causal=is_causal, window=self._window(is_causal))
+            spec = self._spec(q, k, v, is_causal, attn_mask, 0.0)
             return F.Attention.apply(q, k, v, spec=spec, kernel=decode)
         if self.attention == "linear":
             out = F.linear_attention(q, k, v, causal=is_causal, eps=LINEAR_ATTENTION_EPS,
@@ -218,8 +251,16 @@ class MultiHeadAttention(Module):
         seed = self.attn_dropout.next_seed() if dropout_p > 0 else None
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-            window=self._window(is_causal), seed=seed, backend=self.backend,
+            scale=self.scale, window=self._window(is_causal), seed=seed, backend=self.backend,
         )
+
+    def _spec(self, q, k, v, is_causal, attn_mask, dropout_p) -> AttentionSpec:
+        seed = self.attn_dropout.next_seed() if dropout_p > 0 else None
+        return make_attention_spec(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype),
+                                   attn_mask=None if attn_mask is None else np.asarray(
+                                       getattr(attn_mask, "data", attn_mask)),
+                                   dropout_p=dropout_p, is_causal=is_causal, scale=self.scale,
+                                   window=self._window(is_causal), seed=seed)
 
     def _decoding(self, q, k, v, dropout_p) -> bool:
         """Whether this call is a decoding step for ``kernels/cpu/decode.py``: a few
@@ -245,7 +286,9 @@ class MultiHeadAttention(Module):
             if is_causal:
                 scores = np.where(in_band((Nk - Nq, -1, 0), i, j), scores, 0.0)
             return scores / (scores.sum(axis=-1, keepdims=True) + LINEAR_ATTENTION_EPS)
-        scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(self.head_dim)  # (B, H, Nq, Nk)
+        scores = q @ np.swapaxes(k, -1, -2) * self.scale  # (B, H, Nq, Nk)
+        if self.softcap is not None:
+            scores = self.softcap * np.tanh(scores / self.softcap)
         left, right = self._window(is_causal) or (-1, -1)
         allowed = in_band((Nk - Nq, left, 0 if is_causal else right), i, j)  # (Nq, Nk)
         if attn_mask is not None:
@@ -263,4 +306,34 @@ class MultiHeadAttention(Module):
 
     def extra_repr(self):
         return (f"{self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"attention={self.attention!r}, window={self.window}, rope={self.rope is not None}")
+                f"attention={self.attention!r}, window={self.window}, rope={self.rope is not None}"
+                + (f", softcap={self.softcap}" if self.softcap is not None else ""))
+
+
+def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, softcap: float) -> Tensor:
+    """Softmax attention with capped scores, from Tensor ops (autograd derives the backward).
+
+    q (B, H, Nq, hd), k and v (B, Hkv, Nk, hd) -> (B, H, Nq, hd); ``spec`` carries the
+    scale, the causal/window band, a mask and dropout as ``F.scaled_dot_product_attention``
+    reads them. The maths (Gemma 2)::
+
+        s = softcap * tanh(q k^T * scale / softcap)      then mask, softmax, dropout, @ v
+
+    Stands in until ``F.scaled_dot_product_attention`` takes ``softcap=`` (see the SOFTCAP
+    SWITCH in ``MultiHeadAttention._attend``). O(Nq * Nk) memory: the scores are materialised.
+    """
+    if spec.group > 1:
+        kv_head = np.arange(spec.Hq) // spec.group  # query head h reads kv head h // group
+        k, v = k[:, kv_head], v[:, kv_head]  # (B, H, Nk, hd)
+    s = (q @ k.swapaxes(-1, -2)) * spec.scale  # (B, H, Nq, Nk)
+    s = (s / softcap).tanh() * softcap
+    allowed = in_band(spec.band, np.arange(spec.Nq)[:, None], np.arange(spec.Nk)[None, :])  # (Nq, Nk)
+    if spec.has_bias:
+        s = s + spec.bias
+        allowed = allowed & (spec.bias > -np.inf)
+    p = s.masked_fill(~allowed, -np.inf).softmax(axis=-1)  # a row with no allowed key: zeros
+    if spec.dropout_p > 0:
+        b, h, i, j = np.ix_(*(np.arange(n) for n in (spec.B, spec.Hq, spec.Nq, spec.Nk)))
+        kept = keep(spec.pack().dropout, b, h, i, j)
+        p = p * (kept * spec.dropout_scale).astype(spec.dtype)
+    return p @ v  # (B, H, Nq, hd)

@@ -101,19 +101,24 @@ class LayerNorm(Module):
 
 
 class RMSNorm(Module):
-    """x / sqrt(mean(x^2) + eps) * weight over the last axis; weight starts at ones."""
+    """x / sqrt(mean(x^2) + eps) * (offset + weight) over the last axis.
 
-    def __init__(self, dim: int, eps: float = 1e-6, *, dtype=np.float32, rng=None):
+    ``offset`` 0 (the default) is the usual RMSNorm; Gemma stores its scale as
+    ``1 + weight`` (``offset=1.0``). Either way the scale starts at ones.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, offset: float = 0.0, dtype=np.float32, rng=None):
         super().__init__()
         dtype = _float_dtype(dtype)
-        self.dim, self.eps = dim, eps
-        self.weight = Parameter(np.ones(dim, dtype=dtype))
+        self.dim, self.eps, self.offset = dim, eps, float(offset)
+        self.weight = Parameter(np.full(dim, 1.0 - self.offset, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        return fused.RMSNorm.apply(x, self.weight, eps=self.eps)
+        scale = self.weight if self.offset == 0.0 else self.weight + self.offset  # (dim,)
+        return fused.RMSNorm.apply(x, scale, eps=self.eps)
 
     def extra_repr(self):
-        return f"{self.dim}, eps={self.eps}"
+        return f"{self.dim}, eps={self.eps}" + (f", offset={self.offset}" if self.offset else "")
 
 
 class Dropout(Module):

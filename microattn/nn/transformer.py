@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import fused
 from ..autograd import no_grad
 from ..tensor import Tensor
 from .attention import KVCache, MultiHeadAttention
-from .. import fused
 from .layers import GELU, Dropout, Embedding, LayerNorm, Linear, ReLU, RMSNorm, SiLU
 from .module import Module, ModuleList
 
@@ -59,6 +59,12 @@ class TransformerBlock(Module):
     ``norm``: "layernorm" or "rmsnorm"; ``activation``: "gelu" (tanh approximation),
     "relu", "silu", or the gated "swiglu" / "geglu" (see ``MLP``); the other keywords go to ``MultiHeadAttention`` (``dropout`` is used both on
     the attention probabilities and on the two residual branches).
+
+    ``TransformerBlock.from_parts`` assembles a block from given layers instead, optionally
+    with "sandwich" norms on each branch's output (Gemma 2)::
+
+        x = x + dropout(post_norm_1(attention(norm_1(x))))
+        x = x + dropout(post_norm_2(mlp(norm_2(x))))
     """
 
     def __init__(self, embed_dim: int, num_heads: int, mlp_ratio: int = 4, *,
@@ -75,13 +81,32 @@ class TransformerBlock(Module):
         self.norm_2 = norm_class(embed_dim, dtype=dtype)
         self.mlp = MLP(embed_dim, mlp_ratio * embed_dim, activation, bias, dtype=dtype, rng=rng)
         self.dropout = Dropout(dropout, rng=rng)
+        self.post_norm_1 = self.post_norm_2 = None
+
+    @classmethod
+    def from_parts(cls, norm_1: Module, attn: MultiHeadAttention, norm_2: Module, mlp: Module, *,
+                   post_norm_1: Module | None = None, post_norm_2: Module | None = None,
+                   dropout: Dropout | None = None) -> TransformerBlock:
+        """A block of the given layers (``mlp`` any module (B, N, E) -> (B, N, E)); the
+        post norms, when given, normalise each branch's output before the residual add."""
+        block = cls.__new__(cls)
+        Module.__init__(block)
+        block.norm_1, block.attn, block.norm_2, block.mlp = norm_1, attn, norm_2, mlp
+        block.dropout = Dropout(0.0) if dropout is None else dropout
+        block.post_norm_1, block.post_norm_2 = post_norm_1, post_norm_2
+        return block
 
     def forward(self, x, *, is_causal: bool = False, attn_mask=None,
                 kv_cache: KVCache | None = None) -> Tensor:
         """x (B, N, E) -> (B, N, E)."""
-        x = x + self.dropout(self.attn(self.norm_1(x), is_causal=is_causal, attn_mask=attn_mask,
-                                       kv_cache=kv_cache))
-        return x + self.dropout(self.mlp(self.norm_2(x)))
+        h = self.attn(self.norm_1(x), is_causal=is_causal, attn_mask=attn_mask, kv_cache=kv_cache)
+        if self.post_norm_1 is not None:
+            h = self.post_norm_1(h)
+        x = x + self.dropout(h)
+        h = self.mlp(self.norm_2(x))
+        if self.post_norm_2 is not None:
+            h = self.post_norm_2(h)
+        return x + self.dropout(h)
 
 
 class DecoderLM(Module):
@@ -131,7 +156,7 @@ class DecoderLM(Module):
             raise ValueError(f"tokens must be (B, N), got shape {tokens.shape}")
         if kv_caches is not None and len(kv_caches) != len(self.blocks):
             raise ValueError(f"need one KVCache per layer ({len(self.blocks)}), got {len(kv_caches)}")
-        B, N = tokens.shape
+        N = tokens.shape[1]
         start = kv_caches[0].length if kv_caches else 0
         if start + N > self.max_len:
             raise ValueError(f"sequence length {start + N} exceeds max_len {self.max_len}")
@@ -152,28 +177,10 @@ class DecoderLM(Module):
         with ``rng``. Runs in eval mode without a graph (the mode is restored afterwards).
         Returns the prompt and the new tokens, int64, in the prompt's layout.
         """
-        prompt = np.asarray(prompt_tokens, dtype=np.int64)
-        squeeze = prompt.ndim == 1
-        tokens = prompt[None] if squeeze else prompt  # (B, N)
-        if tokens.ndim != 2 or tokens.shape[1] == 0:
-            raise ValueError(f"prompt_tokens must be (B, N) or (N,) with N >= 1, got shape {prompt.shape}")
         rng = np.random.default_rng() if rng is None else rng
-        was_training = self.training
-        self.eval()
-        try:
-            with no_grad():
-                caches = self.make_caches()
-                logits = self.forward(tokens, kv_caches=caches).data[:, -1]  # (B, V)
-                generated = [tokens]
-                for step in range(max_new_tokens):
-                    next_token = self._pick(logits, greedy, temperature, rng)  # (B, 1)
-                    generated.append(next_token)
-                    if step + 1 < max_new_tokens:
-                        logits = self.forward(next_token, kv_caches=caches).data[:, -1]
-        finally:
-            self.train(was_training)
-        out = np.concatenate(generated, axis=1)  # (B, N + max_new_tokens)
-        return out[0] if squeeze else out
+        return generate_tokens(self, prompt_tokens, max_new_tokens,
+                               pick=lambda logits: self._pick(logits, greedy, temperature, rng),
+                               make_caches=lambda total: self.make_caches())
 
     @staticmethod
     def _pick(logits: np.ndarray, greedy: bool, temperature: float, rng) -> np.ndarray:
@@ -183,3 +190,85 @@ class DecoderLM(Module):
         probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
         probs /= probs.sum(axis=-1, keepdims=True)
         return np.array([[rng.choice(probs.shape[-1], p=row)] for row in probs], dtype=np.int64)
+
+
+def generate_tokens(model: Module, prompt_tokens, max_new_tokens: int, *, pick, make_caches) -> np.ndarray:
+    """The decoding loop that ``generate`` methods share.
+
+    ``model(tokens, kv_caches=caches)`` maps tokens (B, n) to logits (B, n, V), extending
+    the caches; ``make_caches(total)`` gives empty caches for ``total`` positions;
+    ``pick(logits (B, V))`` chooses the next tokens (B, 1). Runs in eval mode without a
+    graph (the mode is restored afterwards). Returns the prompt followed by
+    ``max_new_tokens`` tokens, int64, in the prompt's layout ((B, N) or (N,)).
+    """
+    prompt = np.asarray(prompt_tokens, dtype=np.int64)
+    squeeze = prompt.ndim == 1
+    tokens = prompt[None] if squeeze else prompt  # (B, N)
+    if tokens.ndim != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"prompt_tokens must be (B, N) or (N,) with N >= 1, got shape {prompt.shape}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            caches = make_caches(tokens.shape[1] + max_new_tokens)
+            logits = model(tokens, kv_caches=caches).data[:, -1]  # (B, V)
+            generated = [tokens]
+            for step in range(max_new_tokens):
+                next_token = pick(logits)  # (B, 1)
+                generated.append(next_token)
+                if step + 1 < max_new_tokens:
+                    logits = model(next_token, kv_caches=caches).data[:, -1]
+    finally:
+        model.train(was_training)
+    out = np.concatenate(generated, axis=1)  # (B, N + max_new_tokens)
+    return out[0] if squeeze else out
+
+
+def sample_next_token(logits: np.ndarray, *, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The next tokens (B, 1) int64 from logits (B, V), as Hugging Face's ``generate`` picks them.
+
+    ``temperature == 0``: the argmax (greedy; ``top_k``/``top_p`` change nothing then).
+    Otherwise, in this order: the logits are divided by ``temperature``; ``top_k`` keeps
+    the k largest (ties with the k-th kept too); ``top_p`` keeps the most likely tokens
+    whose probabilities, summed before each one in decreasing order, are below ``top_p``
+    (the smallest set holding at least ``top_p`` of the mass; always the most likely
+    token); then one token per row is drawn from the renormalised softmax with ``rng``.
+    """
+    check_sampling(temperature, top_k, top_p)
+    logits = np.asarray(logits)
+    if temperature == 0:
+        return np.argmax(logits, axis=-1)[:, None].astype(np.int64)
+    rng = np.random.default_rng() if rng is None else rng
+    scaled = logits.astype(np.float64) / temperature  # (B, V)
+    if top_k is not None and top_k < scaled.shape[-1]:
+        kth = np.sort(scaled, axis=-1)[:, -top_k][:, None]  # (B, 1)
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)  # (B, V)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")  # most likely first
+        ranked = np.take_along_axis(probs, order, axis=-1)
+        mass_before = np.cumsum(ranked, axis=-1) - ranked  # (B, V)
+        dropped = np.empty_like(mass_before, dtype=bool)
+        np.put_along_axis(dropped, order, mass_before >= top_p, axis=-1)
+        probs = np.where(dropped, 0.0, probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    cumulative = np.cumsum(probs, axis=-1)  # (B, V); inverse-CDF draw, one uniform per row
+    draws = rng.random((probs.shape[0], 1)) * cumulative[:, -1:]
+    chosen = (cumulative <= draws).sum(axis=-1)  # first index whose cumulative exceeds the draw
+    return np.minimum(chosen, probs.shape[-1] - 1)[:, None].astype(np.int64)
+
+
+def check_sampling(temperature, top_k, top_p) -> None:
+    """ValueError for a temperature, top_k or top_p that ``sample_next_token`` cannot use."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)) \
+            or not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating))
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
