@@ -78,6 +78,10 @@ class AttentionSpec(_Heads):
     origin: tuple = (0, 0, 0)
     band_offset: int | None = None
     sinks: np.ndarray | None = None  # (Hq,) sink logits in the dtype, or None (sinks.py)
+    # packed sequences (varlen.py): (S + 1,) int64 offsets of each sequence's queries and
+    # keys in the row, or None. Not for the kernels: varlen.py calls them per sequence.
+    cu_seqlens_q: np.ndarray | None = None
+    cu_seqlens_k: np.ndarray | None = None
 
     # -- derived quantities -------------------------------------------------------------
     @property
@@ -281,9 +285,36 @@ def _check_sinks(sinks, Hq, dtype) -> np.ndarray | None:
     return np.ascontiguousarray(sinks)
 
 
+def _check_cu_seqlens(cu_q, cu_k, B, Nq, Nk):
+    """(cu_q, cu_k) as int64 arrays, or (None, None): (S + 1,) offsets from 0 to the
+    length, non-decreasing, the same S for queries and keys, and B = 1."""
+    if cu_q is None and cu_k is None:
+        return None, None
+    if cu_q is None or cu_k is None:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k go together: give both or neither")
+    checked = []
+    for name, cu, n in (("cu_seqlens_q", cu_q, Nq), ("cu_seqlens_k", cu_k, Nk)):
+        cu = np.asarray(getattr(cu, "data", cu))
+        if cu.dtype == np.bool_ or not np.issubdtype(cu.dtype, np.integer):
+            raise TypeError(f"{name} must be an integer array, got dtype {cu.dtype}")
+        if cu.ndim != 1 or cu.shape[0] < 2:
+            raise ValueError(f"{name} must be 1-D offsets (S + 1,) with S >= 1 sequences, got shape {cu.shape}")
+        if cu[0] != 0 or cu[-1] != n:
+            raise ValueError(f"{name} must run from 0 to the packed length {n}, got {cu[0]} .. {cu[-1]}")
+        if (np.diff(cu) < 0).any():
+            raise ValueError(f"{name} must be non-decreasing (sequence s is [cu[s], cu[s+1])), got {cu.tolist()}")
+        checked.append(cu.astype(np.int64))
+    if checked[0].shape != checked[1].shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+                         f"got {checked[0].shape[0] - 1} and {checked[1].shape[0] - 1}")
+    if B != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need B = 1, one packed row; got B = {B}")
+    return checked[0], checked[1]
+
+
 def make_attention_spec(
     q_shape, k_shape, v_shape, dtypes, *, attn_mask=None, dropout_p=0.0, is_causal=False,
-    scale=None, window=None, seed=None, sinks=None,
+    scale=None, window=None, seed=None, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None,
 ) -> AttentionSpec:
     """Validate every argument of scaled_dot_product_attention; build the spec.
 
@@ -310,10 +341,12 @@ def make_attention_spec(
     elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     sinks = _check_sinks(sinks, Hq, dtype)
+    cu_q, cu_k = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, B, Nq, Nk)
     return AttentionSpec(
         B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv, dtype=dtype, scale=float(scale),
         causal=bool(is_causal), window_left=left, window_right=right, bias=bias,
-        dropout_p=float(dropout_p), seed=int(seed), sinks=sinks,
+        dropout_p=float(dropout_p), seed=int(seed), sinks=sinks, cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
     )
 
 

@@ -23,6 +23,7 @@ from . import backends
 from .autograd import Function, is_grad_enabled
 from .kernels import merge as merge_rule
 from .kernels import sinks as sinks_rule
+from .kernels import varlen
 from .kernels.cpu import decode
 from .kernels.masking import in_band, keep
 from .kernels.protocol import lse_of
@@ -139,7 +140,8 @@ def _mask_array(attn_mask):
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, window=None, *,
-                                 return_lse=False, seed=None, sinks=None, backend="auto"):
+                                 return_lse=False, seed=None, sinks=None, cu_seqlens_q=None,
+                                 cu_seqlens_k=None, backend="auto"):
     """softmax(query @ key^T * scale + mask) @ value, with dropout on the probabilities.
 
     query (B, Hq, Nq, D), key (B, Hkv, Nk, D), value (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv).
@@ -157,6 +159,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     * ``sinks``: (Hq,) logits, one per query head (a Tensor gets a gradient), added to every
       row's softmax denominator in the space of the scaled scores: a virtual key of value
       0. Rows then sum to less than 1, and lse includes the sink. -inf: no sink.
+    * ``cu_seqlens_q``, ``cu_seqlens_k``: (S + 1,) int offsets, B = 1: S sequences packed in
+      the row, sequence s the queries [cu_q[s], cu_q[s+1]) and keys [cu_k[s], cu_k[s+1]),
+      attending only within itself; causal and windows bottom-right aligned per sequence;
+      i, j of dropout (and of the mask) are positions in the packed row. Cost: the sum of
+      n_q * n_k over sequences (``kernels/varlen.py``).
     * ``dropout_p``/``seed``: element (b, h, i, j) is kept iff ``keep(seed, b, h, i, j)``.
     * ``backend``: "reference", "composed", "numba", "cuda" or "auto". On "numba", a call
       of at most 16 queries that records no graph (inference, decoding) runs
@@ -175,7 +182,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     spec = make_attention_spec(
         q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype), attn_mask=_mask_array(attn_mask),
         dropout_p=dropout_p, is_causal=is_causal, scale=scale, window=window, seed=seed,
-        sinks=sinks.data if isinstance(sinks, Tensor) else sinks,
+        sinks=sinks.data if isinstance(sinks, Tensor) else sinks, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
     )
     out, lse = attend(q, k, v, spec, backend, sinks=sinks, return_lse=return_lse)
     return (out, lse) if return_lse else out
@@ -187,7 +195,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, backend: str = 
     or "composed" from Tensor ops. ``scaled_dot_product_attention`` and the sequence-parallel
     attention of ``microattn.distributed`` (a spec of its own making) both end here."""
     name, kernel = backends.resolve(backend, "scaled_dot_product_attention")
-    if name == "numba" and spec.Nq <= decode.MAX_QUERIES and not _records_graph(q, k, v, sinks):
+    if spec.cu_seqlens_q is not None:  # packed sequences: one call per sequence
+        if name == "composed":
+            return _composed_varlen(q, k, v, spec, sinks, return_lse)
+        kernel = varlen.Varlen(kernel)
+    elif name == "numba" and spec.Nq <= decode.MAX_QUERIES and not _records_graph(q, k, v, sinks):
         kernel = decode  # inference on a few queries: keys split across threads (decode.py)
     sink_input = () if sinks is None else (sinks,)
     if name == "composed":
@@ -196,6 +208,22 @@ def attend(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, backend: str = 
         both = Attention.apply(q, k, v, *sink_input, spec=spec, kernel=kernel, with_lse=True)
         return both[..., :spec.Dv], both[..., spec.Dv]  # (B, Hq, Nq, Dv), (B, Hq, Nq)
     return Attention.apply(q, k, v, *sink_input, spec=spec, kernel=kernel), None
+
+
+def _composed_varlen(q, k, v, spec: AttentionSpec, sinks, return_lse):
+    """Packed sequences from Tensor ops: each sequence composed alone (varlen.sequences),
+    the rows concatenated; a sequence with queries but no keys gives zeros and lse -inf."""
+    outs, lses = [], []
+    for rows, cols, sub in varlen.sequences(spec):  # in order; sequences without queries skipped
+        if sub.Nk == 0:
+            outs.append(Tensor(np.zeros((1, spec.Hq, sub.Nq, spec.Dv), dtype=spec.dtype)))
+            lses.append(Tensor(np.full((1, spec.Hq, sub.Nq), -np.inf, dtype=spec.dtype)))
+            continue
+        out, lse = _composed_attention(q[:, :, rows], k[:, :, cols], v[:, :, cols], sub, sinks, True)
+        outs.append(out)
+        lses.append(lse)
+    out, lse = concatenate(outs, axis=2), concatenate(lses, axis=2)
+    return out, (lse if return_lse else None)
 
 
 def _records_graph(*tensors) -> bool:
