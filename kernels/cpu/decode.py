@@ -18,7 +18,7 @@ Nq`` rows) against that kv head's keys, so K and V are read once per kv head, no
 query head. Per row (query head h, query i), over the keys the band allows
 (``key_range(band, i, i + 1, Nk)``, cut to the split's keys)::
 
-    pass 1:  s_j = scale * q_i . k_j (+ bias),   m = max_j s_j
+    pass 1:  s_j = cap(scale * q_i . k_j) + alibi + bias,   m = max_j s_j   (masking.py's rules)
     pass 2:  p_j = exp(s_j - shift),  l = sum_j p_j,  acc = sum_j p_j z_j v_j
              (shift = m, or 0 on a row with no key: masking.row_shift's rule; z dropout)
 
@@ -40,16 +40,19 @@ import numpy as np
 from .. import reference
 from ..compile import compile_rules
 from ..spec import AttentionSpec
-from ._compile import FASTMATH, NUMBA_ERROR, PARALLEL, fast_exp, numba, prange
+from .. import masking
+from ._compile import FASTMATH, NUMBA_ERROR, PARALLEL, fast_exp, fast_tanh, numba, prange
 
 MAX_QUERIES = 16  # the Nq this kernel is meant for (it is correct for any Nq)
 PARALLEL_WORK = 1 << 12  # (rows x keys) below which the step runs on the calling thread
 
 if numba is not None:
-    rules = compile_rules(numba.njit(fastmath=FASTMATH))
+    rules = compile_rules(numba.njit(fastmath=FASTMATH), replace={masking.tanh: fast_tanh})
     key_range, has_bias = rules.key_range, rules.has_bias
     bias_index, keep, has_dropout = rules.bias_index, rules.keep, rules.has_dropout
     row_shift = rules.row_shift
+    has_softcap, cap, has_alibi, alibi_bias = (
+        rules.has_softcap, rules.cap, rules.has_alibi, rules.alibi_bias)
 
 
 def unavailable_reason() -> str | None:
@@ -139,13 +142,14 @@ def _merge(m_part, l_part, acc_part, out, stats):
 # -- the step ---------------------------------------------------------------------------
 
 
-def _decode(q, k, v, Nk, bias, band, dropout, reals, splits, m_part, l_part, acc_part):
+def _decode(q, k, v, Nk, bias, band, dropout, reals, alibi, splits, m_part, l_part, acc_part):
     B, Hq, Nq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]  # k, v (B, Hkv, capacity, D/Dv): rows >= Nk unread
     group = Hq // Hkv
     t = q.dtype.type
-    scale, dropout_scale = reals
+    scale, dropout_scale = reals[0], reals[1]
     use_bias, use_dropout = has_bias(bias), has_dropout(dropout)
+    use_cap, use_alibi = has_softcap(reals), has_alibi(alibi)
     for task in prange(B * Hkv * splits):
         b, kv_head, split = task // (Hkv * splits), (task // splits) % Hkv, task % splits
         split_start, split_stop = split * Nk // splits, (split + 1) * Nk // splits
@@ -165,6 +169,12 @@ def _decode(q, k, v, Nk, bias, band, dropout, reals, splits, m_part, l_part, acc
                     for d in range(D):
                         dot += q_row[d] * k_row[d]
                     scores[j - split_start] = dot * scale
+                if use_cap:  # the score's terms in masking.py's order: cap, ALiBi, bias
+                    for j in range(j_start, j_stop):
+                        scores[j - split_start] = cap(reals, scores[j - split_start])
+                if use_alibi:
+                    for j in range(j_start, j_stop):
+                        scores[j - split_start] += alibi_bias(alibi, band, b, h, i, j)
                 if use_bias:
                     for j in range(j_start, j_stop):
                         scores[j - split_start] += bias[bb, hh, i, j]
