@@ -47,7 +47,8 @@ MAX_QUERIES = 16  # the Nq this kernel is meant for (it is correct for any Nq)
 PARALLEL_WORK = 1 << 12  # (rows x keys) below which the step runs on the calling thread
 
 if numba is not None:
-    rules = compile_rules(numba.njit(fastmath=FASTMATH), replace={masking.tanh: fast_tanh})
+    rules = compile_rules(numba.njit(fastmath=FASTMATH, error_model="numpy"),
+                          replace={masking.tanh: fast_tanh})
     key_range, has_bias = rules.key_range, rules.has_bias
     bias_index, keep, has_dropout = rules.bias_index, rules.keep, rules.has_dropout
     row_shift = rules.row_shift
