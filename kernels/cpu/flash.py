@@ -425,7 +425,9 @@ def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, slope_ro
     # forward: out = (pT * z).T @ v  ->  dpT = z * (v @ dO.T)   (here / norm)
     matmul(v_blk, doT, dp_rows[:, :bm], False)
     # forward: p = softmax(s)  ->  ds = p * (dp - delta)
-    if has_dropout(dropout):
+    use_cap = has_softcap(reals)
+    use_dropout = has_dropout(dropout)
+    if use_dropout:
         for jj in range(bn):
             p_row = s_rows[jj, :bm]
             dp_row = dp_rows[jj, :bm]
@@ -433,14 +435,21 @@ def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, slope_ro
                 z = drop_scale if keep(dropout, b, h, i0 + ii, j0 + jj) else 0.0
                 dp_row[ii] = p_row[ii] * (dp_row[ii] * z - delta_blk[ii])
                 p_row[ii] *= z
+    elif use_cap:  # and the softcap's factor below, in the same sweep
+        for jj in range(bn):
+            p_row = s_rows[jj, :bm]
+            dp_row = dp_rows[jj, :bm]
+            slope_row = slope_rows[jj, :bm]
+            for ii in range(bm):
+                dp_row[ii] = p_row[ii] * (dp_row[ii] - delta_blk[ii]) * slope_row[ii]
     else:
         for jj in range(bn):
             p_row = s_rows[jj, :bm]
             dp_row = dp_rows[jj, :bm]
             for ii in range(bm):
                 dp_row[ii] = p_row[ii] * (dp_row[ii] - delta_blk[ii])
-    # forward: sT = cap(xT) + alibi + bias  ->  dxT = dsT * cap'(xT)
-    if has_softcap(reals):
+    # forward: sT = cap(xT) + alibi + bias  ->  dxT = dsT * cap'(xT)   (done above without dropout)
+    if use_cap and use_dropout:
         for jj in range(bn):
             dp_row = dp_rows[jj, :bm]
             slope_row = slope_rows[jj, :bm]
