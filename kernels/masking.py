@@ -167,8 +167,8 @@ def alibi_bias(alibi, band, b, h, i, j):
     bias -1.5; query 1 and key 3 lie on the diagonal, bias 0 (-0.0).
     """
     bb = b if alibi.shape[0] > 1 else 0
-    distance = i + band[0] - j
-    return -alibi[bb, h] * alibi.dtype.type(abs(distance))
+    distance = alibi.dtype.type(i + band[0] - j)  # exact below 2**24 (float32)
+    return -alibi[bb, h] * abs(distance)
 
 
 # -- dropout: a counter-based hash --------------------------------------------------------

@@ -52,7 +52,7 @@ TERMS = {
 
 def torch_attention(torch, q, k, v, scale, softcap=None, slopes=None, is_causal=False, mask=None):
     """Plain torch tensor maths: scores, tanh cap, ALiBi, masks, softmax, weighted sum."""
-    B, Hq, Nq, _ = q.shape
+    Hq, Nq = q.shape[1], q.shape[2]
     Nk = k.shape[2]
     group = Hq // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

@@ -47,8 +47,8 @@ import os
 
 import numpy as np
 
-from ..blas import single_threaded as blas_single_threaded  # noqa: F401  (re-exported for the kernels)
 from .. import masking
+from ..blas import single_threaded as blas_single_threaded  # noqa: F401  (re-exported for the kernels)
 from ..compile import compile_rules
 
 try:

@@ -37,11 +37,18 @@ import types
 
 import numpy as np
 
-from .. import reference
+from .. import masking, reference
 from ..compile import compile_rules
 from ..spec import AttentionSpec
-from .. import masking
-from ._compile import FASTMATH, NUMBA_ERROR, PARALLEL, fast_exp, fast_tanh, numba, prange
+from ._compile import (
+    FASTMATH,
+    NUMBA_ERROR,
+    PARALLEL,
+    fast_exp,
+    fast_tanh,
+    numba,
+    prange,
+)
 
 MAX_QUERIES = 16  # the Nq this kernel is meant for (it is correct for any Nq)
 PARALLEL_WORK = 1 << 12  # (rows x keys) below which the step runs on the calling thread
