@@ -6,13 +6,17 @@ The derivation of the backward is in docs/attention-backward.md.
 
 Shape legend: see ``spec.py``. ``s``/``p`` below are (B, Hq, Nq, Nk); ``stats`` is
 (2, B, Hq, Nq): the row shift ``m`` and the row sum ``l`` (``protocol.py``).
+
+Scores are built in the one order (``masking.py``): ``scale * q . k``, then the softcap
+(``masking.cap_and_slope``), then the ALiBi term (``masking.alibi_bias``) and the bias,
+then -inf outside the band: every rule applied to whole arrays.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .masking import in_band, keep, row_shift
+from .masking import alibi_bias, cap_and_slope, in_band, keep, row_shift
 from .spec import AttentionSpec
 
 
@@ -48,12 +52,25 @@ def dropout_multiplier(spec: AttentionSpec) -> np.ndarray | None:
     return kept.astype(spec.dtype) * spec.dtype.type(spec.dropout_scale)
 
 
-def scores(q, k, spec: AttentionSpec) -> np.ndarray:
-    """Scaled, biased scores with every forbidden pair at -inf: (B, Hq, Nq, Nk)."""
+def score_terms(q, k, spec: AttentionSpec) -> tuple[np.ndarray, np.ndarray | None]:
+    """(s, slope): the scores (B, Hq, Nq, Nk), capped, biased, every forbidden pair at -inf,
+    and the softcap's slope d s / d (scale q . k) of the same shape (None without softcap)."""
+    packed = spec.pack()
     s = np.einsum("bhid,bhjd->bhij", q, expand_kv(k, spec.group)) * spec.dtype.type(spec.scale)
+    slope = None
+    if spec.has_softcap:
+        s, slope = cap_and_slope(packed.reals, s)
+    if spec.has_alibi:
+        b, h, i, j = np.ix_(*(np.arange(n) for n in (spec.B, spec.Hq, spec.Nq, spec.Nk)))
+        s = s + alibi_bias(packed.alibi, packed.band, b, h, i, j)
     if spec.has_bias:
         s = s + spec.bias
-    return np.where(allowed_pairs(spec), s, -np.inf).astype(spec.dtype, copy=False)
+    return np.where(allowed_pairs(spec), s, -np.inf).astype(spec.dtype, copy=False), slope
+
+
+def scores(q, k, spec: AttentionSpec) -> np.ndarray:
+    """Scaled, capped, biased scores with every forbidden pair at -inf: (B, Hq, Nq, Nk)."""
+    return score_terms(q, k, spec)[0]
 
 
 def row_stats(s) -> np.ndarray:
@@ -91,7 +108,8 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     k_all, v_all = expand_kv(k, spec.group), expand_kv(v, spec.group)  # (B, Hq, Nk, D), (B, Hq, Nk, Dv)
     scale = spec.dtype.type(spec.scale)
     # forward: p = exp(s - m) / l, recomputed instead of stored
-    p = probabilities(scores(q, k, spec), stats)
+    s, slope = score_terms(q, k, spec)
+    p = probabilities(s, stats)
     # forward: p_drop = p * z   (z = keep / (1 - p_dropout), or 1)
     z = dropout_multiplier(spec)
     p_drop = p if z is None else p * z
@@ -109,10 +127,13 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     if dlse is not None:
         delta = delta - dlse
     ds = p * (dp - delta[..., None])
-    # 4. forward: s = scale * q @ k^T + bias  ->  dq = scale * ds @ k, dk = scale * ds^T @ q
+    # 4. forward: s = cap(x) + alibi + bias, x = scale * q @ k^T  ->  dx = ds * cap'(x)
+    if slope is not None:
+        ds = ds * slope
+    # 5. forward: x = scale * q @ k^T  ->  dq = scale * dx @ k, dk = scale * dx^T @ q
     dq = np.einsum("bhij,bhjd->bhid", ds, k_all) * scale
     dk_all = np.einsum("bhij,bhid->bhjd", ds, q) * scale
-    # 5. GQA: each kv head served `group` query heads, so its gradient is their sum
+    # 6. GQA: each kv head served `group` query heads, so its gradient is their sum
     dk, dv = reduce_kv(dk_all, spec.group), reduce_kv(dv_all, spec.group)
     return (dq.astype(spec.dtype, copy=False), dk.astype(spec.dtype, copy=False),
             dv.astype(spec.dtype, copy=False))

@@ -10,14 +10,17 @@ Shape legend (see ``spec.py``)::
     stats (2, B, Hq, Nq) = (m, l)        rows (3, B, Hq, Nq) = (shift, 1 / norm, delta)
     a tile: BLOCK_N keys x BLOCK_M queries; bn, bm its actual (edge-clipped) sizes
 
-The kernels take the spec as its records, ``*spec.pack()`` = (bias, band, dropout, reals),
-and the tile size as one more, ``blocks`` = (BLOCK_M, BLOCK_N)::
+The kernels take the spec as its records, ``*spec.pack()`` = (bias, band, dropout, reals,
+alibi), and the tile size as one more, ``blocks`` = (BLOCK_M, BLOCK_N)::
 
-    _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, out, stats)
-    _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, grads)   # grads = (dq, dk, dv)
-    _bwd_dq / _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grads)
+    _flash_forward(q, k, vT, bias, band, dropout, reals, alibi, blocks, out, stats)
+    _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, alibi, blocks, grads)   # grads = (dq, dk, dv)
+    _bwd_dq / _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, blocks, grads)
 
-Only ``masking.py``'s rules (compiled in ``_compile.py``) look inside bias, band and dropout.
+Only ``masking.py``'s rules (compiled in ``_compile.py``) look inside bias, band, dropout,
+the softcap of reals and alibi. Scores are built in the one order (``scores_t``): the tile
+product ``x = k @ (scale q).T``, then ``cap(x)`` (softcap), ``+ alibi_bias`` and ``+ bias``,
+then -inf outside the band; the backward multiplies dS by the cap's slope (``bwd_tile``).
 
 **Tiles are stored keys-major**, ``sT[jj, ii]`` = score of key ``j0 + jj`` for query
 ``i0 + ii`` (Triton's ``qkT``). Every per-query quantity (``m_i``, ``l_i``, the
@@ -30,10 +33,11 @@ off power-of-two strides (``tile_buffer``).
 Forward (``_flash_forward``), one task per (b, h, query block), the query block resident::
 
     for each key block in key_range(query block):          # band-skipping, see below
-        if every m_i is finite and the block is unmasked:    # the kept shift, see below
+        if every m_i is finite and the block is unmasked     # the kept shift, see below
+                and has no softcap, ALiBi or bias:
             pT = exp(k_blk @ qsT - m_i) in one pass (matmul_exp); if max(sT - m_i) <= STALE_LIMIT:
                 l_i += sum_j pT[j];  accT += vT_blk @ (pT * dropout);  next block
-        sT    = k_blk @ qsT (+ bias), -inf outside the band  # qsT = (scale * q_blk).T
+        sT    = k_blk @ qsT, capped, + alibi + bias, -inf outside the band   # qsT = (scale q_blk).T
         m_new = max(m_i, max_j sT[j])
         alpha = exp(m_i - m_new)                             # rescales what was summed so far
         pT    = exp(sT - m_new);  l_i = alpha * l_i + sum_j pT[j]
@@ -93,8 +97,9 @@ import numpy as np
 from ..protocol import dlse_or_empty
 from ..spec import AttentionSpec
 from ._compile import (
-    NUMBA_ERROR, bias_index, exp_sub, exp_sub_sum, has_bias, has_dropout, helper, in_band, keep,
-    kernel, key_range, prange, query_range, row_shift, tile_in_band,
+    NUMBA_ERROR, alibi_bias, bias_index, cap, cap_and_slope, exp_sub, exp_sub_sum, has_alibi,
+    has_bias, has_dropout, has_softcap, helper, in_band, keep, kernel, key_range, prange,
+    query_range, row_shift, tile_in_band,
 )
 from .microkernel import matmul, matmul_exp
 
@@ -186,25 +191,41 @@ def _num_threads() -> int:
 
 
 @helper
-def scores_t(k_blk, qsT, s_rows, bias, band, b, h, i0, j0):
-    """sT = k_blk @ qsT (+ bias.T), with -inf where the band forbids a pair.
+def scores_t(k_blk, qsT, s_rows, bias, band, reals, alibi, b, h, i0, j0, slopes):
+    """sT = cap(k_blk @ qsT) + alibi + bias.T, with -inf where the band forbids a pair.
 
     k_blk (bn, D); qsT (D, bm) the *scaled* queries, transposed; the tile is
     ``s_rows[:, :bm]`` of a (bn, padded) buffer (see :func:`tile_buffer`), the pairs of
-    queries i0.. and keys j0.. of batch b, query head h. A tile inside the band without
-    bias costs nothing beyond the product.
+    queries i0.. and keys j0.. of batch b, query head h. The cap (softcap), the ALiBi term
+    and the bias are ``masking.py``'s rules. With softcap and ``slopes`` of ``bn`` rows (the
+    backward), ``slopes[:, :bm]`` gets each pair's d cap / d x; the forward passes none (an
+    empty array). A tile inside the band with none of those terms costs nothing beyond the
+    product.
     """
     bn = k_blk.shape[0]
     bm = qsT.shape[1]
     matmul(k_blk, qsT, s_rows[:, :bm], False)
     use_bias = has_bias(bias)
+    use_cap = has_softcap(reals)
+    use_alibi = has_alibi(alibi)
     whole = tile_in_band(band, i0, bm, j0, bn)
-    if whole and not use_bias:
+    if whole and not (use_bias or use_cap or use_alibi):
         return
+    with_slopes = use_cap and slopes.shape[0] > 0
     bias_qk = bias[bias_index(bias, b, h)]  # the (Nq, Nk) plane this head reads
     for jj in range(bn):
         row = s_rows[jj, :bm]
         j = j0 + jj
+        if with_slopes:
+            slope_row = slopes[jj, :bm]
+            for ii in range(bm):
+                row[ii], slope_row[ii] = cap_and_slope(reals, row[ii])
+        elif use_cap:
+            for ii in range(bm):
+                row[ii] = cap(reals, row[ii])
+        if use_alibi:
+            for ii in range(bm):
+                row[ii] += alibi_bias(alibi, band, b, h, i0 + ii, j)
         if use_bias:
             for ii in range(bm):
                 row[ii] += bias_qk[i0 + ii, j]
@@ -282,12 +303,13 @@ def _transposed(x):
 
 
 @kernel
-def _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, out, stats):
+def _flash_forward(q, k, vT, bias, band, dropout, reals, alibi, blocks, out, stats):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], vT.shape[2]
     BLOCK_M, BLOCK_N = blocks
-    scale, drop_scale = reals
-    use_bias = has_bias(bias)
+    scale, drop_scale = reals[0], reals[1]
+    plain = not (has_bias(bias) or has_softcap(reals) or has_alibi(alibi))  # scores = the product
+    no_slopes = np.empty((0, 0), dtype=q.dtype)  # the forward needs no softcap slopes
     use_dropout = has_dropout(dropout)
     group = Hq // Hkv
     n_qblocks = (Nq + BLOCK_M - 1) // BLOCK_M
@@ -322,9 +344,9 @@ def _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, out, stats):
             # the exp can run inside the score product (matmul_exp) and nothing needs a
             # rescale. Any shift gives the same softmax; the true max only guards against
             # overflow, so the shift is kept while no score exceeds it by more than
-            # STALE_LIMIT (then every p <= e**STALE_LIMIT). Otherwise, or on masked or
-            # biased tiles, the block is redone the classic way below.
-            if m_finite and not use_bias and tile_in_band(band, i0, bm, j0, bn):
+            # STALE_LIMIT (then every p <= e**STALE_LIMIT). Otherwise, or on masked,
+            # biased, capped or ALiBi tiles, the block is redone the classic way below.
+            if m_finite and plain and tile_in_band(band, i0, bm, j0, bn):
                 x_max[:] = -np.inf
                 p_sum[:] = 0.0
                 matmul_exp(k[b, kv][j0:j1], qsT, s_buf[:bn, :bm], m_i, x_max, p_sum)
@@ -336,7 +358,8 @@ def _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, out, stats):
                     matmul(vT[b, kv][:, j0:j1], s_buf[:bn, :bm], accT, True)  # accT += v_blk.T @ pT
                     continue
 
-            scores_t(k[b, kv][j0:j1], qsT, s_buf[:bn], bias, band, b, h, i0, j0)
+            scores_t(k[b, kv][j0:j1], qsT, s_buf[:bn], bias, band, reals, alibi, b, h, i0, j0,
+                     no_slopes)
 
             # m_new = max(m_i, max over this block's keys)
             m_new[:] = m_i
@@ -402,11 +425,12 @@ def _bwd_preprocess(out, dout, stats, dlse, rows):
 
 
 @helper
-def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, bias, band, dropout,
-             drop_scale, b, h, i0, j0):
+def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, slope_rows, bias, band,
+             dropout, reals, alibi, b, h, i0, j0):
     """One (key block, query block) tile of the backward: on return ``s_rows[:, :bm]``
     holds the dropped exps ``eT * z`` and ``dp_rows[:, :bm]`` holds ``dsT``, the gradient
-    of the scores.
+    of the tile product ``x = k @ (scale q).T`` (through the softcap: ``slope_rows``, as
+    many rows as the tile with softcap, else none, holds its slopes).
 
     k_blk (bn, D), v_blk (bn, Dv), qsT (D, bm) scaled queries transposed; shift (bm,) the
     rows' shifts; s_rows, dp_rows (bn, padded) tile buffers. The probabilities are
@@ -417,15 +441,18 @@ def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, bias, ba
     ``(eT * z) @ (dO / norm) = (pT * z) @ dO``.
     """
     # forward: pT = exp(sT - m) / l, recomputed instead of stored
-    scores_t(k_blk, qsT, s_rows, bias, band, b, h, i0, j0)
+    scores_t(k_blk, qsT, s_rows, bias, band, reals, alibi, b, h, i0, j0, slope_rows)
     bn = k_blk.shape[0]
     bm = qsT.shape[1]
+    drop_scale = reals[1]
     for jj in range(bn):
         exp_sub(s_rows[jj, :bm], shift)  # eT = pT * norm
     # forward: out = (pT * z).T @ v  ->  dpT = z * (v @ dO.T)   (here / norm)
     matmul(v_blk, doT, dp_rows[:, :bm], False)
     # forward: p = softmax(s)  ->  ds = p * (dp - delta)
-    if has_dropout(dropout):
+    use_cap = has_softcap(reals)
+    use_dropout = has_dropout(dropout)
+    if use_dropout:
         for jj in range(bn):
             p_row = s_rows[jj, :bm]
             dp_row = dp_rows[jj, :bm]
@@ -433,12 +460,26 @@ def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, bias, ba
                 z = drop_scale if keep(dropout, b, h, i0 + ii, j0 + jj) else 0.0
                 dp_row[ii] = p_row[ii] * (dp_row[ii] * z - delta_blk[ii])
                 p_row[ii] *= z
+    elif use_cap:  # and the softcap's factor below, in the same sweep
+        for jj in range(bn):
+            p_row = s_rows[jj, :bm]
+            dp_row = dp_rows[jj, :bm]
+            slope_row = slope_rows[jj, :bm]
+            for ii in range(bm):
+                dp_row[ii] = p_row[ii] * (dp_row[ii] - delta_blk[ii]) * slope_row[ii]
     else:
         for jj in range(bn):
             p_row = s_rows[jj, :bm]
             dp_row = dp_rows[jj, :bm]
             for ii in range(bm):
                 dp_row[ii] = p_row[ii] * (dp_row[ii] - delta_blk[ii])
+    # forward: sT = cap(xT) + alibi + bias  ->  dxT = dsT * cap'(xT)   (done above without dropout)
+    if use_cap and use_dropout:
+        for jj in range(bn):
+            dp_row = dp_rows[jj, :bm]
+            slope_row = slope_rows[jj, :bm]
+            for ii in range(bm):
+                dp_row[ii] *= slope_row[ii]
 
 
 @helper
@@ -475,12 +516,13 @@ def query_block_buffers(rows, D, Dv, like):
 
 
 @kernel
-def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, grads):
+def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, alibi, blocks, grads):
     """dK, dV (grads[1], grads[2]): one task per (b, kv head, key block), the key block resident."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BLOCK_M, BLOCK_N = blocks
-    scale, drop_scale = reals
+    scale = reals[0]
+    use_cap = has_softcap(reals)
     dk, dv = grads[1], grads[2]
     group = Hq // Hkv
     n_kblocks = (Nk + BLOCK_N - 1) // BLOCK_N
@@ -496,6 +538,7 @@ def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, grads):
         dv_acc = np.zeros((bn, Dv), dtype=q.dtype)
         s_buf = tile_buffer(bn, BLOCK_M, q)
         dp_buf = tile_buffer(bn, BLOCK_M, q)
+        slope_buf = tile_buffer(bn if use_cap else 0, BLOCK_M, q)  # the softcap's slopes
         bufs = query_block_buffers(BLOCK_M, D, Dv, q)
 
         i_start, i_stop = query_range(band, j0, j1, Nq)
@@ -505,8 +548,8 @@ def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, grads):
                 bm = i1 - i0
                 qsT, doT, q_blk, do_blk, shift, delta_blk = load_query_block(
                     q, dout, rows, scale, b, h, i0, i1, bufs)
-                bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_buf, dp_buf, bias, band,
-                         dropout, drop_scale, b, h, i0, j0)
+                bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_buf, dp_buf, slope_buf, bias,
+                         band, dropout, reals, alibi, b, h, i0, j0)
                 # forward: out = (pT * z).T @ v  ->  dv = (pT * z) @ dO = (eT * z) @ (dO / norm)
                 matmul(s_buf[:, :bm], do_blk, dv_acc, True)
                 # forward: sT = k @ (scale * q).T  ->  dk = scale * dsT @ q
@@ -519,12 +562,13 @@ def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, grads):
 
 
 @kernel
-def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grads):
+def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, blocks, grads):
     """dQ (grads[0]): one task per (b, h, query block), the query block resident."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BLOCK_M, BLOCK_N = blocks
-    scale, drop_scale = reals
+    scale = reals[0]
+    use_cap = has_softcap(reals)
     dq = grads[0]
     group = Hq // Hkv
     n_qblocks = (Nq + BLOCK_M - 1) // BLOCK_M
@@ -541,13 +585,14 @@ def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grads):
         dqT[:] = 0.0
         s_buf = tile_buffer(BLOCK_N, bm, q)
         dp_buf = tile_buffer(BLOCK_N, bm, q)
+        slope_buf = tile_buffer(BLOCK_N if use_cap else 0, bm, q)  # the softcap's slopes
 
         j_start, j_stop = key_range(band, i0, i1, Nk)
         for j0 in range(j_start, j_stop, BLOCK_N):
             j1 = min(j0 + BLOCK_N, j_stop)
             bn = j1 - j0
             bwd_tile(k[b, kv][j0:j1], v[b, kv][j0:j1], qsT, doT, shift, delta_blk, s_buf[:bn],
-                     dp_buf[:bn], bias, band, dropout, drop_scale, b, h, i0, j0)
+                     dp_buf[:bn], slope_buf[:bn], bias, band, dropout, reals, alibi, b, h, i0, j0)
             # forward: sT = scale * k @ q.T  ->  dq.T = scale * k.T @ dsT
             matmul(kT[b, kv][:, j0:j1], dp_buf[:bn, :bm], dqT, True)
         for ii in range(bm):
@@ -556,13 +601,14 @@ def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grads):
 
 
 @kernel
-def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grads):
+def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, blocks, grads):
     """dkdv with the key block resident, plus dq added from the same tiles (see the module
     docstring). One task per (b, kv head): it owns dq of the group's query heads."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BLOCK_M, BLOCK_N = blocks
-    scale, drop_scale = reals
+    scale = reals[0]
+    use_cap = has_softcap(reals)
     dq, dk, dv = grads
     group = Hq // Hkv
     for task in prange(B * Hkv):
@@ -572,6 +618,7 @@ def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grad
         dv_acc = np.empty((BLOCK_N, Dv), dtype=q.dtype)
         s_buf = tile_buffer(BLOCK_N, BLOCK_M, q)
         dp_buf = tile_buffer(BLOCK_N, BLOCK_M, q)
+        slope_buf = tile_buffer(BLOCK_N if use_cap else 0, BLOCK_M, q)  # the softcap's slopes
         bufs = query_block_buffers(BLOCK_M, D, Dv, q)
         dqT = np.zeros((group, D, Nq), dtype=q.dtype)  # the group's dQ.T / scale
         for j0 in range(0, Nk, BLOCK_N):
@@ -589,7 +636,7 @@ def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grad
                     qsT, doT, q_blk, do_blk, shift, delta_blk = load_query_block(
                         q, dout, rows, scale, b, h, i0, i1, bufs)
                     bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_buf[:bn], dp_buf[:bn],
-                             bias, band, dropout, drop_scale, b, h, i0, j0)
+                             slope_buf[:bn], bias, band, dropout, reals, alibi, b, h, i0, j0)
                     eT = s_buf[:bn, :bm]
                     dsT = dp_buf[:bn, :bm]
                     matmul(eT, do_blk, dv_acc[:bn], True)  # dv += (eT * z) @ (dO / norm)
