@@ -21,6 +21,7 @@ import tempfile
 
 import numpy as np
 
+from ..nn.layers import skip_init
 from ..nn.module import Module
 from .families import Architecture, Weights, read_config
 from .model import CausalLM
@@ -50,7 +51,8 @@ def from_pretrained(directory, dtype=np.float32, *, backend: str = "auto") -> Ca
         raise FileNotFoundError(f"{directory} has no {CONFIG}: not a Hugging Face checkpoint directory")
     config = json.loads(config_path.read_text())
     read_config(config)  # unsupported fields fail here, before any weight is read
-    model = CausalLM(config, dtype=dtype, backend=backend, rng=np.random.default_rng(0))
+    with skip_init():  # every weight is overwritten below: drawing random ones would cost seconds
+        model = CausalLM(config, dtype=dtype, backend=backend)
     with _Tensors(directory) as tensors:
         _load(model, tensors)
     return model.eval()
