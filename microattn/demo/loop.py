@@ -38,9 +38,16 @@ from pathlib import Path
 import numpy as np
 
 from .. import backends, losses, nn, optim
-from .checkpoint import (CHECKPOINT_NAME, CheckpointError, check_parameters, check_run_state, checkpoint_path,
-                         load_checkpoint, save_checkpoint)
-from .tasks import IGNORE, TASKS, Task, make_batch, make_task
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    check_parameters,
+    check_run_state,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .tasks import ALL_TASKS, IGNORE, DataFileError, Task, make_batch, make_task
 
 # TrainConfig's fields that count something: each must be an integer >= 1.
 POSITIVE_INTEGERS = ("steps", "batch_size", "embed_dim", "num_layers", "num_heads", "window", "kv_heads",
@@ -82,8 +89,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self._check_kinds()
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
+        if self.task not in ALL_TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(ALL_TASKS)}")
         make_task(self.task, **self.task_options)  # ValueError: options it does not take, or bad values
         if self.attention not in VARIANTS:
             raise ValueError(f"unknown attention {self.attention!r}; expected one of {', '.join(VARIANTS)}")
@@ -222,6 +229,8 @@ class Run:
         check_run_state(state, path)
         try:
             config = TrainConfig.from_json(state["config"])
+        except DataFileError:  # the run's text file is gone or changed: that, not the checkpoint, is wrong
+            raise
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"{path}: its config is not a valid TrainConfig: {error}") from None
         run = cls.create(config)
