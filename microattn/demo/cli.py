@@ -513,6 +513,8 @@ def cmd_train(args) -> int:
         if run.step >= run.config.steps:
             say(f"{checkpoint} is already at step {run.step} of {run.config.steps}; nothing to do")
             return 0
+        if isinstance(run.task, TextFile):
+            run.task.check()  # the file is still there, and still the one the run began with
         say(f"resuming {describe_task(run)} / {run.config.attention} at step {run.step} of {run.config.steps}")
     else:
         if checkpoint.exists():
@@ -520,7 +522,7 @@ def cmd_train(args) -> int:
         if comm is not None:
             comm.Barrier()  # every rank has looked before rank 0 writes the first checkpoint
         if file_options is not None:  # the file's digest goes into the config: a resume checks it
-            file_options["sha256"] = TextFile(**file_options).sha256
+            file_options["sha256"] = TextFile(**file_options).check()
             given.update(task="text", task_options=file_options)
         run = Run.create(TrainConfig(**given))
         say(f"training {describe_task(run)} / {run.config.attention}: {run.model.num_parameters():,} parameters, "

@@ -47,7 +47,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .tasks import ALL_TASKS, IGNORE, DataFileError, Task, make_batch, make_task
+from .tasks import ALL_TASKS, IGNORE, Task, make_batch, make_task
 
 # TrainConfig's fields that count something: each must be an integer >= 1.
 POSITIVE_INTEGERS = ("steps", "batch_size", "embed_dim", "num_layers", "num_heads", "window", "kv_heads",
@@ -229,8 +229,6 @@ class Run:
         check_run_state(state, path)
         try:
             config = TrainConfig.from_json(state["config"])
-        except DataFileError:  # the run's text file is gone or changed: that, not the checkpoint, is wrong
-            raise
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"{path}: its config is not a valid TrainConfig: {error}") from None
         run = cls.create(config)

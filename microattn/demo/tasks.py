@@ -317,9 +317,11 @@ class TextFile(Task):
     ``seq_len + 1`` bytes drawn uniformly from the whole file, every position scored.
 
     Any file works (UTF-8 text is the usual case; a character of several bytes is several
-    tokens). ``sha256``, when given, is the digest the run recorded: a file that no longer
-    has it is a :class:`DataFileError`, so a run never resumes on other data. There is no
-    held-out part: the "heldout" split draws other windows of the same file.
+    tokens). ``sha256``, when given, is the digest the run recorded. The file is read only
+    when its bytes are needed (a batch; ``check()``), so a model trained on it samples
+    without it; a file then missing, empty, shorter than a window, or without the recorded
+    digest is a :class:`DataFileError`: a run never trains on other data than it began
+    with. There is no held-out part: the "heldout" split draws other windows of the file.
     """
 
     name = "text"
@@ -332,25 +334,43 @@ class TextFile(Task):
             raise ValueError(f"text's seq_len must be a positive integer, got {seq_len!r:.40}")
         if sha256 is not None and not isinstance(sha256, str):
             raise ValueError(f"text's sha256 must be a hex string, got {sha256!r:.60}")
-        self.path, self.seq_len = path, int(seq_len)
-        file = Path(path)
+        self.path, self.seq_len, self.recorded = path, int(seq_len), sha256
+        self.summary = f"next byte of {Path(path).name}, windows of {self.seq_len}"
+
+    def check(self) -> str:
+        """The file's SHA-256; DataFileError unless it exists, holds a training window and
+        has the recorded digest (if one was given)."""
+        file = Path(self.path)
         if not file.exists():
-            raise DataFileError(f"text file {path} does not exist")
+            raise DataFileError(f"text file {self.path} does not exist")
         if not file.is_file():
-            raise DataFileError(f"text file {path} is not a file")
+            raise DataFileError(f"text file {self.path} is not a file")
         size = file.stat().st_size
         if size == 0:
-            raise DataFileError(f"text file {path} is empty")
+            raise DataFileError(f"text file {self.path} is empty")
         if size < self.seq_len + 1:
-            raise DataFileError(f"text file {path} has {size} bytes; a training window needs "
-                                f"seq_len + 1 = {self.seq_len + 1}: use a longer file or a shorter context")
-        self.sha256 = file_sha256(path)
-        if sha256 is not None and sha256 != self.sha256:
-            raise DataFileError(f"text file {path} has changed since this run began: its SHA-256 is now "
-                                f"{self.sha256[:16]}..., the run recorded {sha256[:16]}...")
-        self.size = size
-        self.data = np.memmap(path, dtype=np.uint8, mode="r")  # read on demand, never written
-        self.summary = f"next byte of {file.name} ({size:,} bytes), windows of {self.seq_len}"
+            raise DataFileError(f"text file {self.path} has {size} bytes; a training window needs seq_len + 1 = "
+                                f"{self.seq_len + 1}: use a longer file or a smaller seq_len (--seq-len)")
+        digest = file_sha256(self.path)
+        if self.recorded is not None and digest != self.recorded:
+            raise DataFileError(f"text file {self.path} has changed since this run began: its SHA-256 is now "
+                                f"{digest[:16]}..., the run recorded {self.recorded[:16]}...")
+        return digest
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The recorded digest, or (a new run) the file's."""
+        return self.recorded if self.recorded is not None else self.check()
+
+    @functools.cached_property
+    def data(self) -> np.ndarray:
+        """The file's bytes (uint8), read on demand, never written; checked first."""
+        self.check()
+        return np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
 
     @functools.cached_property
     def token_names(self) -> list[str]:

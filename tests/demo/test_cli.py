@@ -12,6 +12,7 @@ import pytest
 
 from microattn.demo import cli, loop
 from microattn.demo.checkpoint import load_checkpoint, save_checkpoint
+from microattn.demo.tasks import TextFile
 
 # A tiny model on a tiny recall task, so a CLI run takes about a second.
 TINY = ["--embed-dim", "16", "--heads", "2", "--batch-size", "4", "--backend", "reference"]
@@ -334,21 +335,29 @@ def test_train_text_resumes_exactly(text_run, tmp_path, capsys):
     assert loop.Run.load(tmp_path / "partial").losses == reference.losses  # bit for bit
 
 
-def test_resuming_on_a_changed_or_missing_file_is_a_clear_error(tmp_path, capsys):
-    corpus = tmp_path / "corpus.txt"
+def test_a_changed_or_missing_file_stops_a_resume_but_not_sampling(tmp_path, capsys):
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "run"
     corpus.write_text(TEXT)
-    assert run_cli("train", "--text", corpus, "--out", tmp_path / "run", "--steps", 4, "--checkpoint-every", 2,
-                   *TEXT_RUN) == 0
-    capsys.readouterr()
-    for command in (["train", "--out", tmp_path / "run", "--resume"], ["sample", "--checkpoint", tmp_path / "run",
-                                                                       "--prompt", "a"]):
-        corpus.write_text(TEXT.replace("café", "cafe"))
-        assert run_cli(*command) == 1
-        line = one_error_line(capsys.readouterr().err)
-        assert "has changed since this run began" in line and "its config" not in line
-        corpus.unlink()
-        assert run_cli(*command) == 1
-        assert "does not exist" in one_error_line(capsys.readouterr().err)
+    options = {"path": str(corpus), "sha256": TextFile(str(corpus)).check(), "seq_len": 16}
+    config = loop.TrainConfig(task="text", task_options=options, embed_dim=16, num_heads=2, batch_size=4, steps=4,
+                              backend="reference")
+
+    def interrupt_at_2(run, loss):
+        if run.step == 2:
+            raise KeyboardInterrupt
+
+    assert loop.train(loop.Run.create(config), out, on_step=interrupt_at_2).interrupted
+    for change, message in [(lambda: corpus.write_text(TEXT.replace("café", "cafe")), "has changed since this run began"),
+                            (corpus.unlink, "does not exist")]:
+        change()
+        for command in (["train", "--out", out, "--resume", "--no-progress"], ["eval", "--checkpoint", out]):
+            assert run_cli(*command) == 1
+            line = one_error_line(capsys.readouterr().err)
+            assert message in line and str(corpus) in line
+        assert loop.Run.load(out).step == 2  # nothing trained on other data
+        # sampling needs the model only
+        assert run_cli("sample", "--checkpoint", out, "--prompt", "a", "--max-new-tokens", 3) == 0
+        assert capsys.readouterr().out.startswith("a")
 
 
 @pytest.mark.parametrize("content, message", [(b"", "is empty"), (b"too short", "has 9 bytes; a training window")])

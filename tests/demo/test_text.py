@@ -54,28 +54,34 @@ def test_config_round_trips_and_decode_is_utf8_with_replacement(corpus):
 
 @pytest.mark.parametrize("content, seq_len, message", [
     (b"", 8, "is empty"),
-    (b"short", 8, r"has 5 bytes; a training window needs seq_len \+ 1 = 9"),
+    (b"short", 8, r"has 5 bytes; a training window needs seq_len \+ 1 = 9: use a longer file or a smaller seq_len"),
     (b"123456789", 8, None),  # exactly one window fits
 ])
 def test_empty_and_short_files_are_clear_errors(content, seq_len, message, tmp_path):
     path = tmp_path / "f.txt"
     path.write_bytes(content)
+    task = make_task("text", path=str(path), seq_len=seq_len)  # the file is read when needed
     if message is None:
-        assert make_batch(make_task("text", path=str(path), seq_len=seq_len), 0, 0, 2).inputs.shape == (2, 8)
+        assert make_batch(task, 0, 0, 2).inputs.shape == (2, 8)
         return
-    with pytest.raises(DataFileError, match=message):
-        make_task("text", path=str(path), seq_len=seq_len)
+    for use in (task.check, lambda: make_batch(task, 0, 0, 2)):
+        with pytest.raises(DataFileError, match=message):
+            use()
 
 
-def test_a_changed_or_missing_file_is_refused(corpus, tmp_path):
-    recorded = TextFile(str(corpus)).sha256
+def test_a_changed_or_missing_file_is_refused_when_its_bytes_are_needed(corpus, tmp_path):
+    recorded = TextFile(str(corpus)).check()
+    assert TextFile(str(corpus), sha256=recorded).check() == recorded
     corpus.write_text(SAMPLE.replace("wörld", "world"))
-    with pytest.raises(DataFileError, match="has changed since this run began"):
-        TextFile(str(corpus), sha256=recorded)
+    changed = TextFile(str(corpus), sha256=recorded)
+    assert changed.sha256 == recorded and changed.vocab_size == 256  # what a model needs, without the file
+    for use in (changed.check, lambda: make_batch(changed, 0, 0, 2)):
+        with pytest.raises(DataFileError, match="has changed since this run began"):
+            use()
     with pytest.raises(DataFileError, match="does not exist"):
-        TextFile(str(tmp_path / "gone.txt"))
+        TextFile(str(tmp_path / "gone.txt")).check()
     with pytest.raises(DataFileError, match="is not a file"):
-        TextFile(str(tmp_path))
+        TextFile(str(tmp_path)).check()
     with pytest.raises(ValueError, match="task text needs the option path"):
         make_task("text")
     with pytest.raises(ValueError, match="seq_len must be an integer"):
