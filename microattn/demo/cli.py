@@ -197,7 +197,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="microattn",
         description="Train and inspect a small transformer on this CPU, with exact, "
-                    "sliding-window, linear and grouped-query attention.",
+                    "sliding-window, linear and grouped-query attention; train one on a text "
+                    "file; run and fine-tune Hugging Face checkpoints.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     commands.required = True
