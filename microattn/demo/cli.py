@@ -12,7 +12,8 @@
     microattn finetune --model DIR --text book.txt --out DIR2
 
 Every command returns an exit status from :func:`main` (0 success, 1 an error, 2 bad
-arguments, 130 interrupted); errors print one line, ``microattn: error: ...``.
+arguments, 130 interrupted, 141 stdout closed by its reader); errors print one line,
+``microattn: error: ...``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from .text import (
 )
 
 INTERRUPTED = 130  # the shell's convention for "stopped by SIGINT"
+BROKEN_PIPE = 141  # ... and for "stopped by SIGPIPE" (the reader of stdout went away)
 TEXT_SEQ_LEN = 128  # train --text: bytes of context unless --seq-len says otherwise
 LOSS_PLOT_NAME = "loss.png"  # written next to the checkpoint by `train`
 
@@ -304,6 +306,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\nmicroattn: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except BrokenPipeError:
+        # whoever read stdout stopped (`microattn generate ... | head`): end quietly, as
+        # Unix tools do, and keep Python's last flush at exit from failing again
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
     except MemoryError:
         print("microattn: error: out of memory: choose smaller sizes (--batch-size, --embed-dim, --layers, "
               "--examples, ...)", file=sys.stderr)

@@ -3,6 +3,7 @@ text and ids, the model's own tokens, fine-tuned checkpoints that transformers l
 one-line errors for what a user can get wrong."""
 
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -165,6 +166,22 @@ def test_generate_text_streams_whole_characters(checkpoint, monkeypatch, capsys)
     monkeypatch.setattr(models.CausalLM, "generate", original)
     assert chunks[0] == "A" and "".join(chunks[1:]) == "日本語\n"
     assert not any("\ufffd" in chunk for chunk in chunks)
+
+
+def test_a_reader_that_stops_early_ends_generate_quietly(checkpoint):
+    """`microattn generate ... | head -c 20`: the pipe closes under a running generation."""
+    _, bare, _ = checkpoint
+    process = subprocess.Popen([sys.executable, "-m", "microattn", "generate", "--model", str(bare),
+                                "--prompt-ids", "1 2 3", "--max-new-tokens", "100000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout.read(20)
+        process.stdout.close()
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == cli.BROKEN_PIPE
+    assert b"Traceback" not in stderr and b"Exception ignored" not in stderr and b"error" not in stderr
 
 
 @pytest.mark.parametrize("argv, message", [
