@@ -8,7 +8,7 @@
                       reads, name mapping, building the model), which scales with the bytes.
                       The ~100M-parameter figure against transformers comes from
                       ``benchmarks/compare_models.py``.
-* ``Generate``        ``CausalLM.generate`` on the same model: 32 new tokens after a
+* ``GenerateLlama``   ``CausalLM.generate`` on the same model: 32 new tokens after a
                       32-token prompt, batch 1, greedy or sampled (temperature 0.8, top-k 50,
                       top-p 0.95, seeded), KV caches throughout.
 
@@ -57,7 +57,7 @@ class LoadCheckpoint:
         models.from_pretrained(f"{self.directory}/llama")
 
 
-class Generate:
+class GenerateLlama:
     """32 new tokens after a 32-token prompt, batch 1."""
 
     params: ClassVar = [["greedy", "sampled"]]
