@@ -20,7 +20,7 @@ import pytest
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 EXTRA_OF = {"torch": "oracle", "matplotlib": "oracle", "transformers": "oracle", "numba_cuda": "cuda",
-            "mpi4py": "mpi", "safetensors": "models"}
+            "mpi4py": "mpi", "safetensors": "models", "tokenizers": "models"}
 
 # the reasons require() and pytest.importorskip give when one of those modules is missing
 MISSING_OPTIONAL = re.compile(r"\b(%s)\b.*(?:No module named|is not installed)" % "|".join(EXTRA_OF))

@@ -130,6 +130,23 @@ def test_layers_default_to_float32_and_seeded_init_is_reproducible():
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+def test_skip_init_builds_zeros_without_drawing_and_is_undone_after():
+    generator = rng(5)
+    with nn.skip_init():
+        with nn.skip_init():  # nests
+            pass
+        linear, embedding = nn.Linear(4, 3, rng=generator), nn.Embedding(6, 2, rng=generator)
+        norm = nn.RMSNorm(3)
+    for param in (linear.weight, linear.bias, embedding.weight):
+        assert param.dtype == np.float32 and not param.data.any()
+    assert np.array_equal(norm.weight.data, np.ones(3))  # constants as usual
+    # nothing was drawn: the generator gives what a fresh one of the same seed gives
+    np.testing.assert_array_equal(nn.Linear(4, 3, rng=generator).weight.data, nn.Linear(4, 3, rng=rng(5)).weight.data)
+    with pytest.raises(RuntimeError), nn.skip_init():
+        raise RuntimeError
+    assert nn.Linear(4, 3, rng=rng(5)).weight.data.any()  # off again after an exception
+
+
 # ----------------------------------------------------------------------------- basic layers
 
 
@@ -587,6 +604,31 @@ def test_generate_sampling_is_seeded():
     assert not np.array_equal(a, model.generate(prompt, 6, greedy=False, rng=rng(2)))
     assert not np.array_equal(a, greedy)
     np.testing.assert_array_equal(model.generate(prompt, 6, greedy=False, temperature=1e-3, rng=rng(2)), greedy)
+
+
+def test_generate_streams_each_new_token_before_the_next_forward():
+    model = tiny_lm()
+    prompt = rng(6).integers(0, 9, (2, 3))
+    seen, forwards = [], []
+    original = model.forward
+
+    def counting(*args, **kwargs):
+        forwards.append(len(seen))
+        return original(*args, **kwargs)
+
+    object.__setattr__(model, "forward", counting)
+    out = model.generate(prompt, 4, on_token=lambda tokens: seen.append(tokens))
+    del model.__dict__["forward"]
+    assert [t.shape for t in seen] == [(2,)] * 4 and all(t.dtype == np.int64 for t in seen)
+    np.testing.assert_array_equal(np.stack(seen, axis=1), out[:, 3:])
+    assert forwards == [0, 1, 2, 3]  # token k is out before forward pass k + 1 starts
+
+    def stop(tokens):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(prompt, 4, on_token=stop)
+    assert model.training  # the mode is restored when the hook stops decoding
 
 
 def test_dropout_in_a_model_is_reproducible_after_a_checkpoint():

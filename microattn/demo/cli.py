@@ -1,4 +1,4 @@
-"""The ``microattn`` command: demo, train, eval, sample, attention-map.
+"""The ``microattn`` command: demo, train, eval, sample, attention-map, generate, finetune.
 
     microattn demo                       # train every attention variant, print the table
     microattn train --task recall --attention window --steps 300 --out runs/w
@@ -6,16 +6,24 @@
     microattn eval --checkpoint runs/w
     microattn sample --checkpoint runs/w
     microattn attention-map --checkpoint runs/w --out map.png
+    microattn train --text book.txt --out runs/book          # a byte-level model of a file
+    microattn sample --checkpoint runs/book --prompt "Once"
+    microattn generate --model DIR --prompt "Once upon"      # a Hugging Face checkpoint
+    microattn finetune --model DIR --text book.txt --out DIR2
 
 Every command returns an exit status from :func:`main` (0 success, 1 an error, 2 bad
-arguments, 130 interrupted); errors print one line, ``microattn: error: ...``.
+arguments, 130 interrupted, 141 stdout closed by its reader); errors print one line,
+``microattn: error: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -23,13 +31,39 @@ from pathlib import Path
 
 import numpy as np
 
+from ..autograd import no_grad
 from ..kernels import blas
+from ..nn.transformer import sample_next_token
 from . import inspection, plots
 from .checkpoint import CHECKPOINT_NAME
-from .loop import VARIANTS, ProgressBar, Run, TrainConfig, step_peak_memory, train, warm_up
-from .tasks import TASKS, make_batch, make_task
+from .loop import (
+    VARIANTS,
+    ProgressBar,
+    Run,
+    TrainConfig,
+    loss_on_batch,
+    step_peak_memory,
+    train,
+    warm_up,
+)
+from .tasks import TASKS, TextFile, heldout_batches, make_batch, make_task
+from .text import (
+    MODELS_EXTRA,
+    TOKENIZER,
+    TOKENIZER_FILES,
+    ByteStream,
+    TokenStream,
+    check_token_ids,
+    finetune,
+    load_tokenizer,
+    mean_loss,
+    parse_token_ids,
+    rolling_generate,
+)
 
 INTERRUPTED = 130  # the shell's convention for "stopped by SIGINT"
+BROKEN_PIPE = 141  # ... and for "stopped by SIGPIPE" (the reader of stdout went away)
+TEXT_SEQ_LEN = 128  # train --text: bytes of context unless --seq-len says otherwise
 LOSS_PLOT_NAME = "loss.png"  # written next to the checkpoint by `train`
 
 # The demo: which (task, attention) pairs it trains, and why each is there.
@@ -94,6 +128,28 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def path(text: str) -> Path:
     """A file or directory name; an empty one (often an unset shell variable) is refused
     rather than read as the current directory."""
@@ -143,7 +199,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="microattn",
         description="Train and inspect a small transformer on this CPU, with exact, "
-                    "sliding-window, linear and grouped-query attention.",
+                    "sliding-window, linear and grouped-query attention; train one on a text "
+                    "file; run and fine-tune Hugging Face checkpoints.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     commands.required = True
@@ -166,6 +223,9 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     for flag, field, kind, text in RUN_OPTIONS:
         train.add_argument(flag, dest=field, type=kind, help=text)
+    train.add_argument("--text", type=path, metavar="FILE",
+                       help="train a byte-level model (vocabulary 256) on this file instead of a task")
+    train.add_argument("--seq-len", type=positive_int, help=f"context in bytes for --text (default {TEXT_SEQ_LEN})")
     train.add_argument("--eval-examples", type=positive_int, default=512,
                        help="held-out sequences to score at the end (default 512)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -176,10 +236,17 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--seed", type=non_negative_int, default=0, help="picks the held-out set (default 0)")
     evaluate.add_argument("--no-cache", action="store_true", help="one full forward pass instead of the KV cache")
 
-    sample = commands.add_parser("sample", help="generate answers for held-out prompts with the KV cache")
+    sample = commands.add_parser("sample", help="generate answers for held-out prompts with the KV cache; "
+                                                 "for a --text run, continue --prompt")
     sample.add_argument("--checkpoint", required=True, type=path, help="a --out directory of train")
-    sample.add_argument("--num", type=positive_int, default=3, help="prompts to complete (default 3)")
-    sample.add_argument("--seed", type=non_negative_int, default=0, help="picks the prompts (default 0)")
+    sample.add_argument("--num", type=positive_int, help="prompts to complete (default 3; --text runs: samples, default 1)")
+    sample.add_argument("--seed", type=non_negative_int, default=0, help="picks the prompts, or seeds sampling (default 0)")
+    sample.add_argument("--prompt", help="text to continue (runs trained with --text)")
+    sample.add_argument("--max-new-tokens", type=non_negative_int, default=200,
+                        help="bytes to generate after --prompt (default 200)")
+    sample.add_argument("--temperature", type=non_negative_float, default=0.8,
+                        help="sampling temperature for --prompt, 0 greedy (default 0.8)")
+    add_filter_options(sample)
 
     attention_map = commands.add_parser("attention-map", help="PNG heatmaps of every head for one input, "
                                                               "and the accuracy lost by ablating each head")
@@ -189,7 +256,39 @@ def build_parser() -> ArgumentParser:
     attention_map.add_argument("--examples", type=positive_int, default=256,
                                help="held-out sequences for the ablation (default 256)")
     attention_map.add_argument("--no-ablation", action="store_true", help="skip the head ablation")
+
+    generate = commands.add_parser("generate", help="continue a prompt with a Hugging Face checkpoint "
+                                                    "(Llama, Mistral, Qwen2, Gemma 2, GPT-2), streaming tokens")
+    generate.add_argument("--model", required=True, type=path, metavar="DIR",
+                          help="a directory of config.json and *.safetensors (tokenizer.json for text)")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text to continue (needs DIR/tokenizer.json)")
+    prompt.add_argument("--prompt-ids", metavar="IDS", help='token ids to continue, e.g. "1 2 3"')
+    generate.add_argument("--max-new-tokens", type=non_negative_int, default=32, help="tokens to add (default 32)")
+    generate.add_argument("--temperature", type=non_negative_float, default=0.0,
+                          help="0 is greedy, as transformers' default (default 0)")
+    add_filter_options(generate)
+    generate.add_argument("--seed", type=non_negative_int, help="seeds sampling: one seed, one output "
+                                                                "(default: fresh randomness)")
+
+    tune = commands.add_parser("finetune", help="fine-tune a Hugging Face checkpoint on a text file and "
+                                                "save it as one (transformers loads the result)")
+    tune.add_argument("--model", required=True, type=path, metavar="DIR", help="the checkpoint (with tokenizer.json)")
+    tune.add_argument("--text", required=True, type=path, metavar="FILE", help="UTF-8 text to train on")
+    tune.add_argument("--out", required=True, type=path, metavar="DIR2", help="a new directory for the result")
+    tune.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (default 100)")
+    tune.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate, constant (default 1e-4)")
+    tune.add_argument("--batch-size", type=positive_int, default=4, help="windows per step (default 4)")
+    tune.add_argument("--seq-len", type=positive_int, default=128, help="tokens per window (default 128)")
+    tune.add_argument("--seed", type=non_negative_int, default=0, help="picks the windows (default 0)")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
+
+
+def add_filter_options(parser) -> None:
+    parser.add_argument("--top-k", type=positive_int, help="sample among the k most likely tokens only")
+    parser.add_argument("--top-p", type=probability,
+                        help="sample among the most likely tokens holding this much probability")
 
 
 def main(argv=None) -> int:
@@ -197,18 +296,27 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with status 2 on bad arguments
     handlers = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
-                "attention-map": cmd_attention_map}
+                "attention-map": cmd_attention_map, "generate": cmd_generate, "finetune": cmd_finetune}
+    # The demo's products are tiny: BLAS threads cost more than they save. A pretrained
+    # model's are not: generate and finetune keep BLAS's own threads.
+    pin = contextlib.nullcontext() if args.command in ("generate", "finetune") else blas.single_threaded()
     try:
-        with blas.single_threaded():  # the model's products are tiny: threads cost more than they save
+        with pin:
             return handlers[args.command](args)
     except KeyboardInterrupt:
         print("\nmicroattn: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except BrokenPipeError:
+        # whoever read stdout stopped (`microattn generate ... | head`): end quietly, as
+        # Unix tools do, and keep Python's last flush at exit from failing again
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
     except MemoryError:
         print("microattn: error: out of memory: choose smaller sizes (--batch-size, --embed-dim, --layers, "
               "--examples, ...)", file=sys.stderr)
         return 1
-    except (CLIError, ValueError, OSError, KeyError, RuntimeError) as error:
+    except (CLIError, ValueError, OSError, KeyError, RuntimeError, ImportError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"microattn: error: {str(message).replace(chr(10), ' ')}", file=sys.stderr)
         return 1
@@ -360,10 +468,45 @@ def mpi_world():
     return MPI.COMM_WORLD
 
 
+def text_options(args, given: dict) -> dict | None:
+    """The task options of a --text run ({"path", "seq_len"}), or None for a task run;
+    CLIError for --text or --seq-len where they do not belong."""
+    if given.get("task") == "text":
+        raise CLIError("--task text: give the file itself with --text FILE")
+    if args.text is None:
+        if args.seq_len is not None and not args.resume:
+            raise CLIError("--seq-len sets the context of a --text run; a task has its own length")
+        return None
+    if "task" in given:
+        raise CLIError(f"--text trains on a file, --task {given['task']} on a synthetic task: choose one")
+    return {"path": str(args.text.resolve()), "seq_len": args.seq_len or TEXT_SEQ_LEN}
+
+
+def check_resumed_text(run: Run, args) -> None:
+    """--text / --seq-len given with --resume must be what the run recorded."""
+    if args.text is None and args.seq_len is None:
+        return
+    options = run.config.task_options
+    if run.config.task != "text":
+        raise CLIError(f"--text and --seq-len are for --text runs; this run learns the {run.config.task} task")
+    if args.text is not None and str(args.text.resolve()) != options["path"]:
+        raise CLIError(f"a resumed run keeps its file; drop --text {args.text} (the run trains on {options['path']})")
+    if args.seq_len is not None and args.seq_len != options["seq_len"]:
+        raise CLIError(f"a resumed run keeps its configuration; drop --seq-len {args.seq_len} "
+                       f"(the checkpoint has {options['seq_len']})")
+
+
+def describe_task(run: Run) -> str:
+    if isinstance(run.task, TextFile):
+        return f"{Path(run.task.path).name} ({run.task.size:,} bytes)"
+    return run.config.task
+
+
 def cmd_train(args) -> int:
     given = {field: getattr(args, field) for _, field, _, _ in RUN_OPTIONS if getattr(args, field) is not None}
     if args.out.exists() and not args.out.is_dir():
         raise CLIError(f"--out {args.out} is a file; expected a directory (for checkpoint.npz and loss.png)")
+    file_options = text_options(args, given)
     comm = mpi_world()
     writer = comm is None or comm.rank == 0
     say = print if writer else (lambda *_, **__: None)  # rank 0 speaks for all
@@ -375,17 +518,23 @@ def cmd_train(args) -> int:
                    for field, value in given.items() if saved[field] != value]
         if changed:
             raise CLIError("a resumed run keeps its configuration; drop " + ", ".join(changed))
+        check_resumed_text(run, args)
         if run.step >= run.config.steps:
             say(f"{checkpoint} is already at step {run.step} of {run.config.steps}; nothing to do")
             return 0
-        say(f"resuming {run.config.task} / {run.config.attention} at step {run.step} of {run.config.steps}")
+        if isinstance(run.task, TextFile):
+            run.task.check()  # the file is still there, and still the one the run began with
+        say(f"resuming {describe_task(run)} / {run.config.attention} at step {run.step} of {run.config.steps}")
     else:
         if checkpoint.exists():
             raise CLIError(f"{checkpoint} exists; pass --resume to continue that run, or choose another --out")
         if comm is not None:
             comm.Barrier()  # every rank has looked before rank 0 writes the first checkpoint
+        if file_options is not None:  # the file's digest goes into the config: a resume checks it
+            file_options["sha256"] = TextFile(**file_options).check()
+            given.update(task="text", task_options=file_options)
         run = Run.create(TrainConfig(**given))
-        say(f"training {run.config.task} / {run.config.attention}: {run.model.num_parameters():,} parameters, "
+        say(f"training {describe_task(run)} / {run.config.attention}: {run.model.num_parameters():,} parameters, "
             f"{run.config.steps} steps of {run.config.batch_size} x {run.task.seq_len} tokens")
     if comm is not None:
         run.data_parallel(comm)
@@ -407,12 +556,18 @@ def cmd_train(args) -> int:
     if not writer:
         return 0
 
-    accuracy = inspection.evaluate(run.model, run.task, run.config.seed, args.eval_examples)
-    print(f"step {run.step}: loss {np.mean(run.losses[-10:]):.4f} (mean of the last 10 steps), "
-          f"held-out accuracy {100 * accuracy:.1f}% on {args.eval_examples} sequences")
+    if isinstance(run.task, TextFile):
+        loss = np.mean(run.losses[-10:])
+        print(f"step {run.step}: loss {loss:.4f} (mean of the last 10 steps) = {loss / math.log(2):.3f} bits per byte")
+    else:
+        accuracy = inspection.evaluate(run.model, run.task, run.config.seed, args.eval_examples)
+        print(f"step {run.step}: loss {np.mean(run.losses[-10:]):.4f} (mean of the last 10 steps), "
+              f"held-out accuracy {100 * accuracy:.1f}% on {args.eval_examples} sequences")
     print(f"checkpoint: {result.checkpoint}")
     note = plots.save_loss_plot(run.losses, args.out / LOSS_PLOT_NAME)
     print(note or f"loss curve: {args.out / LOSS_PLOT_NAME}")
+    if isinstance(run.task, TextFile):
+        print(f"continue a text with: microattn sample --checkpoint {args.out} --prompt \"...\"")
     return 0
 
 
@@ -421,6 +576,8 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     run = Run.load(args.checkpoint)
+    if isinstance(run.task, TextFile):
+        return eval_text(run, args)
     accuracy = inspection.evaluate(run.model, run.task, args.seed, args.examples, use_cache=not args.no_cache)
     how = "one forward pass" if args.no_cache else "token by token through the KV cache"
     print(f"{run.config.task} / {run.config.attention} at step {run.step}: held-out accuracy "
@@ -428,15 +585,72 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def eval_text(run: Run, args) -> int:
+    """Next-byte accuracy and loss on random windows of a --text run's file."""
+    correct = total = 0
+    loss_sum = 0.0
+    for batch in heldout_batches(run.task, args.seed, args.examples):
+        predictions = inspection.predict(run.model, batch.inputs, use_cache=not args.no_cache)
+        correct += int((predictions == batch.targets).sum())
+        total += batch.targets.size
+        with no_grad():
+            loss_sum += float(loss_on_batch(run.model, batch).item()) * batch.targets.size
+    loss = loss_sum / total
+    print(f"{describe_task(run)} / {run.config.attention} at step {run.step}: next-byte accuracy "
+          f"{100 * correct / total:.1f}%, loss {loss:.4f} = {loss / math.log(2):.3f} bits per byte, on "
+          f"{args.examples} random windows of the file (a text run has no held-out part: training may have "
+          "seen them)")
+    return 0
+
+
 def cmd_sample(args) -> int:
     run = Run.load(args.checkpoint)
     task = run.task
+    if isinstance(task, TextFile):
+        return sample_text(run, args)
+    if args.prompt is not None:
+        raise CLIError(f"--prompt continues text, for runs trained with --text; this run learned the "
+                       f"{task.name} task (sample shows its held-out prompts)")
     print(f"{task.name} / {run.config.attention} at step {run.step}: {task.summary}")
-    for index in range(args.num):
+    for index in range(args.num or 3):
         prompt, expected = inspection.first_answer_prompt(task, args.seed, index)
         generated = run.model.generate(prompt, max_new_tokens=len(expected), greedy=True)[0, prompt.shape[1]:]
         verdict = "correct" if np.array_equal(generated, expected) else f"expected {task.decode(expected)}"
         print(f"\n  prompt:    {task.decode(prompt[0])}\n  generated: {task.decode(generated)}   ({verdict})")
+    return 0
+
+
+def sample_text(run: Run, args) -> int:
+    """Continue --prompt with a byte-level model, streaming each character as it completes."""
+    if args.prompt is None:
+        raise CLIError(f"this run learned the text of {run.task.path}: give --prompt TEXT to continue")
+    prompt_bytes = os.fsencode(args.prompt)  # the bytes typed, even ones that are not UTF-8
+    if not prompt_bytes:
+        raise CLIError("--prompt is empty; give at least one character to continue")
+    prompt = np.frombuffer(prompt_bytes, dtype=np.uint8).astype(np.int64)
+    rng = np.random.default_rng(args.seed)
+
+    def pick(logits):
+        return sample_next_token(logits, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rng=rng)
+
+    out = sys.stdout
+    for index in range(args.num or 1):
+        if index:
+            out.write("\n\n")
+        stream = ByteStream()
+        out.write(prompt_bytes.decode("utf-8", errors="replace"))
+        out.flush()
+
+        def show(tokens, stream=stream):
+            piece = stream.step(tokens[0])
+            if piece:
+                out.write(piece)
+                out.flush()
+
+        rolling_generate(run.model, prompt, args.max_new_tokens, pick=pick, on_token=show)
+        out.write(stream.finish())
+    out.write("\n")
+    out.flush()
     return 0
 
 
@@ -464,6 +678,151 @@ def cmd_attention_map(args) -> int:
             print(f"  {layer:>5}  {head:>4}  {100 * drops[layer, head] + 0.0:>9.1f} pts")
 
     title = f"{task.name} / {run.config.attention}: attention weights (rows: queries, columns: keys)"
-    plots.save_attention_maps(maps, task.decode(inputs[0]).split(), args.out, title=title, drops=drops)
+    labels = [task.token_names[int(token)] for token in inputs[0]]
+    plots.save_attention_maps(maps, labels, args.out, title=title, drops=drops)
     print(f"attention maps: {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate, finetune
+
+
+def _models():
+    """microattn.models, or a CLIError naming the extra when safetensors is missing."""
+    try:
+        import safetensors  # noqa: F401  (the models extra)
+    except ImportError:
+        raise CLIError(f"Hugging Face checkpoints need the safetensors package: {MODELS_EXTRA}") from None
+    from .. import models
+
+    return models
+
+
+def check_model_dir(directory: Path) -> None:
+    if not directory.exists():
+        raise CLIError(f"--model {directory}: no such directory")
+    if not directory.is_dir():
+        raise CLIError(f"--model {directory} is a file; expected a checkpoint directory "
+                       "(config.json and *.safetensors)")
+
+
+def load_model(directory: Path):
+    """(model, seconds) for a checkpoint directory; its errors name the file."""
+    models = _models()
+    started = time.perf_counter()
+    model = models.from_pretrained(directory)
+    return model, time.perf_counter() - started
+
+
+def model_summary(model, directory: Path, seconds: float) -> str:
+    return (f"{directory}: {model.arch.family.model_type}, {model.num_parameters():,} parameters, "
+            f"float32, loaded in {seconds:.2f} s")
+
+
+def check_length(model, tokens: int, what: str) -> None:
+    """GPT-2 has learned positions: a sequence longer than n_positions cannot run."""
+    limit = model.arch.max_positions
+    if limit is not None and tokens > limit:
+        raise CLIError(f"{what} is {tokens} tokens; this model has {limit} positions (n_positions)")
+
+
+def cmd_generate(args) -> int:
+    check_model_dir(args.model)
+    tokenizer = load_tokenizer(args.model)
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise CLIError(f"--prompt needs a tokenizer to turn text into tokens, and {args.model} has no "
+                           f"{TOKENIZER}; give token ids with --prompt-ids \"1 2 3\"")
+        ids = np.array(tokenizer.encode(args.prompt).ids, dtype=np.int64)
+        if ids.size == 0:
+            raise CLIError("--prompt encodes to no tokens; give some text to continue")
+        what = "the tokenized --prompt"
+    else:
+        ids, what = parse_token_ids(args.prompt_ids), "--prompt-ids"
+    model, seconds = load_model(args.model)
+    check_token_ids(ids, model.arch.vocab_size, what)
+    check_length(model, len(ids) + args.max_new_tokens, f"{what} plus --max-new-tokens")
+    print(model_summary(model, args.model, seconds), file=sys.stderr, flush=True)
+
+    out = sys.stdout
+    if tokenizer is not None:
+        out.write(args.prompt if args.prompt is not None else tokenizer.decode(ids.tolist()))
+        stream = TokenStream(tokenizer, ids)
+        piece_of, finish = stream.step, stream.finish
+    else:
+        out.write(" ".join(str(i) for i in ids))
+        piece_of, finish = (lambda token: f" {token}"), (lambda: "")
+    out.flush()
+
+    def show(tokens):
+        piece = piece_of(int(tokens[0]))
+        if piece:
+            out.write(piece)
+            out.flush()
+
+    started = time.perf_counter()
+    model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, on_token=show)
+    seconds = time.perf_counter() - started
+    out.write(finish() + "\n")
+    out.flush()
+    rate = args.max_new_tokens / seconds if seconds > 0 else float("nan")
+    print(f"{args.max_new_tokens} new tokens in {seconds:.2f} s ({rate:.1f} tokens/s, the {len(ids)}-token "
+          "prompt's pass included)", file=sys.stderr)
+    return 0
+
+
+def read_text(file: Path) -> str:
+    """The UTF-8 text of --text FILE; CLIError if it is missing, empty or not UTF-8."""
+    if not file.exists():
+        raise CLIError(f"--text {file}: no such file")
+    if not file.is_file():
+        raise CLIError(f"--text {file} is not a file")
+    data = file.read_bytes()
+    if not data:
+        raise CLIError(f"--text {file} is empty")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CLIError(f"--text {file} is not UTF-8 text (byte {error.start}: {data[error.start:error.start + 1]!r}); "
+                       "fine-tuning tokenizes text") from None
+
+
+def cmd_finetune(args) -> int:
+    check_model_dir(args.model)
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise CLIError(f"--out {args.out} exists and is not an empty directory; choose a new one "
+                       "(the fine-tuned checkpoint is written there)")
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None:
+        raise CLIError(f"finetune tokenizes the text with the model's tokenizer, and {args.model} has no {TOKENIZER}")
+    corpus = read_text(args.text)
+    tokens = np.array(tokenizer.encode(corpus).ids, dtype=np.int64)
+    if len(tokens) < args.seq_len + 1:
+        raise CLIError(f"--text {args.text} is {len(tokens)} tokens; a training window needs --seq-len + 1 = "
+                       f"{args.seq_len + 1}: use a longer text or a smaller --seq-len")
+    model, seconds = load_model(args.model)
+    check_token_ids(tokens, model.arch.vocab_size, "the tokenized --text")
+    check_length(model, args.seq_len, "--seq-len")
+    print(model_summary(model, args.model, seconds))
+    print(f"fine-tuning on {args.text} ({len(tokens):,} tokens): {args.steps} steps of {args.batch_size} x "
+          f"{args.seq_len} tokens, AdamW lr {args.lr:g}", flush=True)
+
+    before = mean_loss(model, tokens, args.seq_len, seed=args.seed + 1)
+    bar = None if args.no_progress else ProgressBar(args.steps, "finetune")
+    history = finetune(model, tokens, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                       seq_len=args.seq_len, seed=args.seed,
+                       on_step=None if bar is None else (lambda step, loss: bar.update(step, loss)))
+    if bar is not None:
+        bar.close()
+    after = mean_loss(model, tokens, args.seq_len, seed=args.seed + 1)
+    print(f"training loss {history[0]:.3f} (step 1) -> {np.mean(history[-10:]):.3f} (mean of the last 10 steps); "
+          f"on 8 random windows of the text: {before:.3f} before, {after:.3f} after")
+
+    _models().save_pretrained(model, args.out)
+    copied = [name for name in TOKENIZER_FILES if (args.model / name).is_file()]
+    for name in copied:
+        shutil.copyfile(args.model / name, args.out / name)
+    print(f"saved to {args.out}: config.json, model.safetensors" + "".join(f", {name}" for name in copied))
+    print(f"try it: microattn generate --model {args.out} --prompt \"...\"")
     return 0

@@ -38,9 +38,16 @@ from pathlib import Path
 import numpy as np
 
 from .. import backends, losses, nn, optim
-from .checkpoint import (CHECKPOINT_NAME, CheckpointError, check_parameters, check_run_state, checkpoint_path,
-                         load_checkpoint, save_checkpoint)
-from .tasks import IGNORE, TASKS, Task, make_batch, make_task
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    check_parameters,
+    check_run_state,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .tasks import ALL_TASKS, IGNORE, Task, make_batch, make_task
 
 # TrainConfig's fields that count something: each must be an integer >= 1.
 POSITIVE_INTEGERS = ("steps", "batch_size", "embed_dim", "num_layers", "num_heads", "window", "kv_heads",
@@ -82,8 +89,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self._check_kinds()
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
+        if self.task not in ALL_TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(ALL_TASKS)}")
         make_task(self.task, **self.task_options)  # ValueError: options it does not take, or bad values
         if self.attention not in VARIANTS:
             raise ValueError(f"unknown attention {self.attention!r}; expected one of {', '.join(VARIANTS)}")

@@ -25,13 +25,20 @@ The tasks, each shown as a decoded example (``task.decode``)::
     induction  a 3 k 9 c 0 ... ? k 9 c 0 ...
              recall with key and value as separate tokens: needs an induction head (two
              attention hops), which takes a small model thousands of steps to form.
+
+Beside them, ``text`` (:class:`TextFile`, not one of the synthetic ``TASKS``): any file's
+bytes as a language-modelling corpus, every position scored (``microattn train --text``).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import inspect
+import os
 import string
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -301,23 +308,129 @@ class Needle(Task):
                 "num_fillers": self.num_fillers, "num_values": self.num_values}
 
 
+class DataFileError(ValueError):
+    """A text file a run cannot use: missing, empty, too short, or changed since the run began."""
+
+
+class TextFile(Task):
+    """Next-byte prediction on a file: vocabulary 256 (one token per byte value), windows of
+    ``seq_len + 1`` bytes drawn uniformly from the whole file, every position scored.
+
+    Any file works (UTF-8 text is the usual case; a character of several bytes is several
+    tokens). ``sha256``, when given, is the digest the run recorded. The file is read only
+    when its bytes are needed (a batch; ``check()``), so a model trained on it samples
+    without it; a file then missing, empty, shorter than a window, or without the recorded
+    digest is a :class:`DataFileError`: a run never trains on other data than it began
+    with. There is no held-out part: the "heldout" split draws other windows of the file.
+    """
+
+    name = "text"
+    vocab_size = 256
+
+    def __init__(self, path: str, sha256: str | None = None, seq_len: int = 128):
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"task text needs the file's path (a string), got {path!r:.60}")
+        if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+            raise ValueError(f"text's seq_len must be a positive integer, got {seq_len!r:.40}")
+        if sha256 is not None and not isinstance(sha256, str):
+            raise ValueError(f"text's sha256 must be a hex string, got {sha256!r:.60}")
+        self.path, self.seq_len, self.recorded = path, int(seq_len), sha256
+        self.summary = f"next byte of {Path(path).name}, windows of {self.seq_len}"
+
+    def check(self) -> str:
+        """The file's SHA-256; DataFileError unless it exists, holds a training window and
+        has the recorded digest (if one was given)."""
+        file = Path(self.path)
+        if not file.exists():
+            raise DataFileError(f"text file {self.path} does not exist")
+        if not file.is_file():
+            raise DataFileError(f"text file {self.path} is not a file")
+        size = file.stat().st_size
+        if size == 0:
+            raise DataFileError(f"text file {self.path} is empty")
+        if size < self.seq_len + 1:
+            raise DataFileError(f"text file {self.path} has {size} bytes; a training window needs seq_len + 1 = "
+                                f"{self.seq_len + 1}: use a longer file or a smaller seq_len (--seq-len)")
+        digest = file_sha256(self.path)
+        if self.recorded is not None and digest != self.recorded:
+            raise DataFileError(f"text file {self.path} has changed since this run began: its SHA-256 is now "
+                                f"{digest[:16]}..., the run recorded {self.recorded[:16]}...")
+        return digest
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The recorded digest, or (a new run) the file's."""
+        return self.recorded if self.recorded is not None else self.check()
+
+    @functools.cached_property
+    def data(self) -> np.ndarray:
+        """The file's bytes (uint8), read on demand, never written; checked first."""
+        self.check()
+        return np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @functools.cached_property
+    def token_names(self) -> list[str]:
+        """A printable name per byte: the character for printable ASCII, else an escape."""
+        special = {ord(" "): "␣", ord("\n"): "\\n", ord("\t"): "\\t"}
+        return [special.get(b, chr(b) if 33 <= b < 127 else f"\\x{b:02x}") for b in range(256)]
+
+    def _generate(self, rng, batch_size):
+        starts = rng.integers(0, self.size - self.seq_len, size=batch_size)  # window [s, s + N]
+        sequences = self.data[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)  # (B, N + 1)
+        return sequences, np.ones(sequences.shape, dtype=bool)
+
+    def decode(self, tokens) -> str:
+        """The bytes as text; bytes that are not UTF-8 become U+FFFD."""
+        return bytes(np.asarray(tokens, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
+
+    def config(self):
+        return {"name": self.name, "path": self.path, "sha256": self.sha256, "seq_len": self.seq_len}
+
+
+def file_sha256(path) -> str:
+    """The file's SHA-256 (hex), remembered while its size, modification time and inode
+    stay the same (a run's config and its model each build the task)."""
+    info = os.stat(path)
+    return _sha256(os.fspath(path), info.st_size, info.st_mtime_ns, info.st_ino)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# The synthetic tasks (``--task``, the demo); ``make_task`` also builds "text".
 TASKS = {cls.name: cls for cls in (AssociativeRecall, Copy, Needle, InductionRecall)}
+ALL_TASKS = {**TASKS, TextFile.name: TextFile}
 
 
 def make_task(name: str, **options) -> Task:
-    """A task by name ("recall", "copy", "needle", "induction"), with constructor options
-    (all integers). ValueError naming the task's options for any it does not take."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
-    accepted = list(inspect.signature(TASKS[name]).parameters)
-    unknown = [option for option in options if option not in accepted]
+    """A task by name ("recall", "copy", "needle", "induction", or "text"), with constructor
+    options (integers, but text's path and sha256). ValueError naming the task's options
+    for any it does not take or lacks."""
+    if name not in ALL_TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(ALL_TASKS)}")
+    parameters = inspect.signature(ALL_TASKS[name]).parameters
+    unknown = [option for option in options if option not in parameters]
     if unknown:
         raise ValueError(f"task {name} has no option {', '.join(map(repr, unknown))}; "
-                         f"its options are {', '.join(accepted)}")
+                         f"its options are {', '.join(parameters)}")
+    missing = [option for option, p in parameters.items() if p.default is p.empty and option not in options]
+    if missing:
+        raise ValueError(f"task {name} needs the option {', '.join(missing)}")
     for option, value in options.items():
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        if isinstance(parameters[option].default, int) and (
+                not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
             raise ValueError(f"task option {option} must be an integer, got {value!r:.40}")
-    return TASKS[name](**options)
+    return ALL_TASKS[name](**options)
 
 
 def make_batch(task: Task, seed: int, step: int, batch_size: int, split: str = "train") -> Batch:

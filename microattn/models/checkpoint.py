@@ -21,6 +21,7 @@ import tempfile
 
 import numpy as np
 
+from ..nn.layers import skip_init
 from ..nn.module import Module
 from .families import Architecture, Weights, read_config
 from .model import CausalLM
@@ -48,9 +49,15 @@ def from_pretrained(directory, dtype=np.float32, *, backend: str = "auto") -> Ca
     config_path = directory / CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} has no {CONFIG}: not a Hugging Face checkpoint directory")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds a {type(config).__name__}; expected a JSON object")  # noqa: TRY004
     read_config(config)  # unsupported fields fail here, before any weight is read
-    model = CausalLM(config, dtype=dtype, backend=backend, rng=np.random.default_rng(0))
+    with skip_init():  # every weight is overwritten below: drawing random ones would cost seconds
+        model = CausalLM(config, dtype=dtype, backend=backend)
     with _Tensors(directory) as tensors:
         _load(model, tensors)
     return model.eval()
@@ -139,7 +146,10 @@ class _Tensors(contextlib.ExitStack):
             path = self.directory / name
             if not path.is_file():
                 raise FileNotFoundError(f"{self.directory / INDEX} names {name}, which is missing")
-            handle = self.enter_context(safetensors.safe_open(str(path), framework="numpy"))
+            try:
+                handle = self.enter_context(safetensors.safe_open(str(path), framework="numpy"))
+            except safetensors.SafetensorError as error:
+                raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
             self.handles[name] = handle
             for key in handle.keys():  # noqa: SIM118  (a safe_open handle, not a dict)
                 self.file_of[key] = name
@@ -150,9 +160,12 @@ class _Tensors(contextlib.ExitStack):
 
     def get(self, name: str) -> np.ndarray:
         handle = self.handles[self.file_of[name]]
-        if handle.get_slice(name).get_dtype() == "BF16":
-            return _read_bfloat16(self.directory / self.file_of[name], name)
-        return handle.get_tensor(name)
+        try:
+            if handle.get_slice(name).get_dtype() == "BF16":
+                return _read_bfloat16(self.directory / self.file_of[name], name)
+            return handle.get_tensor(name)
+        except (_safetensors().SafetensorError, TypeError) as error:  # TypeError: a dtype NumPy lacks
+            raise ValueError(f"{self.directory / self.file_of[name]}: tensor {name!r} cannot be read: {error}") from None
 
 
 def _read_bfloat16(path: pathlib.Path, name: str) -> np.ndarray:

@@ -94,13 +94,15 @@ class CausalLM(Module):
 
     def generate(self, prompt, max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None) -> np.ndarray:
+                 seed: int | None = None, on_token=None) -> np.ndarray:
         """Extend the prompt (B, N) or (N,) by ``max_new_tokens`` tokens, decoding with KV caches.
 
         ``temperature=0`` is greedy (the argmax, as transformers' ``do_sample=False``);
         otherwise tokens are sampled after ``top_k`` and ``top_p`` filtering
         (``nn.sample_next_token``), from ``np.random.default_rng(seed)``: one seed, one
-        sequence. Returns the prompt followed by the new tokens, int64, in the prompt's layout.
+        sequence. ``on_token(tokens (B,))`` is called with each step's new tokens as soon
+        as they are chosen, for streaming (``nn.generate_tokens``). Returns the prompt
+        followed by the new tokens, int64, in the prompt's layout.
         """
         check_sampling(temperature, top_k, top_p)
         rng = np.random.default_rng(seed)
@@ -108,7 +110,7 @@ class CausalLM(Module):
             self, prompt, max_new_tokens,
             pick=lambda logits: sample_next_token(logits, temperature=temperature, top_k=top_k,
                                                   top_p=top_p, rng=rng),
-            make_caches=self.make_caches)
+            make_caches=self.make_caches, on_token=on_token)
 
     def extra_repr(self):
         arch = self.arch

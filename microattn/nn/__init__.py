@@ -16,6 +16,7 @@ from .layers import (
     SiLU,
     gelu,
     silu,
+    skip_init,
 )
 from .module import Module, ModuleList, Parameter
 from .rope import Rotary, RotaryEmbedding, llama3_scaling
@@ -52,4 +53,5 @@ __all__ = [
     "llama3_scaling",
     "sample_next_token",
     "silu",
+    "skip_init",
 ]

@@ -170,17 +170,20 @@ class DecoderLM(Module):
         return self.lm_head(self.norm(x))  # (B, N, V)
 
     def generate(self, prompt_tokens, max_new_tokens: int, greedy: bool = True, *,
-                 temperature: float = 1.0, rng: np.random.Generator | None = None) -> np.ndarray:
+                 temperature: float = 1.0, rng: np.random.Generator | None = None,
+                 on_token=None) -> np.ndarray:
         """Extend the prompt (B, N) or (N,) by ``max_new_tokens`` tokens using KV caches.
 
         ``greedy`` takes the argmax; otherwise samples from softmax(logits / temperature)
         with ``rng``. Runs in eval mode without a graph (the mode is restored afterwards).
-        Returns the prompt and the new tokens, int64, in the prompt's layout.
+        ``on_token(tokens (B,))`` is called with each step's new tokens as soon as they are
+        chosen (see ``generate_tokens``). Returns the prompt and the new tokens, int64, in
+        the prompt's layout.
         """
         rng = np.random.default_rng() if rng is None else rng
         return generate_tokens(self, prompt_tokens, max_new_tokens,
                                pick=lambda logits: self._pick(logits, greedy, temperature, rng),
-                               make_caches=lambda total: self.make_caches())
+                               make_caches=lambda total: self.make_caches(), on_token=on_token)
 
     @staticmethod
     def _pick(logits: np.ndarray, greedy: bool, temperature: float, rng) -> np.ndarray:
@@ -192,14 +195,18 @@ class DecoderLM(Module):
         return np.array([[rng.choice(probs.shape[-1], p=row)] for row in probs], dtype=np.int64)
 
 
-def generate_tokens(model: Module, prompt_tokens, max_new_tokens: int, *, pick, make_caches) -> np.ndarray:
+def generate_tokens(model: Module, prompt_tokens, max_new_tokens: int, *, pick, make_caches,
+                    on_token=None) -> np.ndarray:
     """The decoding loop that ``generate`` methods share.
 
     ``model(tokens, kv_caches=caches)`` maps tokens (B, n) to logits (B, n, V), extending
     the caches; ``make_caches(total)`` gives empty caches for ``total`` positions;
-    ``pick(logits (B, V))`` chooses the next tokens (B, 1). Runs in eval mode without a
-    graph (the mode is restored afterwards). Returns the prompt followed by
-    ``max_new_tokens`` tokens, int64, in the prompt's layout ((B, N) or (N,)).
+    ``pick(logits (B, V))`` chooses the next tokens (B, 1). ``on_token(tokens)``, if
+    given, is called with each step's new tokens, (B,) int64, as soon as they are chosen
+    and before the next forward pass: the hook for streaming them out. An exception it
+    raises stops decoding and propagates. Runs in eval mode without a graph (the mode is
+    restored afterwards). Returns the prompt followed by ``max_new_tokens`` tokens, int64,
+    in the prompt's layout ((B, N) or (N,)).
     """
     prompt = np.asarray(prompt_tokens, dtype=np.int64)
     squeeze = prompt.ndim == 1
@@ -218,6 +225,8 @@ def generate_tokens(model: Module, prompt_tokens, max_new_tokens: int, *, pick, 
             for step in range(max_new_tokens):
                 next_token = pick(logits)  # (B, 1)
                 generated.append(next_token)
+                if on_token is not None:
+                    on_token(next_token[:, 0].copy())
                 if step + 1 < max_new_tokens:
                     logits = model(next_token, kv_caches=caches).data[:, -1]
     finally:

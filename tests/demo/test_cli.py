@@ -1,5 +1,6 @@
 """The microattn command: every subcommand end to end, and its errors."""
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 
 from microattn.demo import cli, loop
 from microattn.demo.checkpoint import load_checkpoint, save_checkpoint
+from microattn.demo.tasks import TextFile
 
 # A tiny model on a tiny recall task, so a CLI run takes about a second.
 TINY = ["--embed-dim", "16", "--heads", "2", "--batch-size", "4", "--backend", "reference"]
@@ -284,3 +286,155 @@ def test_train_removes_what_a_killed_save_left(trained, tmp_path, capsys):
     leftover.write_bytes(b"PK half a checkpoint")
     assert run_cli("eval", "--checkpoint", trained, "--examples", 4) == 0
     assert not leftover.exists()
+
+
+# ----------------------------------------------------------------------------- train --text, sample --prompt
+
+TEXT = "Tiny text, with UTF-8: naïve café, 日本語, 🙂. The attention reads every earlier byte.\n" * 8
+TEXT_RUN = ["--seq-len", 16, "--no-progress", *TINY]
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A directory with corpus.txt and run/, a --text run of 6 steps."""
+    root = tmp_path_factory.mktemp("text")
+    (root / "corpus.txt").write_text(TEXT)
+    assert run_cli("train", "--text", root / "corpus.txt", "--out", root / "run", "--steps", 6,
+                   "--checkpoint-every", 3, *TEXT_RUN) == 0
+    return root
+
+
+def test_train_text_records_the_file_and_reports_bits_per_byte(text_run, capsys):
+    run = loop.Run.load(text_run / "run")
+    options = run.config.task_options
+    assert run.config.task == "text" and run.step == 6 and run.model.vocab_size == 256
+    assert options["path"] == str((text_run / "corpus.txt").resolve()) and options["seq_len"] == 16
+    assert options["sha256"] == hashlib.sha256(TEXT.encode()).hexdigest()
+
+
+def test_train_text_output(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text(TEXT)
+    assert run_cli("train", "--text", tmp_path / "c.txt", "--out", tmp_path / "run", "--steps", 2, *TEXT_RUN) == 0
+    out = capsys.readouterr().out
+    assert f"training c.txt ({len(TEXT.encode()):,} bytes) / exact" in out and "2 steps of 4 x 16 tokens" in out
+    assert "bits per byte" in out and "microattn sample --checkpoint" in out and "held-out accuracy" not in out
+
+
+def test_train_text_resumes_exactly(text_run, tmp_path, capsys):
+    reference = loop.Run.load(text_run / "run")
+
+    def interrupt_at_2(run, loss):
+        if run.step == 2:
+            raise KeyboardInterrupt
+
+    assert loop.train(loop.Run.create(reference.config), tmp_path / "partial", on_step=interrupt_at_2).interrupted
+    capsys.readouterr()
+    assert run_cli("train", "--out", tmp_path / "partial", "--resume", "--text", text_run / "corpus.txt",
+                   "--no-progress") == 0
+    assert "resuming corpus.txt" in capsys.readouterr().out
+    assert loop.Run.load(tmp_path / "partial").losses == reference.losses  # bit for bit
+
+
+def test_a_changed_or_missing_file_stops_a_resume_but_not_sampling(tmp_path, capsys):
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "run"
+    corpus.write_text(TEXT)
+    options = {"path": str(corpus), "sha256": TextFile(str(corpus)).check(), "seq_len": 16}
+    config = loop.TrainConfig(task="text", task_options=options, embed_dim=16, num_heads=2, batch_size=4, steps=4,
+                              backend="reference")
+
+    def interrupt_at_2(run, loss):
+        if run.step == 2:
+            raise KeyboardInterrupt
+
+    assert loop.train(loop.Run.create(config), out, on_step=interrupt_at_2).interrupted
+    for change, message in [(lambda: corpus.write_text(TEXT.replace("café", "cafe")), "has changed since this run began"),
+                            (corpus.unlink, "does not exist")]:
+        change()
+        for command in (["train", "--out", out, "--resume", "--no-progress"], ["eval", "--checkpoint", out]):
+            assert run_cli(*command) == 1
+            line = one_error_line(capsys.readouterr().err)
+            assert message in line and str(corpus) in line
+        assert loop.Run.load(out).step == 2  # nothing trained on other data
+        # sampling needs the model only
+        assert run_cli("sample", "--checkpoint", out, "--prompt", "a", "--max-new-tokens", 3) == 0
+        assert capsys.readouterr().out.startswith("a")
+
+
+@pytest.mark.parametrize("content, message", [(b"", "is empty"), (b"too short", "has 9 bytes; a training window")])
+def test_train_text_on_an_empty_or_short_file(content, message, tmp_path, capsys):
+    (tmp_path / "f.txt").write_bytes(content)
+    assert run_cli("train", "--text", tmp_path / "f.txt", "--out", tmp_path / "run", *TEXT_RUN) == 1
+    assert message in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--text", "{tmp}/none.txt"], "does not exist"),
+    (["--text", "{tmp}"], "is not a file"),
+    (["--text", "{corpus}", "--task", "copy"], "choose one"),
+    (["--task", "text"], "give the file itself with --text FILE"),
+    (["--seq-len", "16"], "--seq-len sets the context of a --text run"),
+    (["--out", "{run}", "--resume", "--text", "{tmp}/other.txt"], "a resumed run keeps its file"),
+    (["--out", "{run}", "--resume", "--seq-len", "32"], "drop --seq-len 32 (the checkpoint has 16)"),
+    (["--out", "{trained}", "--resume", "--text", "{corpus}"], "this run learns the recall task"),
+])
+def test_bad_text_training_requests(argv, message, text_run, trained, tmp_path, capsys):
+    names = {"tmp": tmp_path, "corpus": text_run / "corpus.txt", "run": text_run / "run", "trained": trained}
+    argv = [arg.format(**names) for arg in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "new")]
+    assert run_cli("train", *argv, "--no-progress") == 1
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_sample_continues_a_prompt_streaming_text(text_run, capsys):
+    argv = ["sample", "--checkpoint", text_run / "run", "--prompt", "naïve ", "--max-new-tokens", 40]
+    assert run_cli(*argv, "--seed", 3) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("naïve ") and out.endswith("\n")
+    assert 10 <= len(out) - 1 - len("naïve ") <= 40  # 40 bytes: 10 to 40 characters (U+FFFD for stray bytes)
+    assert run_cli(*argv, "--seed", 3) == 0
+    assert capsys.readouterr().out == out  # one seed, one text
+    assert run_cli(*argv, "--seed", 4, "--num", 2, "--top-k", 5, "--top-p", 0.9) == 0
+    assert capsys.readouterr().out.count("naïve ") == 2
+
+
+def test_sample_of_a_text_run_matches_the_model_greedily(text_run, capsys):
+    """--temperature 0: the bytes the model's own greedy generate gives (60 > the context of
+    16, so generation restarts from the last 8 bytes every 8 bytes)."""
+    assert run_cli("sample", "--checkpoint", text_run / "run", "--prompt", "The", "--max-new-tokens", 60,
+                   "--temperature", 0) == 0
+    out = capsys.readouterr().out
+    model = loop.Run.load(text_run / "run").model
+    context, expected = list(b"The"), []
+    while len(expected) < 60:
+        byte = int(model.generate(np.array(context), 1)[-1])
+        expected.append(byte)
+        context = context + [byte] if len(context) < 15 else (context + [byte])[-8:]
+    assert out == "The" + bytes(expected).decode("utf-8", errors="replace") + "\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "{run}"], "give --prompt TEXT to continue"),
+    (["--checkpoint", "{run}", "--prompt", ""], "--prompt is empty"),
+    (["--checkpoint", "{trained}", "--prompt", "abc"], "this run learned the recall task"),
+])
+def test_bad_sample_requests(argv, message, text_run, trained, capsys):
+    argv = [arg.format(run=text_run / "run", trained=trained) for arg in argv]
+    assert run_cli("sample", *argv) == 1
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_eval_of_a_text_run_says_what_it_scores(text_run, capsys):
+    assert run_cli("eval", "--checkpoint", text_run / "run", "--examples", 8) == 0
+    out = capsys.readouterr().out
+    assert "next-byte accuracy" in out and "bits per byte" in out and "no held-out part" in out
+    assert run_cli("eval", "--checkpoint", text_run / "run", "--examples", 8, "--no-cache") == 0
+    assert capsys.readouterr().out.split("accuracy")[1].split("%")[0] == out.split("accuracy")[1].split("%")[0]
+
+
+def test_attention_map_of_a_text_run_labels_bytes(text_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert run_cli("attention-map", "--checkpoint", text_run / "run", "--out", tmp_path / "map.png",
+                   "--no-ablation") == 0
+    assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"

@@ -236,3 +236,21 @@ def test_keys_left_out_mean_what_they_mean_to_transformers(model_type):
     assert list(arch.windows) == windows
     assert arch.attn_softcap == getattr(theirs, "attn_logit_softcapping", None)
     assert arch.final_softcap == getattr(theirs, "final_logit_softcapping", None)
+
+
+def test_from_pretrained_draws_no_random_weights(tmp_path, monkeypatch):
+    """Every weight is overwritten by the checkpoint's: the layers are built under
+    nn.skip_init (a 100M-parameter Llama drew them for ~3 s before)."""
+    from microattn.nn import layers
+
+    hf_checkpoint("llama", tmp_path / "llama")
+    expected = from_pretrained(tmp_path / "llama")
+
+    def refuse(draw, shape, dtype):
+        assert getattr(layers._SKIPPING, "on", False), "a weight was initialised randomly"
+        return np.zeros(shape, dtype)
+
+    monkeypatch.setattr(layers, "_initial", refuse)
+    loaded = from_pretrained(tmp_path / "llama")
+    for (name, p), (_, q) in zip(expected.named_parameters(), loaded.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=name)

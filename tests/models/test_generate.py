@@ -40,6 +40,14 @@ def test_a_batch_decodes_as_its_rows_do(model):
         np.testing.assert_array_equal(model.generate(prompt[row], 10), both[row])
 
 
+def test_on_token_streams_what_generate_returns(model):
+    prompt = np.array([[1, 2, 3], [4, 5, 6]])
+    seen = []
+    out = model.generate(prompt, 6, temperature=1.0, seed=4, on_token=seen.append)
+    np.testing.assert_array_equal(np.stack(seen, axis=1), out[:, 3:])
+    np.testing.assert_array_equal(out, model.generate(prompt, 6, temperature=1.0, seed=4))
+
+
 def test_sampling_follows_the_filtered_distribution():
     """20000 draws from one row of logits: frequencies match softmax(logits / T) restricted
     to the top-k, then to the top-p nucleus, renormalised."""
