@@ -729,7 +729,7 @@ def test_decoding_under_no_grad_equals_the_full_forward(case, chunks, monkeypatc
             parts.append(mha(x[:, start : start + n], is_causal=True, kv_cache=cache).data)
             start += n
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-10, atol=1e-10)
-    assert len(calls) == (0 if case.startswith(("linear", "softcap")) else len(chunks))
+    assert len(calls) == (0 if case.startswith("linear") else len(chunks))  # softcap: the kernels cap
 
 
 def test_generate_uses_preallocated_caches():

@@ -26,7 +26,7 @@ from .. import backends
 from .. import functional as F
 from ..autograd import is_grad_enabled
 from ..kernels.cpu import decode
-from ..kernels.masking import in_band, keep
+from ..kernels.masking import in_band
 from ..kernels.spec import AttentionSpec, make_attention_spec
 from ..tensor import Tensor, concatenate
 from .layers import Dropout, Linear
@@ -234,13 +234,6 @@ class MultiHeadAttention(Module):
 
     def _attend(self, q, k, v, is_causal, attn_mask):
         dropout_p = self.attn_dropout.p if self.training else 0.0
-        if self.softcap is not None:
-            # SOFTCAP SWITCH: the one place where softcapped attention is computed. Until
-            # F.scaled_dot_product_attention takes softcap=, it is built from Tensor ops
-            # (softcapped_attention below); then pass softcap=self.softcap in the calls
-            # that follow and delete softcapped_attention.
-            spec = self._spec(q, k, v, is_causal, attn_mask, dropout_p)
-            return softcapped_attention(q, k, v, spec, self.softcap)
         if self._decoding(q, k, v, dropout_p):
             spec = self._spec(q, k, v, is_causal, attn_mask, 0.0)
             return F.Attention.apply(q, k, v, spec=spec, kernel=decode)
@@ -252,6 +245,7 @@ class MultiHeadAttention(Module):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=self.scale, window=self._window(is_causal), seed=seed, backend=self.backend,
+            softcap=self.softcap,
         )
 
     def _spec(self, q, k, v, is_causal, attn_mask, dropout_p) -> AttentionSpec:
@@ -260,7 +254,7 @@ class MultiHeadAttention(Module):
                                    attn_mask=None if attn_mask is None else np.asarray(
                                        getattr(attn_mask, "data", attn_mask)),
                                    dropout_p=dropout_p, is_causal=is_causal, scale=self.scale,
-                                   window=self._window(is_causal), seed=seed)
+                                   window=self._window(is_causal), seed=seed, softcap=self.softcap)
 
     def _decoding(self, q, k, v, dropout_p) -> bool:
         """Whether this call is a decoding step for ``kernels/cpu/decode.py``: a few
@@ -310,30 +304,3 @@ class MultiHeadAttention(Module):
                 + (f", softcap={self.softcap}" if self.softcap is not None else ""))
 
 
-def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, softcap: float) -> Tensor:
-    """Softmax attention with capped scores, from Tensor ops (autograd derives the backward).
-
-    q (B, H, Nq, hd), k and v (B, Hkv, Nk, hd) -> (B, H, Nq, hd); ``spec`` carries the
-    scale, the causal/window band, a mask and dropout as ``F.scaled_dot_product_attention``
-    reads them. The maths (Gemma 2)::
-
-        s = softcap * tanh(q k^T * scale / softcap)      then mask, softmax, dropout, @ v
-
-    Stands in until ``F.scaled_dot_product_attention`` takes ``softcap=`` (see the SOFTCAP
-    SWITCH in ``MultiHeadAttention._attend``). O(Nq * Nk) memory: the scores are materialised.
-    """
-    if spec.group > 1:
-        kv_head = np.arange(spec.Hq) // spec.group  # query head h reads kv head h // group
-        k, v = k[:, kv_head], v[:, kv_head]  # (B, H, Nk, hd)
-    s = (q @ k.swapaxes(-1, -2)) * spec.scale  # (B, H, Nq, Nk)
-    s = (s / softcap).tanh() * softcap
-    allowed = in_band(spec.band, np.arange(spec.Nq)[:, None], np.arange(spec.Nk)[None, :])  # (Nq, Nk)
-    if spec.has_bias:
-        s = s + spec.bias
-        allowed = allowed & (spec.bias > -np.inf)
-    p = s.masked_fill(~allowed, -np.inf).softmax(axis=-1)  # a row with no allowed key: zeros
-    if spec.dropout_p > 0:
-        b, h, i, j = np.ix_(*(np.arange(n) for n in (spec.B, spec.Hq, spec.Nq, spec.Nk)))
-        kept = keep(spec.pack().dropout, b, h, i, j)
-        p = p * (kept * spec.dropout_scale).astype(spec.dtype)
-    return p @ v  # (B, H, Nq, hd)
