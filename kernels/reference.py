@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import mods
 from .masking import in_band, keep, row_shift
 from .spec import AttentionSpec
+
+SUPPORTS_MODS = True  # mask_mod / score_mod evaluated on arrays (mods.py)
 
 
 def expand_kv(x: np.ndarray, group: int) -> np.ndarray:
@@ -30,12 +33,15 @@ def reduce_kv(dx: np.ndarray, group: int) -> np.ndarray:
 
 
 def allowed_pairs(spec: AttentionSpec) -> np.ndarray:
-    """(Bm, Hm, Nq, Nk) bool: the band and the mask both allow query i to see key j."""
+    """(Bm, Hm, Nq, Nk) bool: the band, the mask and mask_mod all allow query i to see key j
+    ((B, Hq, Nq, Nk) with a mask_mod)."""
     i = np.arange(spec.Nq)[:, None]
     j = np.arange(spec.Nk)[None, :]
     allowed = in_band(spec.band, i, j)[None, None]
     if spec.has_bias:
         allowed = allowed & (spec.bias > -np.inf)
+    if spec.mask_mod is not None:
+        allowed = allowed & mods.mask_array(spec)
     return allowed
 
 
@@ -48,12 +54,25 @@ def dropout_multiplier(spec: AttentionSpec) -> np.ndarray | None:
     return kept.astype(spec.dtype) * spec.dtype.type(spec.dropout_scale)
 
 
-def scores(q, k, spec: AttentionSpec) -> np.ndarray:
-    """Scaled, biased scores with every forbidden pair at -inf: (B, Hq, Nq, Nk)."""
-    s = np.einsum("bhid,bhjd->bhij", q, expand_kv(k, spec.group)) * spec.dtype.type(spec.scale)
+def score_terms(q, k, spec: AttentionSpec, slope: bool = False):
+    """(s, allowed, slope): the scores (B, Hq, Nq, Nk) -- scaled, through score_mod,
+    biased, every forbidden pair at -inf --, the allowed pairs, and (when ``slope`` is asked
+    for and there is a score_mod) d s / d (scale q . k) = score_mod_grad, 0 where forbidden;
+    else None."""
+    x = np.einsum("bhid,bhjd->bhij", q, expand_kv(k, spec.group)) * spec.dtype.type(spec.scale)
+    s = mods.score_mod_array(spec, x)
     if spec.has_bias:
         s = s + spec.bias
-    return np.where(allowed_pairs(spec), s, -np.inf).astype(spec.dtype, copy=False)
+    allowed = allowed_pairs(spec)
+    d = None
+    if slope and spec.score_mod is not None:
+        d = np.where(allowed, mods.score_mod_slope(spec, x), 0).astype(spec.dtype, copy=False)
+    return np.where(allowed, s, -np.inf).astype(spec.dtype, copy=False), allowed, d
+
+
+def scores(q, k, spec: AttentionSpec) -> np.ndarray:
+    """Scaled, modded, biased scores with every forbidden pair at -inf: (B, Hq, Nq, Nk)."""
+    return score_terms(q, k, spec)[0]
 
 
 def row_stats(s) -> np.ndarray:
@@ -90,8 +109,11 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     and dlse (B, Hq, Nq), the gradient reaching lse (None: lse was not used)."""
     k_all, v_all = expand_kv(k, spec.group), expand_kv(v, spec.group)  # (B, Hq, Nk, D), (B, Hq, Nk, Dv)
     scale = spec.dtype.type(spec.scale)
+    if spec.score_mod is not None and spec.score_mod_grad is None:
+        raise ValueError(mods.MISSING_GRAD)
     # forward: p = exp(s - m) / l, recomputed instead of stored
-    p = probabilities(scores(q, k, spec), stats)
+    s, _, slope = score_terms(q, k, spec, slope=True)
+    p = probabilities(s, stats)
     # forward: p_drop = p * z   (z = keep / (1 - p_dropout), or 1)
     z = dropout_multiplier(spec)
     p_drop = p if z is None else p * z
@@ -109,10 +131,13 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     if dlse is not None:
         delta = delta - dlse
     ds = p * (dp - delta[..., None])
-    # 4. forward: s = scale * q @ k^T + bias  ->  dq = scale * ds @ k, dk = scale * ds^T @ q
+    # 4. forward: s = score_mod(x) + bias  ->  dx = ds * score_mod_grad(x)
+    if slope is not None:
+        ds = ds * slope
+    # 5. forward: x = scale * q @ k^T  ->  dq = scale * dx @ k, dk = scale * dx^T @ q
     dq = np.einsum("bhij,bhjd->bhid", ds, k_all) * scale
     dk_all = np.einsum("bhij,bhid->bhjd", ds, q) * scale
-    # 5. GQA: each kv head served `group` query heads, so its gradient is their sum
+    # 6. GQA: each kv head served `group` query heads, so its gradient is their sum
     dk, dv = reduce_kv(dk_all, spec.group), reduce_kv(dv_all, spec.group)
     return (dq.astype(spec.dtype, copy=False), dk.astype(spec.dtype, copy=False),
             dv.astype(spec.dtype, copy=False))
