@@ -88,13 +88,16 @@ Threads: numba's ``workqueue`` layer unless ``NUMBA_THREADING_LAYER`` says other
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 
+from ..mods import MISSING_GRAD
 from ..protocol import dlse_or_empty
 from ..spec import AttentionSpec
 from ._compile import (
-    NUMBA_ERROR, bias_index, exp_sub, exp_sub_sum, has_bias, has_dropout, helper, in_band, keep,
-    kernel, key_range, prange, query_range, row_shift, tile_in_band,
+    FASTMATH, NUMBA_ERROR, bias_index, exp_sub, exp_sub_sum, has_bias, has_dropout, helper, in_band,
+    keep, kernel, key_range, numba, prange, query_range, row_shift, tile_in_band,
 )
 from .microkernel import matmul, matmul_exp
 
@@ -103,6 +106,7 @@ BLOCK_N = 256  # keys per tile
 SHORT = 512  # up to this many queries and keys, smaller tiles (SHORT_BLOCKS) are faster
 SHORT_BLOCKS = (64, 128)  # (BLOCK_M, BLOCK_N) for short sequences, see _blocks
 STALE_LIMIT = 10.0  # how far (in natural-log units) a score may exceed the kept shift m_i
+SUPPORTS_MODS = True  # mask_mod / score_mod compiled in (see specialised)
 
 
 def unavailable_reason() -> str | None:
@@ -126,7 +130,11 @@ def forward(q, k, v, spec: AttentionSpec, blocks=None):
     out = np.empty((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=spec.dtype)
     stats = np.empty((2, spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
     vT = _transposed(v)  # (B, Hkv, Dv, Nk)
-    _flash_forward(q, k, vT, *spec.pack(), _blocks(blocks, spec), out, stats)
+    ns = specialised(spec)
+    records = _records(spec)
+    with _compile_errors_named(spec):
+        ns._flash_forward(q, k, vT, *records, _blocks(blocks, spec), block_mask(spec, ns),
+                          out, stats)
     return out, stats
 
 
@@ -139,6 +147,8 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None, fused=No
     busy). Both passes give the same result up to rounding; each is deterministic.
     ``blocks`` as in :func:`forward`.
     """
+    if spec.score_mod is not None and spec.score_mod_grad is None:
+        raise ValueError(MISSING_GRAD)
     q, k, v, out, stats, dout = (
         np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v, out, stats, dout)
     )
@@ -146,14 +156,26 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None, fused=No
     rows = np.empty((3, spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)  # shift, 1 / norm, delta
     if fused is None:
         fused = spec.B * spec.Hkv >= 2 * _num_threads()
-    records = spec.pack()
+    records = _records(spec)
+    ns = specialised(spec, backward=True)
+    bmask, tiles = block_mask(spec, specialised(spec)), _blocks(blocks, spec)
     _bwd_preprocess(out, dout, stats, _dlse_array(dlse, spec), rows)
-    if fused:
-        _bwd_fused(q, k, v, _transposed(k), dout, rows, *records, _blocks(blocks, spec), grads)
-    else:
-        _bwd_dkdv(q, k, v, dout, rows, *records, _blocks(blocks, spec), grads)
-        _bwd_dq(q, k, v, _transposed(k), dout, rows, *records, _blocks(blocks, spec), grads)
+    with _compile_errors_named(spec):
+        if fused:
+            ns._bwd_fused(q, k, v, _transposed(k), dout, rows, *records, tiles, bmask, grads)
+        else:
+            ns._bwd_dkdv(q, k, v, dout, rows, *records, tiles, bmask, grads)
+            ns._bwd_dq(q, k, v, _transposed(k), dout, rows, *records, tiles, bmask, grads)
     return grads
+
+
+def _records(spec: AttentionSpec):
+    """spec.pack(); with mods, the bias as a writable C-contiguous array (a copy if it is
+    not), so that each specialisation compiles once, not per array layout (seconds each)."""
+    records = spec.pack()
+    if spec.has_mods and not (records.bias.flags.c_contiguous and records.bias.flags.writeable):
+        records = records._replace(bias=np.array(records.bias, order="C"))
+    return records
 
 
 def _dlse_array(dlse, spec: AttentionSpec) -> np.ndarray:
@@ -182,24 +204,213 @@ def _num_threads() -> int:
     return numba.get_num_threads()
 
 
+# -- user mods (mask_mod, score_mod: kernels/mods.py) ---------------------------------------
+#
+# The kernels below call ``user_mask_mod`` / ``user_score_mod`` / ``user_score_mod_grad``
+# behind the compile-time flags ``HAS_MASK_MOD`` / ``HAS_SCORE_MOD``. Here they are no-ops
+# and the flags False, so the plain kernels compile without any of that code (and stay
+# cached). ``specialised`` rebuilds, from their ``py_func``, every kernel and helper of this
+# module that reaches those names, with the user's functions (``numba.njit``-ed) and True
+# flags bound as globals: one compile per set of mods (seconds), kept for the process.
+#
+# Tiles that mask_mod forbids entirely are never touched: ``block_mask`` evaluates mask_mod
+# once per call over (MOD_CHUNK x MOD_CHUNK) chunks of the (Nq, Nk) plane of every (b, h):
+# 0 = no pair allowed, 1 = some, 2 = all (cached per mask_mod, shape and origin: mods are
+# pure functions). A tile (any alignment) takes the classes of the chunks it overlaps
+# (``tile_class``): skipped when all are 0, no per-element mask_mod when all are 2.
+
+HAS_MASK_MOD = False
+HAS_SCORE_MOD = False
+MOD_CHUNK = 32  # rows and columns of one block-mask entry
+MOD_NAMES = ("user_mask_mod", "user_score_mod", "user_score_mod_grad", "HAS_MASK_MOD",
+             "HAS_SCORE_MOD")
+
+
+@helper
+def user_mask_mod(b, h, i, j):
+    return True
+
+
+@helper
+def user_score_mod(score, b, h, i, j):
+    return score
+
+
+@helper
+def user_score_mod_grad(score, b, h, i, j):
+    return 1.0
+
+
+@kernel
+def _mod_block_mask(Nq, Nk, dropout, bmask):
+    """bmask (B, Hq, nr, nc) int8: per MOD_CHUNK x MOD_CHUNK chunk of queries x keys, 0 if
+    mask_mod allows none of its pairs, 2 if all, else 1. The mods see the call's origin
+    (the dropout record's h0, i0, j0) added to h, i and j."""
+    B, Hq, nr, nc = bmask.shape
+    h0, oi, oj = dropout[3], dropout[4], dropout[5]
+    for task in prange(B * Hq * nr):
+        b = task // (Hq * nr)
+        h = task // nr % Hq
+        r0 = task % nr * MOD_CHUNK
+        r1 = min(r0 + MOD_CHUNK, Nq)
+        for c in range(nc):
+            c0 = c * MOD_CHUNK
+            c1 = min(c0 + MOD_CHUNK, Nk)
+            count = 0
+            for i in range(r0, r1):
+                for j in range(c0, c1):
+                    if user_mask_mod(b, h + h0, i + oi, j + oj):
+                        count += 1
+            bmask[b, h, task % nr, c] = 0 if count == 0 else (2 if count == (r1 - r0) * (c1 - c0) else 1)
+
+
+@helper
+def tile_class(bmask, b, h, i0, i1, j0, j1):
+    """What mask_mod allows in the tile [i0, i1) x [j0, j1): 0 nothing (skip it), 1 some
+    pairs (test each), 2 every pair (or no mask_mod)."""
+    if not HAS_MASK_MOD:
+        return 2
+    lo = 2
+    hi = 0
+    for r in range(i0 // MOD_CHUNK, (i1 - 1) // MOD_CHUNK + 1):
+        for c in range(j0 // MOD_CHUNK, (j1 - 1) // MOD_CHUNK + 1):
+            x = bmask[b, h, r, c]
+            lo = min(lo, x)
+            hi = max(hi, x)
+    if hi == 0:
+        return 0
+    return 2 if lo == 2 else 1
+
+
+_NO_BLOCK_MASK = np.zeros((1, 1, 1, 1), dtype=np.int8)
+_BLOCK_MASKS: dict = {}  # (mask_mod, B, Hq, Nq, Nk, origin) -> bmask, a few kept
+_SPECIALISED: dict = {}  # (mask_mod, score_mod, score_mod_grad) -> namespace of kernels
+
+
+def block_mask(spec: AttentionSpec, ns) -> np.ndarray:
+    """The call's block mask (see above), or a dummy the kernels never read."""
+    if spec.mask_mod is None:
+        return _NO_BLOCK_MASK
+    key = (spec.mask_mod, spec.B, spec.Hq, spec.Nq, spec.Nk, tuple(spec.origin))
+    if key not in _BLOCK_MASKS:
+        nr, nc = -(-spec.Nq // MOD_CHUNK), -(-spec.Nk // MOD_CHUNK)
+        bmask = np.empty((spec.B, spec.Hq, nr, nc), dtype=np.int8)
+        with _compile_errors_named(spec):
+            ns._mod_block_mask(spec.Nq, spec.Nk, spec.pack().dropout, bmask)
+        if len(_BLOCK_MASKS) >= 8:
+            _BLOCK_MASKS.pop(next(iter(_BLOCK_MASKS)))
+        _BLOCK_MASKS[key] = bmask
+    return _BLOCK_MASKS[key]
+
+
+def _jit_user(fn):
+    """The user's function compiled for the kernels (a numba dispatcher is taken as is)."""
+    if hasattr(fn, "py_func"):
+        return fn
+    return numba.njit(fastmath=FASTMATH)(fn)
+
+
+def specialised(spec: AttentionSpec, backward: bool = False):
+    """A namespace with this module's kernels (``_flash_forward``, ``_bwd_dkdv``,
+    ``_bwd_dq``, ``_bwd_fused``, ``_mod_block_mask``) compiled for the spec's mods: the
+    module's own without mods. The forward's namespace leaves score_mod_grad out of the
+    key (it does not use it), so a forward-only call shares the forward's compile."""
+    import sys
+
+    module = sys.modules[__name__]
+    if not spec.has_mods:
+        return module
+    grad = spec.score_mod_grad if backward else None
+    key = (spec.mask_mod, spec.score_mod, grad)
+    if key in _SPECIALISED:
+        return _SPECIALISED[key]
+    overrides = {}
+    if spec.mask_mod is not None:
+        overrides.update(user_mask_mod=_jit_user(spec.mask_mod), HAS_MASK_MOD=True)
+    if spec.score_mod is not None:
+        overrides.update(user_score_mod=_jit_user(spec.score_mod), HAS_SCORE_MOD=True)
+        if grad is not None:
+            overrides.update(user_score_mod_grad=_jit_user(grad))
+    namespace = module.__dict__
+    memo: dict = {}
+
+    def own(name):  # a dispatcher of this module
+        fn = namespace.get(name)
+        return hasattr(fn, "py_func") and fn.py_func.__module__ == __name__
+
+    def needs(name, seen=()):
+        code = namespace[name].py_func.__code__
+        return any(n in MOD_NAMES or (own(n) and n not in seen and needs(n, (*seen, name)))
+                   for n in code.co_names)
+
+    def rebuild(name):
+        if name not in memo:
+            dispatcher = namespace[name]
+            py = dispatcher.py_func
+            callees = {n: rebuild(n) for n in py.__code__.co_names
+                       if own(n) and n not in MOD_NAMES and needs(n)}
+            fn = types.FunctionType(py.__code__, {**py.__globals__, **overrides, **callees},
+                                    py.__name__, py.__defaults__, py.__closure__)
+            memo[name] = numba.jit(**dispatcher.targetoptions)(fn)
+        return memo[name]
+
+    ns = types.SimpleNamespace(**{name: rebuild(name) for name in (
+        "_flash_forward", "_bwd_dkdv", "_bwd_dq", "_bwd_fused", "_mod_block_mask")})
+    _SPECIALISED[key] = ns
+    return ns
+
+
+class _compile_errors_named:
+    """Turns numba's failure to compile a user's mod into a TypeError that says so."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None and self.spec.has_mods and issubclass(kind, numba.core.errors.TypingError):
+            raise TypeError(
+                "numba could not compile mask_mod / score_mod / score_mod_grad for the CPU kernels "
+                "(write them with scalar arithmetic, comparisons, math or np functions numba "
+                f"supports, or use backend='reference'):\n{exc}") from exc
+        return False
+
+
 # -- shared tile helpers ------------------------------------------------------------------
 
 
 @helper
-def scores_t(k_blk, qsT, s_rows, bias, band, b, h, i0, j0):
-    """sT = k_blk @ qsT (+ bias.T), with -inf where the band forbids a pair.
+def scores_t(k_blk, qsT, s_rows, bias, band, b, h, i0, j0, dropout, cls, g_rows):
+    """sT = score_mod(k_blk @ qsT) (+ bias.T), with -inf where the band or mask_mod forbids
+    a pair.
 
     k_blk (bn, D); qsT (D, bm) the *scaled* queries, transposed; the tile is
     ``s_rows[:, :bm]`` of a (bn, padded) buffer (see :func:`tile_buffer`), the pairs of
     queries i0.. and keys j0.. of batch b, query head h. A tile inside the band without
-    bias costs nothing beyond the product.
+    bias or mods costs nothing beyond the product. The mods (compiled in only by
+    ``specialised``) see the origin of the dropout record; ``cls`` is the tile's
+    ``tile_class`` (1: mask_mod tested per pair); ``g_rows`` (bn, bm), when not empty,
+    receives score_mod_grad at each pre-mod score (the backward's slope).
     """
     bn = k_blk.shape[0]
     bm = qsT.shape[1]
     matmul(k_blk, qsT, s_rows[:, :bm], False)
+    h0, oi, oj = dropout[3], dropout[4], dropout[5]
+    if HAS_SCORE_MOD:
+        want_slope = g_rows.shape[0] > 0
+        for jj in range(bn):
+            row = s_rows[jj, :bm]
+            for ii in range(bm):
+                x = row[ii]
+                if want_slope:
+                    g_rows[jj, ii] = user_score_mod_grad(x, b, h + h0, i0 + ii + oi, j0 + jj + oj)
+                row[ii] = user_score_mod(x, b, h + h0, i0 + ii + oi, j0 + jj + oj)
     use_bias = has_bias(bias)
     whole = tile_in_band(band, i0, bm, j0, bn)
-    if whole and not use_bias:
+    partial = HAS_MASK_MOD and cls == 1
+    if whole and not use_bias and not partial:
         return
     bias_qk = bias[bias_index(bias, b, h)]  # the (Nq, Nk) plane this head reads
     for jj in range(bn):
@@ -211,6 +422,10 @@ def scores_t(k_blk, qsT, s_rows, bias, band, b, h, i0, j0):
         if not whole:
             for ii in range(bm):
                 if not in_band(band, i0 + ii, j):
+                    row[ii] = -np.inf
+        if partial:
+            for ii in range(bm):
+                if not user_mask_mod(b, h + h0, i0 + ii + oi, j + oj):
                     row[ii] = -np.inf
 
 
@@ -282,7 +497,7 @@ def _transposed(x):
 
 
 @kernel
-def _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, out, stats):
+def _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, bmask, out, stats):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], vT.shape[2]
     BLOCK_M, BLOCK_N = blocks
@@ -309,6 +524,7 @@ def _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, out, stats):
         m_safe = np.empty(bm, dtype=q.dtype)
         alpha = np.empty(bm, dtype=q.dtype)
         s_buf = tile_buffer(BLOCK_N, bm, q)  # tile sT = s_buf[:bn, :bm]
+        no_slope = s_buf[:0, :0]
         x_max = np.empty(bm, dtype=q.dtype)
         p_sum = np.empty(bm, dtype=q.dtype)
         m_finite = False  # every row has a finite m_i: the stale shift below may be tried
@@ -317,6 +533,9 @@ def _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, out, stats):
         for j0 in range(j_start, j_stop, BLOCK_N):
             j1 = min(j0 + BLOCK_N, j_stop)
             bn = j1 - j0
+            cls = tile_class(bmask, b, h, i0, i1, j0, j1)
+            if cls == 0:  # mask_mod allows no pair here
+                continue
 
             # Fast path: keep the shift m_i instead of raising it to this block's max, so
             # the exp can run inside the score product (matmul_exp) and nothing needs a
@@ -324,7 +543,8 @@ def _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, out, stats):
             # overflow, so the shift is kept while no score exceeds it by more than
             # STALE_LIMIT (then every p <= e**STALE_LIMIT). Otherwise, or on masked or
             # biased tiles, the block is redone the classic way below.
-            if m_finite and not use_bias and tile_in_band(band, i0, bm, j0, bn):
+            if (m_finite and not use_bias and not HAS_SCORE_MOD and cls == 2
+                    and tile_in_band(band, i0, bm, j0, bn)):
                 x_max[:] = -np.inf
                 p_sum[:] = 0.0
                 matmul_exp(k[b, kv][j0:j1], qsT, s_buf[:bn, :bm], m_i, x_max, p_sum)
@@ -336,7 +556,8 @@ def _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, out, stats):
                     matmul(vT[b, kv][:, j0:j1], s_buf[:bn, :bm], accT, True)  # accT += v_blk.T @ pT
                     continue
 
-            scores_t(k[b, kv][j0:j1], qsT, s_buf[:bn], bias, band, b, h, i0, j0)
+            scores_t(k[b, kv][j0:j1], qsT, s_buf[:bn], bias, band, b, h, i0, j0, dropout, cls,
+                     no_slope)
 
             # m_new = max(m_i, max over this block's keys)
             m_new[:] = m_i
@@ -403,7 +624,7 @@ def _bwd_preprocess(out, dout, stats, dlse, rows):
 
 @helper
 def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, bias, band, dropout,
-             drop_scale, b, h, i0, j0):
+             drop_scale, b, h, i0, j0, cls):
     """One (key block, query block) tile of the backward: on return ``s_rows[:, :bm]``
     holds the dropped exps ``eT * z`` and ``dp_rows[:, :bm]`` holds ``dsT``, the gradient
     of the scores.
@@ -416,10 +637,14 @@ def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, bias, ba
     ``dsT = eT * (dpT * z - delta_blk) = pT * (dp * z - delta)`` exactly, and
     ``(eT * z) @ (dO / norm) = (pT * z) @ dO``.
     """
-    # forward: pT = exp(sT - m) / l, recomputed instead of stored
-    scores_t(k_blk, qsT, s_rows, bias, band, b, h, i0, j0)
     bn = k_blk.shape[0]
     bm = qsT.shape[1]
+    if HAS_SCORE_MOD:
+        g_rows = np.empty((bn, bm), dtype=s_rows.dtype)  # score_mod_grad per pair
+    else:
+        g_rows = np.empty((0, 0), dtype=s_rows.dtype)
+    # forward: pT = exp(sT - m) / l, recomputed instead of stored
+    scores_t(k_blk, qsT, s_rows, bias, band, b, h, i0, j0, dropout, cls, g_rows)
     for jj in range(bn):
         exp_sub(s_rows[jj, :bm], shift)  # eT = pT * norm
     # forward: out = (pT * z).T @ v  ->  dpT = z * (v @ dO.T)   (here / norm)
@@ -439,6 +664,14 @@ def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, bias, ba
             dp_row = dp_rows[jj, :bm]
             for ii in range(bm):
                 dp_row[ii] = p_row[ii] * (dp_row[ii] - delta_blk[ii])
+    # forward: s = score_mod(x)  ->  dx = ds * score_mod_grad(x)   (0 where p is: a
+    # forbidden pair's slope is never used)
+    if HAS_SCORE_MOD:
+        for jj in range(bn):
+            dp_row = dp_rows[jj, :bm]
+            for ii in range(bm):
+                d = dp_row[ii]
+                dp_row[ii] = d * g_rows[jj, ii] if d != 0.0 else 0.0
 
 
 @helper
@@ -475,7 +708,7 @@ def query_block_buffers(rows, D, Dv, like):
 
 
 @kernel
-def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, grads):
+def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, bmask, grads):
     """dK, dV (grads[1], grads[2]): one task per (b, kv head, key block), the key block resident."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -503,10 +736,13 @@ def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, grads):
             for i0 in range(i_start, i_stop, BLOCK_M):
                 i1 = min(i0 + BLOCK_M, i_stop)
                 bm = i1 - i0
+                cls = tile_class(bmask, b, h, i0, i1, j0, j1)
+                if cls == 0:  # mask_mod allows no pair here
+                    continue
                 qsT, doT, q_blk, do_blk, shift, delta_blk = load_query_block(
                     q, dout, rows, scale, b, h, i0, i1, bufs)
                 bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_buf, dp_buf, bias, band,
-                         dropout, drop_scale, b, h, i0, j0)
+                         dropout, drop_scale, b, h, i0, j0, cls)
                 # forward: out = (pT * z).T @ v  ->  dv = (pT * z) @ dO = (eT * z) @ (dO / norm)
                 matmul(s_buf[:, :bm], do_blk, dv_acc, True)
                 # forward: sT = k @ (scale * q).T  ->  dk = scale * dsT @ q
@@ -519,7 +755,7 @@ def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, grads):
 
 
 @kernel
-def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grads):
+def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, bmask, grads):
     """dQ (grads[0]): one task per (b, h, query block), the query block resident."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -546,8 +782,11 @@ def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grads):
         for j0 in range(j_start, j_stop, BLOCK_N):
             j1 = min(j0 + BLOCK_N, j_stop)
             bn = j1 - j0
+            cls = tile_class(bmask, b, h, i0, i1, j0, j1)
+            if cls == 0:  # mask_mod allows no pair here
+                continue
             bwd_tile(k[b, kv][j0:j1], v[b, kv][j0:j1], qsT, doT, shift, delta_blk, s_buf[:bn],
-                     dp_buf[:bn], bias, band, dropout, drop_scale, b, h, i0, j0)
+                     dp_buf[:bn], bias, band, dropout, drop_scale, b, h, i0, j0, cls)
             # forward: sT = scale * k @ q.T  ->  dq.T = scale * k.T @ dsT
             matmul(kT[b, kv][:, j0:j1], dp_buf[:bn, :bm], dqT, True)
         for ii in range(bm):
@@ -556,7 +795,7 @@ def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grads):
 
 
 @kernel
-def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grads):
+def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, bmask, grads):
     """dkdv with the key block resident, plus dq added from the same tiles (see the module
     docstring). One task per (b, kv head): it owns dq of the group's query heads."""
     B, Hq, Nq, D = q.shape
@@ -586,10 +825,13 @@ def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grad
                 for i0 in range(i_start, i_stop, BLOCK_M):
                     i1 = min(i0 + BLOCK_M, i_stop)
                     bm = i1 - i0
+                    cls = tile_class(bmask, b, h, i0, i1, j0, j1)
+                    if cls == 0:  # mask_mod allows no pair here
+                        continue
                     qsT, doT, q_blk, do_blk, shift, delta_blk = load_query_block(
                         q, dout, rows, scale, b, h, i0, i1, bufs)
                     bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_buf[:bn], dp_buf[:bn],
-                             bias, band, dropout, drop_scale, b, h, i0, j0)
+                             bias, band, dropout, drop_scale, b, h, i0, j0, cls)
                     eT = s_buf[:bn, :bm]
                     dsT = dp_buf[:bn, :bm]
                     matmul(eT, do_blk, dv_acc[:bn], True)  # dv += (eT * z) @ (dO / norm)
