@@ -130,7 +130,8 @@ def kernel_sources(rung: int, dtype: str, D: int, Dv: int, rules):
 
     if rung == 1:
         tiles = flash.Tiles(flash.GPU_RESIDENT, flash.staged_rows(np.dtype(dtype).itemsize, D, Dv))
-        functions = flash.kernel_functions(dtype, D, Dv, tiles, True, True, rules=rules)
+        functions = flash.kernel_functions(dtype, D, Dv, tiles, True, True, rules=rules,
+                                           has_softcap=True, has_alibi=True)  # the most code
         threads = {name: tiles.resident for name in functions}
         return functions, flash.kernel_signatures(dtype), threads, {name: None for name in functions}
     tilings = tiled.gpu_tilings(dtype, D, Dv)

@@ -15,12 +15,19 @@ callees. The code object is the same: the rules are compiled as written, never r
 
 from __future__ import annotations
 
+import dis
 import types
 
 from . import masking
 
 RULES = ("in_band", "key_range", "query_range", "tile_in_band", "has_bias", "bias_index",
-         "keep", "has_dropout", "row_shift")
+         "keep", "has_dropout", "row_shift", "has_softcap", "cap", "cap_and_slope", "has_alibi",
+         "alibi_bias")
+
+
+def _global_names(fn) -> set:
+    """The global names ``fn`` reads (not attribute names: ``np.tanh`` reads ``np`` only)."""
+    return {ins.argval for ins in dis.get_instructions(fn) if ins.opname == "LOAD_GLOBAL"}
 
 
 def compile_function(fn, jit, compiled: dict):
@@ -28,7 +35,7 @@ def compile_function(fn, jit, compiled: dict):
     if fn in compiled:
         return compiled[fn]
     callees = {}
-    for name in fn.__code__.co_names:
+    for name in _global_names(fn):
         callee = fn.__globals__.get(name)
         if isinstance(callee, types.FunctionType) and callee.__module__ == fn.__module__:
             callees[name] = compile_function(callee, jit, compiled)
@@ -39,8 +46,13 @@ def compile_function(fn, jit, compiled: dict):
     return compiled[fn]
 
 
-def compile_rules(jit) -> types.SimpleNamespace:
-    """Every rule of ``masking.py`` (``RULES``) compiled with ``jit``, as a namespace."""
-    compiled: dict = {}
+def compile_rules(jit, replace=None) -> types.SimpleNamespace:
+    """Every rule of ``masking.py`` (``RULES``) compiled with ``jit``, as a namespace.
+
+    ``replace``: {masking function: its implementation for this target}, used wherever a
+    rule calls that function: the same meaning, a faster body (the CPU kernels' float32
+    ``tanh``). Its entries are used as given (already compiled, or numba overloads).
+    """
+    compiled: dict = dict(replace or {})
     return types.SimpleNamespace(**{name: compile_function(getattr(masking, name), jit, compiled)
                                     for name in RULES})

@@ -1,5 +1,6 @@
 """The rules of attention, written once: who may attend to whom, which probabilities dropout
-keeps, where a bias plane is read, and how a row's probabilities are recomputed.
+keeps, where a bias plane is read, how scores are capped (softcap) and biased by distance
+(ALiBi), and how a row's probabilities are recomputed.
 
 These are plain Python functions on integers and floats. They are used three ways, unchanged:
 
@@ -18,14 +19,21 @@ them, so a new feature is a field and a helper, not an argument in every signatu
     band    = (offset, window_left, window_right)     int64   (who may see whom)
     dropout = (threshold, seed_lo, seed_hi, h0, i0, j0)   int64   (threshold 0: no dropout;
                                                           (h0, i0, j0) the call's origin)
-    reals   = (scale, dropout_scale)                  dtype   (floating constants)
+    reals   = (scale, dropout_scale, softcap)         dtype   (floating constants; softcap 0: off)
     bias    = (Bm, Hm, Nq, Nk) array, or (1, 1, 0, 0) when there is none
+    alibi   = (Ba, Hq) slopes, Ba in {1, B}, or (1, 0) when there is none
+
+A score is built in one order everywhere (docs/semantics.md)::
+
+    s = scale * q . k  ->  cap(reals, s)  ->  + alibi_bias(..)  + bias  ->  -inf outside the band
 
 ``in_band`` and ``keep`` only use ``+ - * ^ & | >> >= <=`` (no ``if``, no ``and``/``or``,
 which do not broadcast over arrays). The other helpers take scalars and may branch. All
 integer arithmetic is int64 with explicit 32-bit masking, which gives the same bits in
 Python (unbounded ints), NumPy (wrapping int64), numba on the CPU and numba on the GPU.
 """
+
+import numpy as np
 
 MASK32 = 0xFFFFFFFF
 GOLDEN32 = 0x9E3779B9  # 2**32 / golden ratio: keeps an all-zero input from mapping to 0
@@ -99,6 +107,69 @@ def bias_index(bias, b, h):
     bb = b if bias.shape[0] > 1 else 0
     hh = h if bias.shape[1] > 1 else 0
     return bb, hh
+
+
+# -- softcap: c * tanh(s / c) ------------------------------------------------------------
+
+
+def tanh(x):
+    """tanh, elementwise: NumPy's on arrays; compiled, libm's (CPU) or libdevice's (GPU).
+
+    The CPU kernels compile the rules with a vectorisable float32 version of this same
+    function in its place (``cpu/_compile.py``: ``fast_tanh``, within 2 ulp)."""
+    return np.tanh(x)
+
+
+def has_softcap(reals):
+    """Whether the reals record caps the scores: ``reals = (scale, dropout_scale, softcap)``,
+    softcap 0 meaning no cap."""
+    return reals[2] > 0.0
+
+
+def cap(reals, s):
+    """The capped score ``c * tanh(s / c)``, ``c = reals[2]`` (only where has_softcap: with
+    c = 0 this is not the identity). ``s`` is the scaled score ``scale * q . k``; Gemma 2's
+    order: the cap comes before any bias or mask is added.
+
+    Worked example: c = 2, s = 1: 2 * tanh(0.5) = 0.9242; s = 100: 2.0 (to rounding);
+    s = -inf: -2 (a masked pair is masked after the cap, by its -inf bias or the band).
+    """
+    c = reals[2]
+    return c * tanh(s / c)
+
+
+def cap_and_slope(reals, s):
+    """``(cap(reals, s), d cap / d s)``: the backward's factor ``1 - tanh(s / c)**2``, as
+    ``(c - capped) (c + capped) / c**2`` (no floating literal, so a float32 kernel stays
+    float32; and ``c - capped`` is exact where the slope is small, unlike ``1 - t*t``).
+
+    forward: x = c * tanh(s / c)  ->  ds = dx * (1 - tanh(s / c)**2)
+    """
+    c = reals[2]
+    capped = c * tanh(s / c)
+    return capped, (c - capped) * (c + capped) / (c * c)
+
+
+# -- ALiBi: a bias linear in the distance from the diagonal ------------------------------
+
+
+def has_alibi(alibi):
+    """Whether the alibi record holds slopes: "none" is an empty (1, 0) array."""
+    return alibi.shape[1] > 0
+
+
+def alibi_bias(alibi, band, b, h, i, j):
+    """``-slope * |i + offset - j|``, the ALiBi term of pair (i, j) for batch b, query head h
+    (flash-attention's convention: the distance from the pair's diagonal, bottom-right
+    aligned as the band is). ``alibi`` (Ba, Hq) holds the slopes, Ba = 1 broadcasting over
+    the batch; ``band[0]`` is the offset Nk - Nq. Broadcasts over NumPy index arrays.
+
+    Worked example: slope 0.5, Nq = 2, Nk = 4 (offset 2): query 1 and key 0 are 3 apart,
+    bias -1.5; query 1 and key 3 lie on the diagonal, bias 0 (-0.0).
+    """
+    bb = b if alibi.shape[0] > 1 else 0
+    distance = alibi.dtype.type(i + band[0] - j)  # exact below 2**24 (float32)
+    return -alibi[bb, h] * abs(distance)
 
 
 # -- dropout: a counter-based hash --------------------------------------------------------

@@ -6,6 +6,10 @@ The derivation of the backward is in docs/attention-backward.md.
 
 Shape legend: see ``spec.py``. ``s``/``p`` below are (B, Hq, Nq, Nk); ``stats`` is
 (2, B, Hq, Nq): the row shift ``m`` and the row sum ``l`` (``protocol.py``).
+
+Scores are built in the one order (``masking.py``): ``scale * q . k``, then the softcap
+(``masking.cap_and_slope``), then the ALiBi term (``masking.alibi_bias``) and the bias,
+then -inf outside the band: every rule applied to whole arrays.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import mods
-from .masking import in_band, keep, row_shift
+from .masking import alibi_bias, cap_and_slope, in_band, keep, row_shift
 from .spec import AttentionSpec
 
 SUPPORTS_MODS = True  # mask_mod / score_mod evaluated on arrays (mods.py)
@@ -54,25 +58,36 @@ def dropout_multiplier(spec: AttentionSpec) -> np.ndarray | None:
     return kept.astype(spec.dtype) * spec.dtype.type(spec.dropout_scale)
 
 
-def score_terms(q, k, spec: AttentionSpec, slope: bool = False):
-    """(s, allowed, slope): the scores (B, Hq, Nq, Nk) -- scaled, through score_mod,
-    biased, every forbidden pair at -inf --, the allowed pairs, and (when ``slope`` is asked
-    for and there is a score_mod) d s / d (scale q . k) = score_mod_grad, 0 where forbidden;
-    else None."""
-    x = np.einsum("bhid,bhjd->bhij", q, expand_kv(k, spec.group)) * spec.dtype.type(spec.scale)
-    s = mods.score_mod_array(spec, x)
+def score_terms(q, k, spec: AttentionSpec, need_slope: bool = True):
+    """(s, slope): the scores (B, Hq, Nq, Nk) -- capped, through score_mod, + ALiBi, biased,
+    every forbidden pair at -inf -- and d s / d (scale q . k) of the same shape, the
+    softcap's slope times score_mod_grad, 0 on forbidden pairs (None without softcap and
+    score_mod, or when ``need_slope`` is False)."""
+    packed = spec.pack()
+    s = np.einsum("bhid,bhjd->bhij", q, expand_kv(k, spec.group)) * spec.dtype.type(spec.scale)
+    slope = None
+    if spec.has_softcap:
+        s, slope = cap_and_slope(packed.reals, s)
+    mod_slope = None
+    if spec.score_mod is not None:  # score_mod sees the capped score
+        if need_slope:
+            mod_slope = mods.score_mod_slope(spec, s)
+        s = mods.score_mod_array(spec, s)
+    if spec.has_alibi:
+        b, h, i, j = np.ix_(*(np.arange(n) for n in (spec.B, spec.Hq, spec.Nq, spec.Nk)))
+        s = s + alibi_bias(packed.alibi, packed.band, b, h, i, j)
     if spec.has_bias:
         s = s + spec.bias
     allowed = allowed_pairs(spec)
-    d = None
-    if slope and spec.score_mod is not None:
-        d = np.where(allowed, mods.score_mod_slope(spec, x), 0).astype(spec.dtype, copy=False)
-    return np.where(allowed, s, -np.inf).astype(spec.dtype, copy=False), allowed, d
+    if mod_slope is not None:
+        slope = mod_slope if slope is None else slope * mod_slope
+        slope = np.where(allowed, slope, 0).astype(spec.dtype, copy=False)
+    return np.where(allowed, s, -np.inf).astype(spec.dtype, copy=False), (slope if need_slope else None)
 
 
 def scores(q, k, spec: AttentionSpec) -> np.ndarray:
-    """Scaled, modded, biased scores with every forbidden pair at -inf: (B, Hq, Nq, Nk)."""
-    return score_terms(q, k, spec)[0]
+    """Scaled, capped, modded, biased scores with every forbidden pair at -inf: (B, Hq, Nq, Nk)."""
+    return score_terms(q, k, spec, need_slope=False)[0]
 
 
 def row_stats(s) -> np.ndarray:
@@ -112,7 +127,7 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     if spec.score_mod is not None and spec.score_mod_grad is None:
         raise ValueError(mods.MISSING_GRAD)
     # forward: p = exp(s - m) / l, recomputed instead of stored
-    s, _, slope = score_terms(q, k, spec, slope=True)
+    s, slope = score_terms(q, k, spec)
     p = probabilities(s, stats)
     # forward: p_drop = p * z   (z = keep / (1 - p_dropout), or 1)
     z = dropout_multiplier(spec)
@@ -131,7 +146,8 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     if dlse is not None:
         delta = delta - dlse
     ds = p * (dp - delta[..., None])
-    # 4. forward: s = score_mod(x) + bias  ->  dx = ds * score_mod_grad(x)
+    # 4. forward: s = score_mod(cap(x)) + alibi + bias, x = scale * q @ k^T
+    #    ->  dx = ds * score_mod_grad(cap(x)) * cap'(x)
     if slope is not None:
         ds = ds * slope
     # 5. forward: x = scale * q @ k^T  ->  dq = scale * dx @ k, dk = scale * dx^T @ q

@@ -21,6 +21,14 @@ Every rule of who may attend to whom is folded into three things here:
 * **dropout**: ``dropout_p`` and a 64-bit ``seed``, turned into the integer
   ``dropout_threshold`` that :func:`microattn.kernels.masking.keep` compares against.
 
+Two terms change the scores themselves, in this order (docs/semantics.md)::
+
+    s = scale * q . k  ->  softcap * tanh(s / softcap)  ->  + ALiBi + bias  ->  band
+
+* **softcap** ``c > 0`` (0: none): ``masking.cap``, before anything is added (Gemma 2).
+* **ALiBi** slopes ``(Ba, Hq)``, ``Ba in {1, B}``: ``-slope[b, h] * |i + offset - j|``
+  (``masking.alibi_bias``, flash-attention's convention); constants, no gradient.
+
 ``sinks`` (Hq,) (one logit per query head, or None) is not for the kernels: every backend
 runs without it and ``sinks.py`` folds it into the result (``functional.Attention``).
 
@@ -89,6 +97,8 @@ class AttentionSpec(_Heads):
     # keys in the row, or None. Not for the kernels: varlen.py calls them per sequence.
     cu_seqlens_q: np.ndarray | None = None
     cu_seqlens_k: np.ndarray | None = None
+    softcap: float = 0.0  # c of c * tanh(s / c); 0: no cap
+    alibi: np.ndarray | None = None  # (Ba, Hq) ALiBi slopes, Ba in {1, B}, same dtype as q, or None
     # user-written mods (mods.py): callables or None. Not in pack(): the numba kernels are
     # compiled for them (cpu/flash.py), the reference evaluates them on arrays.
     mask_mod: object = None  # (b, h, i, j) -> bool
@@ -109,6 +119,14 @@ class AttentionSpec(_Heads):
     @property
     def has_bias(self) -> bool:
         return self.bias is not None
+
+    @property
+    def has_softcap(self) -> bool:
+        return self.softcap > 0.0
+
+    @property
+    def has_alibi(self) -> bool:
+        return self.alibi is not None
 
     @property
     def has_mods(self) -> bool:
@@ -153,12 +171,14 @@ class AttentionSpec(_Heads):
         """
         t = self.dtype.type
         bias = self.bias if self.has_bias else np.zeros((1, 1, 0, 0), dtype=self.dtype)
+        alibi = self.alibi if self.has_alibi else np.zeros((1, 0), dtype=self.dtype)
         threshold = self.dropout_threshold if self.dropout_p > 0.0 else 0
         return Packed(
             bias=bias,
             band=self.band,
             dropout=(threshold, self.seed_lo, self.seed_hi, *self.origin),
-            reals=(t(self.scale), t(self.dropout_scale if threshold > 0 else 1.0)),
+            reals=(t(self.scale), t(self.dropout_scale if threshold > 0 else 1.0), t(self.softcap)),
+            alibi=alibi,
         )
 
 
@@ -168,7 +188,8 @@ class Packed(NamedTuple):
     ``bias``     (Bm, Hm, Nq, Nk) additive, or an empty (1, 1, 0, 0) array: no bias
     ``band``     (offset, window_left, window_right)      ints (masking.in_band)
     ``dropout``  (threshold, seed_lo, seed_hi, h0, i0, j0) ints (masking.keep; 0: off)
-    ``reals``    (scale, dropout_scale)                   the spec's dtype
+    ``reals``    (scale, dropout_scale, softcap)          the spec's dtype (masking.cap; softcap 0: off)
+    ``alibi``    (Ba, Hq) slopes, or an empty (1, 0) array: no ALiBi (masking.alibi_bias)
 
     Kernels take them in this order (``*spec.pack()``).
     """
@@ -177,6 +198,7 @@ class Packed(NamedTuple):
     band: tuple
     dropout: tuple
     reals: tuple
+    alibi: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -327,6 +349,37 @@ def _check_cu_seqlens(cu_q, cu_k, B, Nq, Nk):
     if B != 1:
         raise ValueError(f"packed sequences (cu_seqlens) need B = 1, one packed row; got B = {B}")
     return checked[0], checked[1]
+def _check_softcap(softcap, dtype) -> float:
+    """softcap as a float, 0.0 meaning no cap (None or 0 given); it must stay a positive
+    finite number in ``dtype`` (1e-50 is 0 in float32, 1e300 is inf)."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.floating, np.integer)):
+        raise ValueError(f"softcap must be a finite positive number, or None/0 for no cap, got {softcap!r}")
+    if softcap == 0:
+        return 0.0
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a finite positive number, or None/0 for no cap, got {softcap}")
+    with np.errstate(over="ignore", under="ignore"):
+        rounded = dtype.type(softcap)
+    if not (np.isfinite(rounded) and rounded > 0):
+        raise ValueError(f"softcap {softcap} is not a positive finite {dtype.name} number")
+    return float(softcap)
+
+
+def _check_alibi(alibi_slopes, B, Hq, dtype) -> np.ndarray | None:
+    """The slopes as a C-contiguous (Ba, Hq) array of ``dtype``, Ba = 1 for (Hq,) slopes."""
+    if alibi_slopes is None:
+        return None
+    slopes = np.asarray(alibi_slopes)
+    if not np.issubdtype(slopes.dtype, np.floating):
+        raise TypeError(f"alibi_slopes must be floating, got dtype {slopes.dtype}")
+    if slopes.shape not in ((Hq,), (B, Hq)):
+        raise ValueError(f"alibi_slopes must have shape (Hq,)=({Hq},) or (B, Hq)=({B}, {Hq}), "
+                         f"got {slopes.shape}")
+    if not np.isfinite(slopes).all():
+        raise ValueError("alibi_slopes must be finite (no NaN or inf)")
+    return np.ascontiguousarray(slopes.reshape(-1, Hq), dtype=dtype)
 
 
 def _check_mods(mask_mod, score_mod, score_mod_grad):
@@ -347,12 +400,13 @@ def _check_mods(mask_mod, score_mod, score_mod_grad):
 def make_attention_spec(
     q_shape, k_shape, v_shape, dtypes, *, attn_mask=None, dropout_p=0.0, is_causal=False,
     scale=None, window=None, seed=None, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None,
-    mask_mod=None, score_mod=None, score_mod_grad=None,
+    softcap=None, alibi_slopes=None, mask_mod=None, score_mod=None, score_mod_grad=None,
 ) -> AttentionSpec:
     """Validate every argument of scaled_dot_product_attention; build the spec.
 
-    Raises ValueError (shapes, mask shape, dropout_p, window, scale, sinks' shape or values,
-    score_mod_grad without score_mod) or TypeError (dtypes, sinks' type, a mod that is not
+    Raises ValueError (shapes, mask shape, dropout_p, window, scale, softcap, alibi_slopes'
+    shape or values, sinks' shape or values, cu_seqlens, score_mod_grad without score_mod)
+    or TypeError (dtypes, alibi_slopes' and sinks' dtype or type, a mod that is not
     callable) before any work is done.
     """
     B, Hq, Hkv, Nq, Nk, D, Dv, dtype = check_qkv(q_shape, k_shape, v_shape, dtypes)
@@ -370,6 +424,8 @@ def make_attention_spec(
         raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
     left, right = _check_window(window, bool(is_causal))
     bias = _check_mask(attn_mask, B, Hq, Nq, Nk, dtype)
+    softcap = _check_softcap(softcap, dtype)
+    alibi = _check_alibi(alibi_slopes, B, Hq, dtype)
     if seed is None:
         seed = int(np.random.randint(0, 2**63 - 1, dtype=np.int64)) if dropout_p > 0 else 0
     elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
@@ -381,7 +437,8 @@ def make_attention_spec(
         B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv, dtype=dtype, scale=float(scale),
         causal=bool(is_causal), window_left=left, window_right=right, bias=bias,
         dropout_p=float(dropout_p), seed=int(seed), sinks=sinks, cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k, mask_mod=mask_mod, score_mod=score_mod, score_mod_grad=score_mod_grad,
+        cu_seqlens_k=cu_k, softcap=softcap, alibi=alibi, mask_mod=mask_mod, score_mod=score_mod,
+        score_mod_grad=score_mod_grad,
     )
 
 

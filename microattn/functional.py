@@ -25,7 +25,7 @@ from .kernels import merge as merge_rule
 from .kernels import mods, varlen
 from .kernels import sinks as sinks_rule
 from .kernels.cpu import decode
-from .kernels.masking import in_band, keep
+from .kernels.masking import alibi_bias, in_band, keep
 from .kernels.protocol import lse_of
 from .kernels.spec import AttentionSpec, make_attention_spec, make_linear_spec
 from .losses import cross_entropy
@@ -145,14 +145,15 @@ def _as_operand(x, name: str):
     raise TypeError(f"{name} must be a microattn Tensor or a NumPy array, got {type(x).__name__}")
 
 
-def _mask_array(attn_mask):
+def _mask_array(attn_mask, name="attn_mask"):
+    """A constant's array (a Tensor's data: no gradient flows into it), or None."""
     if attn_mask is None:
         return None
     if isinstance(attn_mask, Tensor):
         return attn_mask.data
     if isinstance(attn_mask, np.ndarray):
         return attn_mask
-    raise TypeError(f"attn_mask must be a Tensor, a NumPy array or None, got {type(attn_mask).__name__}")
+    raise TypeError(f"{name} must be a Tensor, a NumPy array or None, got {type(attn_mask).__name__}")
 
 
 # -- scaled dot-product attention ----------------------------------------------------------
@@ -162,7 +163,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  is_causal=False, scale=None, window=None, *,
                                  return_lse=False, seed=None, sinks=None, cu_seqlens_q=None,
                                  cu_seqlens_k=None, mask_mod=None, score_mod=None,
-                                 score_mod_grad=None, backend="auto"):
+                                 score_mod_grad=None, backend="auto", softcap=None,
+                                 alibi_slopes=None):
     """softmax(query @ key^T * scale + mask) @ value, with dropout on the probabilities.
 
     query (B, Hq, Nq, D), key (B, Hkv, Nk, D), value (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv).
@@ -186,9 +188,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
       i, j of dropout (and of the mask) are positions in the packed row. Cost: the sum of
       n_q * n_k over sequences (``kernels/varlen.py``).
     * ``dropout_p``/``seed``: element (b, h, i, j) is kept iff ``keep(seed, b, h, i, j)``.
+    * ``softcap=c`` (> 0; None or 0: off): the scaled scores s become ``c * tanh(s / c)``
+      before ALiBi, the mask and the band apply (Gemma 2); gradients flow through the tanh.
+    * ``alibi_slopes`` (Hq,) or (B, Hq), floating, a constant: ``-slope * |i + Nk - Nq - j|``
+      is added to the (capped) scores (flash-attention's ALiBi).
     * ``mask_mod(b, h, i, j) -> bool``: plain Python; False forbids query i to see key j
       (with the band and attn_mask). ``score_mod(score, b, h, i, j) -> float`` replaces the
-      scaled score ``q . k * scale`` before attn_mask's float terms are added;
+      scaled score ``q . k * scale`` (after softcap) before ALiBi and attn_mask's float terms are added;
       ``score_mod_grad(score, b, h, i, j)`` is its derivative in ``score``, which the
       backward needs: a call that records a graph with a score_mod but no score_mod_grad is
       a ValueError. i, j: the call's query and key indices (in a packed call, positions in
@@ -214,6 +220,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         sinks=sinks.data if isinstance(sinks, Tensor) else sinks, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, mask_mod=mask_mod, score_mod=score_mod,
         score_mod_grad=score_mod_grad,
+        softcap=softcap, alibi_slopes=_mask_array(alibi_slopes, "alibi_slopes"),
     )
     if spec.score_mod is not None and spec.score_mod_grad is None and _records_graph(q, k, v, sinks):
         raise ValueError(mods.MISSING_GRAD)
@@ -289,13 +296,18 @@ def _composed_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, si
         kv_head = np.arange(spec.Hq) // spec.group  # query head h reads kv head h // group
         k, v = k[:, kv_head], v[:, kv_head]  # (B, Hq, Nk, D), (B, Hq, Nk, Dv)
     s = (q @ k.swapaxes(-1, -2)) * spec.scale  # (B, Hq, Nq, Nk)
+    if spec.has_softcap:
+        s = (s / spec.softcap).tanh() * spec.softcap  # masking.cap, as Tensor ops
     allowed = in_band(spec.band, np.arange(spec.Nq)[:, None], np.arange(spec.Nk)[None, :])  # (Nq, Nk)
     if spec.has_bias:
         allowed = allowed & (spec.bias > -np.inf)  # (Bm, Hm, Nq, Nk)
     if spec.mask_mod is not None:  # a constant mask (mods.py)
         allowed = allowed & mods.mask_array(spec)  # (B, Hq, Nq, Nk)
-    if spec.score_mod is not None:
+    if spec.score_mod is not None:  # on the capped score, before ALiBi and the bias
         s = ScoreMod.apply(s, spec=spec, allowed=allowed)
+    if spec.has_alibi:  # a constant term (masking.alibi_bias): no gradient to the slopes
+        b, h, i, j = np.ix_(*(np.arange(n) for n in (spec.B, spec.Hq, spec.Nq, spec.Nk)))
+        s = s + alibi_bias(spec.pack().alibi, spec.band, b, h, i, j)
     if spec.has_bias:
         s = s + spec.bias
     s = s.masked_fill(~allowed, -np.inf)

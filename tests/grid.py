@@ -1,8 +1,12 @@
 """The one attention test grid every backend runs (kernel level and through functional).
 
-A ``Case`` names a shape and a masking regime; ``make_inputs`` turns it into arrays and
-keyword arguments for ``scaled_dot_product_attention`` (or ``make_attention_spec``).
-Sizes are odd on purpose (1, 7, 37, 113, 203) so no tile ever divides them evenly.
+A ``Case`` names a shape and a masking regime, and optionally the score terms (``softcap``,
+``alibi``: ALiBi slopes per head, ``"heads"``, or per batch and head, ``"batch"``);
+``make_inputs`` turns it into arrays and keyword arguments for
+``scaled_dot_product_attention`` (or ``make_attention_spec``). Sizes are odd on purpose
+(1, 7, 37, 113, 203) so no tile ever divides them evenly. ``SCORE_TERMS`` puts softcap and
+ALiBi beside GQA, causal, windows, masks, dropout, empty rows and large logits; ``grid()``
+includes them, so every backend runs them.
 """
 
 from __future__ import annotations
@@ -36,16 +40,36 @@ class Case:
     masking: str = "none"
     window: tuple | None = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    softcap: float | None = None  # scaled scores become softcap * tanh(s / softcap)
+    alibi: str | None = None  # ALiBi slopes: "heads" (Hq,) or "batch" (B, Hq)
 
     @property
     def id(self) -> str:
         w = f"-w{self.window[0]}_{self.window[1]}" if self.window else ""
-        return (f"{self.masking}{w}-Nq{self.Nq}-Nk{self.Nk}-H{self.Hq}_{self.Hkv}"
+        terms = (f"-cap{self.softcap:g}" if self.softcap else "") + (
+            f"-alibi_{self.alibi}" if self.alibi else "")
+        return (f"{self.masking}{w}{terms}-Nq{self.Nq}-Nk{self.Nk}-H{self.Hq}_{self.Hkv}"
                 f"-D{self.D}_{self.Dv}")
 
 
+# softcap and ALiBi, each beside the other axes (and together): a handful, CI time is budgeted.
+# Scores are ~N(0, 1), so a cap of 1-2 bends them; 30 caps the large logits (~300 sqrt(D)).
+SCORE_TERMS = (
+    Case(37, 37, 4, 2, masking="none", softcap=2.0),
+    Case(7, 37, 4, 1, 8, 5, masking="causal", alibi="heads"),
+    Case(37, 7, 4, 4, 3, 16, masking="bool_mask", softcap=1.0, alibi="batch"),
+    Case(113, 113, 4, 2, masking="window", window=(16, 16), softcap=2.0, alibi="heads"),
+    Case(203, 113, 4, 1, 8, 5, masking="float_mask", alibi="batch"),
+    Case(37, 37, 4, 2, 8, 5, masking="dropout+causal", softcap=2.0, alibi="heads"),
+    Case(37, 7, 4, 2, masking="empty_rows", softcap=2.0, alibi="batch"),
+    Case(1, 203, 4, 1, masking="causal+window", window=(40, -1), softcap=1.5, alibi="heads"),
+    Case(113, 113, 4, 4, 3, 16, masking="large_logits", softcap=30.0),
+)
+
+
 def grid(sizes=SIZES, unequal=UNEQUAL, max_n=None) -> list[Case]:
-    """The full grid: every length pair meets every masking regime and every window.
+    """The full grid: every length pair meets every masking regime and every window, and
+    the ``SCORE_TERMS`` cases whose lengths are among the pairs.
 
     Heads, D/Dv and windows rotate through their values so the grid stays a few hundred
     cases while every value meets every other axis somewhere.
@@ -62,7 +86,7 @@ def grid(sizes=SIZES, unequal=UNEQUAL, max_n=None) -> list[Case]:
             hq, hkv = next(heads)
             d, dv = next(dims)
             cases.append(Case(nq, nk, hq, hkv, d, dv, masking=masking, window=window))
-    return cases
+    return cases + [case for case in SCORE_TERMS if (case.Nq, case.Nk) in pairs]
 
 
 def make_inputs(case: Case, dtype=np.float64, seed=0):
@@ -115,6 +139,15 @@ def make_inputs(case: Case, dtype=np.float64, seed=0):
         kwargs["seed"] = 1234 + seed
     if m == "large_logits":
         q = q * 300.0  # scores of order 300 * sqrt(D): exp would overflow without max-subtraction
+    if case.softcap:
+        kwargs["softcap"] = case.softcap
+    if case.alibi:
+        # slopes in (0.02, 0.6) (flash-attention's are 2**(-8h/H)): -slope * distance reaches
+        # -100 at 200 keys; the (B, Hq) form has one negative slope (a bias rising with distance)
+        slopes = rng.uniform(0.02, 0.6, (B, Hq) if case.alibi == "batch" else (Hq,))
+        if case.alibi == "batch":
+            slopes[-1, -1] = -0.1
+        kwargs["alibi_slopes"] = slopes.astype(dtype)
     cast = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
     return cast(q), cast(k), cast(v), cast(dout), kwargs
 
@@ -201,10 +234,14 @@ def spec_in_float64(spec):
     shapes = ((spec.B, spec.Hq, spec.Nq, spec.D), (spec.B, spec.Hkv, spec.Nk, spec.D),
               (spec.B, spec.Hkv, spec.Nk, spec.Dv))
     window = (spec.window_left, spec.window_right) if spec.has_band else None
+    alibi = None
+    if spec.has_alibi:  # (Ba, Hq) as stored; (1, Hq) was given as (Hq,)
+        alibi = spec.alibi[0] if spec.alibi.shape[0] == 1 else spec.alibi
     return make_attention_spec(*shapes, (np.float64,) * 3,
                                attn_mask=None if spec.bias is None else spec.bias.astype(np.float64),
                                dropout_p=spec.dropout_p, seed=spec.seed, scale=spec.scale,
-                               window=window,
+                               window=window, softcap=spec.softcap or None,
+                               alibi_slopes=None if alibi is None else alibi.astype(np.float64),
                                sinks=None if spec.sinks is None else spec.sinks.astype(np.float64))
 
 

@@ -263,6 +263,28 @@ def test_numba_tiles_skipped_partial_and_whole():
                 np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tanh_score_mod_equals_softcap_and_combines_with_it_and_alibi(backend):
+    """A tanh cap written as a score_mod gives softcap='s result; with softcap= and ALiBi
+    both given, score_mod sees the capped score and ALiBi is added after it."""
+    arrays = problem()
+    if backend != "numba":  # (one set of mods on numba: compile cost)
+        assert_close(ours(backend, *arrays, score_mod=tanh_cap, score_mod_grad=tanh_cap_grad),
+                     ours(backend, *arrays, softcap=CAP), 1e-12, 1e-13, "cap")
+    slopes = np.array([0.5, 0.25, 0.125, 0.0625])
+    kw = dict(NUMBA_SET, softcap=3.0, alibi_slopes=slopes, is_causal=True)
+    q, k, v, g_out, g_lse = arrays
+    got = ours(backend, q, k, v, g_out, g_lse, **kw)
+
+    def by_hand(score, b, h, i, j):  # cap, then the mod, then ALiBi (torch, autograd)
+        capped = 3.0 * torch.tanh(score / 3.0)
+        return capped_relative_torch(capped, b, h, i, j) - torch.tensor(slopes)[h] * (
+            i + (NK - NQ) - j).abs().double()
+
+    want = torch_maths(q, k, v, g_out, g_lse, by_hand, prefix_lm_holes, is_causal=True)
+    assert_close(got, want, 1e-9, 1e-10, backend)
+
+
 def test_a_mod_that_only_runs_on_scalars_is_evaluated_element_by_element():
     arrays = problem()
     want = ours("reference", *arrays, score_mod=tanh_cap, score_mod_grad=tanh_cap_grad)

@@ -13,14 +13,18 @@ What lives here, and why:
   make that undefined behaviour.
 * The **rules** of ``kernels/masking.py`` (``in_band``, ``key_range``, ``query_range``,
   ``tile_in_band``, ``has_bias``, ``bias_index``, ``keep``, ``has_dropout``,
-  ``row_shift``), compiled as they are, never rewritten, by the one helper that compiles
+  ``row_shift``, ``has_softcap``, ``cap``, ``cap_and_slope``, ``has_alibi``,
+  ``alibi_bias``), compiled as they are, never rewritten, by the one helper that compiles
   them for every target (``kernels/compile.py``). They are the only code that looks inside
-  the spec's records (``AttentionSpec.pack()``: bias, band, dropout, reals), so every
+  the spec's records (``AttentionSpec.pack()``: bias, band, dropout, reals, alibi), so every
   backend draws the same mask, skips the same tiles and recomputes the same probabilities.
+  The one substitution: the rules' ``masking.tanh`` is ``fast_tanh`` here (same meaning).
 * ``fast_exp`` and the row sweeps ``exp_sub`` / ``exp_sub_sum`` built on it. pip's llvmlite
   has no SVML, so ``math.exp`` stays a scalar libm call (~8 ns); the float32 version here is
   a polynomial the compiler vectorises (~0.5 ns, within 1 ulp of ``np.exp``,
   ``exp(-inf) == 0`` exactly, NaN in gives NaN out). float64 keeps ``math.exp``.
+  ``fast_tanh`` likewise (softcap's tanh): a float32 polynomial near 0, ``1 - 2 / (exp(2x)
+  + 1)`` on fast_exp beyond, within 2 ulp; float64 keeps libm's ``tanh``.
 * ``blas_single_threaded()``: ``kernels/blas.py``'s one OpenBLAS thread pin (NumPy's and
   SciPy's copies), re-exported: inside a ``prange`` every worker already owns a core, so
   the BLAS that numba's ``np.dot`` calls must not spawn more. (The attention kernels call
@@ -43,6 +47,7 @@ import os
 
 import numpy as np
 
+from .. import masking
 from ..blas import single_threaded as blas_single_threaded  # noqa: F401  (re-exported for the kernels)
 from ..compile import compile_rules
 
@@ -97,22 +102,6 @@ if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 
-# -- masking.py's rules, compiled as they are ----------------------------------------------
-
-# Compiled like ``helper`` (LLVM inlines them into the tile loops). Without numba they stay
-# plain Python, which is what they are.
-rules = compile_rules(helper)
-in_band = rules.in_band  # (band, i, j): may query i see key j
-key_range = rules.key_range  # (band, i_start, i_stop, Nk): the keys a query block visits
-query_range = rules.query_range  # (band, j_start, j_stop, Nq): the queries a key block visits
-tile_in_band = rules.tile_in_band  # (band, i0, bm, j0, bn): the whole tile allowed
-has_bias = rules.has_bias  # (bias): the record holds a bias
-bias_index = rules.bias_index  # (bias, b, h) -> (bb, hh): the plane batch b, head h reads
-keep = rules.keep  # (dropout, b, h, i, j): dropout keeps the pair
-has_dropout = rules.has_dropout  # (dropout): dropout is on
-row_shift = rules.row_shift  # (m, l) -> (shift, norm): p = exp(s - shift) / norm
-
-
 # -- exp over a row ------------------------------------------------------------------------
 
 
@@ -128,7 +117,12 @@ _C0, _C1, _C2, _C3, _C4, _C5, _C6 = _exp_coefficients()
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)  # ln 2 = LN2_HI + LN2_LO, LN2_HI exact in 9 bits (Cody-Waite)
 _LN2_LO = np.float32(-2.12194440e-4)
-_EXP_MIN = np.float32(-87.0)  # exp(-87) = 1.6e-38, the smallest normal float32; below: 0
+# Below _EXP_MIN, exp is 0. e**-64 = 1.6e-28: a probability that far below its row's shift
+# adds nothing a float32 sum can hold (eps 6e-8), while kept it made denormal products
+# (p * v, p * dO / l, ~1e-40): each such multiply costs ~100 cycles on x86. ALiBi puts
+# scores hundreds below the row max: at N=4096 its backward ran 1.68x the plain one with
+# the old cut at -87 (exp(-87) = 1.6e-38, the smallest normal float32), 1.01x with this one.
+_EXP_MIN = np.float32(-64.0)
 # Rounding by addition: in [2**23, 2**24) float32 steps by 1, so t = x*log2e + _ROUND holds
 # n = round(x*log2e) exactly, t - _ROUND gives n back, and the low 9 bits of t's bit
 # pattern are n + 127: shifted left by 23 they are the float 2**n. (1.5 * 2**23 keeps t
@@ -160,7 +154,8 @@ def fast_exp(x):
 
     Compiled per type by the overload below: float32 gets a branch-free polynomial that
     LLVM vectorises inside the row loops (``_fast_exp_meaning`` spells it out; within
-    1 ulp of exp for x in [-87, 88]); float64 keeps libm. This body is the meaning.
+    1 ulp of exp for x in [-64, 88], 0 below -64, see ``_EXP_MIN``); float64 keeps libm.
+    This body is the meaning.
     """
     return math.exp(x)
 
@@ -222,6 +217,109 @@ if numba is not None:
         if x == types.float32:
             return _fast_exp_float32
         return _fast_exp_float64
+
+
+# -- tanh (softcap) ------------------------------------------------------------------------
+
+_TANH_SMALL = 0.625  # below: tanh(x) = x * P(x**2); above: 1 - 2 / (exp(2x) + 1), no cancellation
+
+
+def _tanh_coefficients(degree=5):
+    """Chebyshev-fitted coefficients of P(u) = tanh(sqrt(u)) / sqrt(u) on [0, _TANH_SMALL**2]."""
+    u = (np.cos(np.linspace(0.0, np.pi, 4001)) + 1.0) / 2.0 * _TANH_SMALL**2
+    x = np.sqrt(np.maximum(u, 1e-300))
+    fit = np.polynomial.chebyshev.Chebyshev.fit(u, np.tanh(x) / x, degree)
+    return tuple(np.float32(c) for c in fit.convert(kind=np.polynomial.Polynomial).coef)
+
+
+_T0, _T1, _T2, _T3, _T4, _T5 = _tanh_coefficients()
+_TANH_SMALL32 = np.float32(_TANH_SMALL)
+_TANH_CLAMP = np.float32(10.0)  # tanh(10) = 1 - 4e-9 is 1.0 in float32; keeps exp(2x) finite
+_ONE32, _TWO32 = np.float32(1.0), np.float32(2.0)
+
+
+def _fast_tanh_meaning(x: np.ndarray) -> np.ndarray:
+    """The float32 ``fast_tanh`` in NumPy, step by step (what the compiled version does)."""
+    x = np.asarray(x, dtype=np.float32)
+    ax = np.abs(x)
+    u = x * x
+    p = _T5
+    for c in (_T4, _T3, _T2, _T1, _T0):
+        p = p * u + c
+    a = np.where(ax > _TANH_CLAMP, _TANH_CLAMP, ax)
+    big = _ONE32 - _TWO32 / (_fast_exp_meaning(_TWO32 * a) + _ONE32)
+    return np.where(ax < _TANH_SMALL32, x * p, np.copysign(big, x)).astype(np.float32)
+
+
+def fast_tanh(x):
+    """tanh(x) for a float32 or float64 scalar; +-1 at +-inf, NaN for NaN.
+
+    Compiled per type by the overload below: float32 gets a branch-free form LLVM vectorises
+    (``_fast_tanh_meaning`` spells it out; within 2 ulp of tanh); float64 keeps libm. This
+    body is the meaning. The rules of masking.py call it where they say ``tanh``."""
+    return math.tanh(x)
+
+
+if numba is not None:
+
+    def _fast_tanh_float32(x):
+        # as _fast_tanh_meaning; NaN falls through every comparison and comes out NaN
+        ax = -x if x < 0 else x
+        u = x * x
+        p = _T5
+        p = p * u + _T4
+        p = p * u + _T3
+        p = p * u + _T2
+        p = p * u + _T1
+        p = p * u + _T0
+        a = _TANH_CLAMP if ax > _TANH_CLAMP else ax
+        big = _ONE32 - _TWO32 / (fast_exp(_TWO32 * a) + _ONE32)
+        big = -big if x < 0 else big
+        return x * p if ax < _TANH_SMALL32 else big
+
+    def _fast_tanh_float64(x):
+        return math.tanh(x)
+
+    # NumPy's error model: 2 / (e + 1) without a ZeroDivisionError check (see ``rule``)
+    @overload(fast_tanh, jit_options={"fastmath": FASTMATH - {"reassoc"}, "error_model": "numpy"})
+    def _fast_tanh_overload(x):
+        if x == types.float32:
+            return _fast_tanh_float32
+        return _fast_tanh_float64
+
+
+# -- masking.py's rules, compiled as they are ----------------------------------------------
+
+
+
+def rule(fn):
+    """How the rules are compiled: like ``helper`` (LLVM inlines them into the tile loops),
+    with NumPy's error model: a float division by zero is IEEE inf/NaN, as the rules mean
+    on NumPy arrays, and not a Python ZeroDivisionError check, whose branch per element
+    (softcap's ``s / c``) kept the row loops from vectorising (5 ns instead of ~0.5 ns a
+    score). Without numba they stay plain Python, which is what they are."""
+    if numba is None:
+        return fn
+    return numba.njit(fastmath=FASTMATH, error_model="numpy")(fn)
+
+
+rules = compile_rules(rule, replace={masking.tanh: fast_tanh})  # the one substitution
+in_band = rules.in_band  # (band, i, j): may query i see key j
+key_range = rules.key_range  # (band, i_start, i_stop, Nk): the keys a query block visits
+query_range = rules.query_range  # (band, j_start, j_stop, Nq): the queries a key block visits
+tile_in_band = rules.tile_in_band  # (band, i0, bm, j0, bn): the whole tile allowed
+has_bias = rules.has_bias  # (bias): the record holds a bias
+bias_index = rules.bias_index  # (bias, b, h) -> (bb, hh): the plane batch b, head h reads
+keep = rules.keep  # (dropout, b, h, i, j): dropout keeps the pair
+has_dropout = rules.has_dropout  # (dropout): dropout is on
+row_shift = rules.row_shift  # (m, l) -> (shift, norm): p = exp(s - shift) / norm
+
+
+has_softcap = rules.has_softcap  # (reals): the scores are capped
+cap = rules.cap  # (reals, s) -> c * tanh(s / c)
+cap_and_slope = rules.cap_and_slope  # (reals, s) -> (cap, d cap / d s)
+has_alibi = rules.has_alibi  # (alibi): the record holds ALiBi slopes
+alibi_bias = rules.alibi_bias  # (alibi, band, b, h, i, j) -> -slope * |i + offset - j|
 
 
 @helper

@@ -20,8 +20,8 @@ whole group** (not once per query head: the step is a read of the cache, so read
 (``key_range`` per row, their union, cut to the split's keys)::
 
     pass 1:  S[r, j] = (scale * q_r) . k_j                   K read once, q rows resident
-    rows:    + bias, -inf outside row r's band; m_r = max_j S[r, j]
-             P[r, j] = exp(S[r, j] - shift_r), l_r = sum_j P[r, j]
+    rows:    cap, + ALiBi, + bias (masking.py's order), -inf outside row r's band;
+             m_r = max_j S[r, j], P[r, j] = exp(S[r, j] - shift_r), l_r = sum_j P[r, j]
              (shift = m, or 0 on a row with no key: masking.row_shift's rule; then dropout)
     pass 2:  acc[r] = sum_j P[r, j] v_j                        V read once, acc resident
 
@@ -51,21 +51,32 @@ import types
 
 import numpy as np
 
-from .. import reference, sinks
+from .. import masking, reference, sinks
 from ..compile import compile_rules
 from ..merge import merge_rows
 from ..spec import AttentionSpec
-from ._compile import FASTMATH, NUMBA_ERROR, PARALLEL, fast_exp, numba, prange
+from ._compile import (
+    FASTMATH,
+    NUMBA_ERROR,
+    PARALLEL,
+    fast_exp,
+    fast_tanh,
+    numba,
+    prange,
+)
 
 MAX_QUERIES = 16  # the Nq this kernel is meant for (it is correct for any Nq)
 PARALLEL_WORK = 1 << 12  # (rows x keys) below which the step runs on the calling thread
 MIN_SPLIT = 1024  # keys per split, at least: smaller splits cost more in merging than they save
 
 if numba is not None:
-    rules = compile_rules(numba.njit(fastmath=FASTMATH))
+    rules = compile_rules(numba.njit(fastmath=FASTMATH, error_model="numpy"),
+                          replace={masking.tanh: fast_tanh})
     key_range, has_bias = rules.key_range, rules.has_bias
     bias_index, keep, has_dropout = rules.bias_index, rules.keep, rules.has_dropout
     row_shift = rules.row_shift
+    has_softcap, cap, has_alibi, alibi_bias = (
+        rules.has_softcap, rules.cap, rules.has_alibi, rules.alibi_bias)
 
 
 def unavailable_reason() -> str | None:
@@ -152,14 +163,15 @@ def _cache_rows(x, dtype):
 # -- the step ---------------------------------------------------------------------------
 
 
-def _decode(q, k, v, Nk, bias, band, dropout, reals, splits, m_part, l_part, acc_part):
+def _decode(q, k, v, Nk, bias, band, dropout, reals, alibi, splits, m_part, l_part, acc_part):
     B, Hq, Nq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]  # k, v (B, Hkv, capacity, D/Dv): rows >= Nk unread
     group = Hq // Hkv
     R = group * Nq  # the rows of one task: row r is query head kv * group + r // Nq, query r % Nq
     t = q.dtype.type
-    scale, dropout_scale = reals
+    scale, dropout_scale = reals[0], reals[1]
     use_bias, use_dropout = has_bias(bias), has_dropout(dropout)
+    use_cap, use_alibi = has_softcap(reals), has_alibi(alibi)
     for task in prange(B * Hkv * splits):
         b, kv_head, split = task // (Hkv * splits), (task // splits) % Hkv, task % splits
         split_start, split_stop = split * Nk // splits, (split + 1) * Nk // splits
@@ -188,6 +200,12 @@ def _decode(q, k, v, Nk, bias, band, dropout, reals, splits, m_part, l_part, acc
         for r in range(R):
             h, i = kv_head * group + r // Nq, r % Nq
             row = scores[r]
+            if use_cap:  # the score's terms in masking.py's order: cap, ALiBi, bias
+                for jj in range(n):
+                    row[jj] = cap(reals, row[jj])
+            if use_alibi:
+                for j in range(j_lo, j_hi):
+                    row[j - j_lo] += alibi_bias(alibi, band, b, h, i, j)
             if use_bias:
                 bb, hh = bias_index(bias, b, h)
                 for j in range(j_lo, j_hi):

@@ -10,14 +10,22 @@ Shape legend (see ``spec.py``)::
     stats (2, B, Hq, Nq) = (m, l)        rows (3, B, Hq, Nq) = (shift, 1 / norm, delta)
     a tile: BLOCK_N keys x BLOCK_M queries; bn, bm its actual (edge-clipped) sizes
 
-The kernels take the spec as its records, ``*spec.pack()`` = (bias, band, dropout, reals),
-and the tile size as one more, ``blocks`` = (BLOCK_M, BLOCK_N)::
+The kernels take the spec as its records, ``*spec.pack()`` = (bias, band, dropout, reals,
+alibi), and the tile size as one more, ``blocks`` = (BLOCK_M, BLOCK_N)::
 
-    _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, out, stats)
-    _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, grads)   # grads = (dq, dk, dv)
-    _bwd_dq / _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, grads)
+    _flash_forward(q, k, vT, bias, band, dropout, reals, alibi, blocks, bmask, out, stats)
+    _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, alibi, blocks, bmask, grads)   # grads = (dq, dk, dv)
+    _bwd_dq / _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, blocks, bmask, grads)
 
-Only ``masking.py``'s rules (compiled in ``_compile.py``) look inside bias, band and dropout.
+``bmask`` is the block mask of a user's mask_mod (see ``specialised`` and ``block_mask``
+below; a dummy without one). User-written mods enter as compile-time globals: the order of
+a score's terms is then ``score_mod(cap(x)) + alibi + bias``, masked by band, mask and
+mask_mod.
+
+Only ``masking.py``'s rules (compiled in ``_compile.py``) look inside bias, band, dropout,
+the softcap of reals and alibi. Scores are built in the one order (``scores_t``): the tile
+product ``x = k @ (scale q).T``, then ``cap(x)`` (softcap), ``+ alibi_bias`` and ``+ bias``,
+then -inf outside the band; the backward multiplies dS by the cap's slope (``bwd_tile``).
 
 **Tiles are stored keys-major**, ``sT[jj, ii]`` = score of key ``j0 + jj`` for query
 ``i0 + ii`` (Triton's ``qkT``). Every per-query quantity (``m_i``, ``l_i``, the
@@ -30,10 +38,11 @@ off power-of-two strides (``tile_buffer``).
 Forward (``_flash_forward``), one task per (b, h, query block), the query block resident::
 
     for each key block in key_range(query block):          # band-skipping, see below
-        if every m_i is finite and the block is unmasked:    # the kept shift, see below
+        if every m_i is finite and the block is unmasked     # the kept shift, see below
+                and has no softcap, ALiBi or bias:
             pT = exp(k_blk @ qsT - m_i) in one pass (matmul_exp); if max(sT - m_i) <= STALE_LIMIT:
                 l_i += sum_j pT[j];  accT += vT_blk @ (pT * dropout);  next block
-        sT    = k_blk @ qsT (+ bias), -inf outside the band  # qsT = (scale * q_blk).T
+        sT    = k_blk @ qsT, capped, + alibi + bias, -inf outside the band   # qsT = (scale q_blk).T
         m_new = max(m_i, max_j sT[j])
         alpha = exp(m_i - m_new)                             # rescales what was summed so far
         pT    = exp(sT - m_new);  l_i = alpha * l_i + sum_j pT[j]
@@ -96,8 +105,9 @@ from ..mods import MISSING_GRAD
 from ..protocol import dlse_or_empty
 from ..spec import AttentionSpec
 from ._compile import (
-    FASTMATH, NUMBA_ERROR, bias_index, exp_sub, exp_sub_sum, has_bias, has_dropout, helper, in_band,
-    keep, kernel, key_range, numba, prange, query_range, row_shift, tile_in_band,
+    FASTMATH, NUMBA_ERROR, alibi_bias, bias_index, cap, cap_and_slope, exp_sub, exp_sub_sum,
+    has_alibi, has_bias, has_dropout, has_softcap, helper, in_band, keep, kernel, key_range, numba,
+    prange, query_range, row_shift, tile_in_band,
 )
 from .microkernel import matmul, matmul_exp
 
@@ -382,40 +392,56 @@ class _compile_errors_named:
 
 
 @helper
-def scores_t(k_blk, qsT, s_rows, bias, band, b, h, i0, j0, dropout, cls, g_rows):
-    """sT = score_mod(k_blk @ qsT) (+ bias.T), with -inf where the band or mask_mod forbids
-    a pair.
+def scores_t(k_blk, qsT, s_rows, bias, band, reals, alibi, b, h, i0, j0, slopes, dropout, cls):
+    """sT = score_mod(cap(k_blk @ qsT)) + alibi + bias.T, with -inf where the band or
+    mask_mod forbids a pair.
 
     k_blk (bn, D); qsT (D, bm) the *scaled* queries, transposed; the tile is
     ``s_rows[:, :bm]`` of a (bn, padded) buffer (see :func:`tile_buffer`), the pairs of
-    queries i0.. and keys j0.. of batch b, query head h. A tile inside the band without
-    bias or mods costs nothing beyond the product. The mods (compiled in only by
-    ``specialised``) see the origin of the dropout record; ``cls`` is the tile's
-    ``tile_class`` (1: mask_mod tested per pair); ``g_rows`` (bn, bm), when not empty,
-    receives score_mod_grad at each pre-mod score (the backward's slope).
+    queries i0.. and keys j0.. of batch b, query head h. The cap (softcap), the ALiBi term
+    and the bias are ``masking.py``'s rules. With softcap and ``slopes`` of ``bn`` rows (the
+    backward), ``slopes[:, :bm]`` gets each pair's d cap / d x; the forward passes none (an
+    empty array). A tile inside the band with none of those terms costs nothing beyond the
+    product. The user's mods (compiled in only by ``specialised``) see the origin of the
+    dropout record added to h, i, j; with a score_mod the slopes are d cap / d x times
+    score_mod_grad (0 on forbidden pairs); ``cls`` is the tile's ``tile_class`` (1:
+    mask_mod tested per pair).
     """
     bn = k_blk.shape[0]
     bm = qsT.shape[1]
     matmul(k_blk, qsT, s_rows[:, :bm], False)
-    h0, oi, oj = dropout[3], dropout[4], dropout[5]
-    if HAS_SCORE_MOD:
-        want_slope = g_rows.shape[0] > 0
-        for jj in range(bn):
-            row = s_rows[jj, :bm]
-            for ii in range(bm):
-                x = row[ii]
-                if want_slope:
-                    g_rows[jj, ii] = user_score_mod_grad(x, b, h + h0, i0 + ii + oi, j0 + jj + oj)
-                row[ii] = user_score_mod(x, b, h + h0, i0 + ii + oi, j0 + jj + oj)
     use_bias = has_bias(bias)
+    use_cap = has_softcap(reals)
+    use_alibi = has_alibi(alibi)
     whole = tile_in_band(band, i0, bm, j0, bn)
     partial = HAS_MASK_MOD and cls == 1
-    if whole and not use_bias and not partial:
+    if whole and not (use_bias or use_cap or use_alibi or HAS_SCORE_MOD or partial):
         return
+    with_slopes = (use_cap or HAS_SCORE_MOD) and slopes.shape[0] > 0
+    h0, oi, oj = dropout[3], dropout[4], dropout[5]
     bias_qk = bias[bias_index(bias, b, h)]  # the (Nq, Nk) plane this head reads
     for jj in range(bn):
         row = s_rows[jj, :bm]
         j = j0 + jj
+        if with_slopes and use_cap:
+            slope_row = slopes[jj, :bm]
+            for ii in range(bm):
+                row[ii], slope_row[ii] = cap_and_slope(reals, row[ii])
+        elif with_slopes:
+            slopes[jj, :bm] = 1.0
+        elif use_cap:
+            for ii in range(bm):
+                row[ii] = cap(reals, row[ii])
+        if HAS_SCORE_MOD:  # on the capped score; slope *= score_mod_grad
+            if with_slopes:
+                mod_slope_row = slopes[jj, :bm]
+                for ii in range(bm):
+                    mod_slope_row[ii] *= user_score_mod_grad(row[ii], b, h + h0, i0 + ii + oi, j + oj)
+            for ii in range(bm):
+                row[ii] = user_score_mod(row[ii], b, h + h0, i0 + ii + oi, j + oj)
+        if use_alibi:
+            for ii in range(bm):
+                row[ii] += alibi_bias(alibi, band, b, h, i0 + ii, j)
         if use_bias:
             for ii in range(bm):
                 row[ii] += bias_qk[i0 + ii, j]
@@ -427,6 +453,11 @@ def scores_t(k_blk, qsT, s_rows, bias, band, b, h, i0, j0, dropout, cls, g_rows)
             for ii in range(bm):
                 if not user_mask_mod(b, h + h0, i0 + ii + oi, j + oj):
                     row[ii] = -np.inf
+        if HAS_SCORE_MOD and with_slopes:  # a forbidden pair's score_mod_grad is never used
+            zero_row = slopes[jj, :bm]
+            for ii in range(bm):
+                if row[ii] == -np.inf:
+                    zero_row[ii] = 0.0
 
 
 @helper
@@ -497,12 +528,14 @@ def _transposed(x):
 
 
 @kernel
-def _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, bmask, out, stats):
+def _flash_forward(q, k, vT, bias, band, dropout, reals, alibi, blocks, bmask, out, stats):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], vT.shape[2]
     BLOCK_M, BLOCK_N = blocks
-    scale, drop_scale = reals
-    use_bias = has_bias(bias)
+    scale, drop_scale = reals[0], reals[1]
+    plain = not (has_bias(bias) or has_softcap(reals) or has_alibi(alibi)  # scores = the product
+                 or HAS_SCORE_MOD)
+    no_slopes = np.empty((0, 0), dtype=q.dtype)  # the forward needs no softcap slopes
     use_dropout = has_dropout(dropout)
     group = Hq // Hkv
     n_qblocks = (Nq + BLOCK_M - 1) // BLOCK_M
@@ -524,7 +557,6 @@ def _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, bmask, out, sta
         m_safe = np.empty(bm, dtype=q.dtype)
         alpha = np.empty(bm, dtype=q.dtype)
         s_buf = tile_buffer(BLOCK_N, bm, q)  # tile sT = s_buf[:bn, :bm]
-        no_slope = s_buf[:0, :0]
         x_max = np.empty(bm, dtype=q.dtype)
         p_sum = np.empty(bm, dtype=q.dtype)
         m_finite = False  # every row has a finite m_i: the stale shift below may be tried
@@ -541,10 +573,9 @@ def _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, bmask, out, sta
             # the exp can run inside the score product (matmul_exp) and nothing needs a
             # rescale. Any shift gives the same softmax; the true max only guards against
             # overflow, so the shift is kept while no score exceeds it by more than
-            # STALE_LIMIT (then every p <= e**STALE_LIMIT). Otherwise, or on masked or
-            # biased tiles, the block is redone the classic way below.
-            if (m_finite and not use_bias and not HAS_SCORE_MOD and cls == 2
-                    and tile_in_band(band, i0, bm, j0, bn)):
+            # STALE_LIMIT (then every p <= e**STALE_LIMIT). Otherwise, or on masked,
+            # biased, capped or ALiBi tiles, the block is redone the classic way below.
+            if m_finite and plain and cls == 2 and tile_in_band(band, i0, bm, j0, bn):
                 x_max[:] = -np.inf
                 p_sum[:] = 0.0
                 matmul_exp(k[b, kv][j0:j1], qsT, s_buf[:bn, :bm], m_i, x_max, p_sum)
@@ -556,8 +587,8 @@ def _flash_forward(q, k, vT, bias, band, dropout, reals, blocks, bmask, out, sta
                     matmul(vT[b, kv][:, j0:j1], s_buf[:bn, :bm], accT, True)  # accT += v_blk.T @ pT
                     continue
 
-            scores_t(k[b, kv][j0:j1], qsT, s_buf[:bn], bias, band, b, h, i0, j0, dropout, cls,
-                     no_slope)
+            scores_t(k[b, kv][j0:j1], qsT, s_buf[:bn], bias, band, reals, alibi, b, h, i0, j0,
+                     no_slopes, dropout, cls)
 
             # m_new = max(m_i, max over this block's keys)
             m_new[:] = m_i
@@ -623,11 +654,12 @@ def _bwd_preprocess(out, dout, stats, dlse, rows):
 
 
 @helper
-def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, bias, band, dropout,
-             drop_scale, b, h, i0, j0, cls):
+def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, slope_rows, bias, band,
+             dropout, reals, alibi, b, h, i0, j0, cls):
     """One (key block, query block) tile of the backward: on return ``s_rows[:, :bm]``
     holds the dropped exps ``eT * z`` and ``dp_rows[:, :bm]`` holds ``dsT``, the gradient
-    of the scores.
+    of the tile product ``x = k @ (scale q).T`` (through the softcap: ``slope_rows``, as
+    many rows as the tile with softcap, else none, holds its slopes).
 
     k_blk (bn, D), v_blk (bn, Dv), qsT (D, bm) scaled queries transposed; shift (bm,) the
     rows' shifts; s_rows, dp_rows (bn, padded) tile buffers. The probabilities are
@@ -637,20 +669,19 @@ def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, bias, ba
     ``dsT = eT * (dpT * z - delta_blk) = pT * (dp * z - delta)`` exactly, and
     ``(eT * z) @ (dO / norm) = (pT * z) @ dO``.
     """
+    # forward: pT = exp(sT - m) / l, recomputed instead of stored
+    scores_t(k_blk, qsT, s_rows, bias, band, reals, alibi, b, h, i0, j0, slope_rows, dropout, cls)
     bn = k_blk.shape[0]
     bm = qsT.shape[1]
-    if HAS_SCORE_MOD:
-        g_rows = np.empty((bn, bm), dtype=s_rows.dtype)  # score_mod_grad per pair
-    else:
-        g_rows = np.empty((0, 0), dtype=s_rows.dtype)
-    # forward: pT = exp(sT - m) / l, recomputed instead of stored
-    scores_t(k_blk, qsT, s_rows, bias, band, b, h, i0, j0, dropout, cls, g_rows)
+    drop_scale = reals[1]
     for jj in range(bn):
         exp_sub(s_rows[jj, :bm], shift)  # eT = pT * norm
     # forward: out = (pT * z).T @ v  ->  dpT = z * (v @ dO.T)   (here / norm)
     matmul(v_blk, doT, dp_rows[:, :bm], False)
     # forward: p = softmax(s)  ->  ds = p * (dp - delta)
-    if has_dropout(dropout):
+    use_cap = has_softcap(reals) or HAS_SCORE_MOD  # dS times the slopes (softcap, score_mod)
+    use_dropout = has_dropout(dropout)
+    if use_dropout:
         for jj in range(bn):
             p_row = s_rows[jj, :bm]
             dp_row = dp_rows[jj, :bm]
@@ -658,20 +689,26 @@ def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, bias, ba
                 z = drop_scale if keep(dropout, b, h, i0 + ii, j0 + jj) else 0.0
                 dp_row[ii] = p_row[ii] * (dp_row[ii] * z - delta_blk[ii])
                 p_row[ii] *= z
+    elif use_cap:  # and the softcap's factor below, in the same sweep
+        for jj in range(bn):
+            p_row = s_rows[jj, :bm]
+            dp_row = dp_rows[jj, :bm]
+            slope_row = slope_rows[jj, :bm]
+            for ii in range(bm):
+                dp_row[ii] = p_row[ii] * (dp_row[ii] - delta_blk[ii]) * slope_row[ii]
     else:
         for jj in range(bn):
             p_row = s_rows[jj, :bm]
             dp_row = dp_rows[jj, :bm]
             for ii in range(bm):
                 dp_row[ii] = p_row[ii] * (dp_row[ii] - delta_blk[ii])
-    # forward: s = score_mod(x)  ->  dx = ds * score_mod_grad(x)   (0 where p is: a
-    # forbidden pair's slope is never used)
-    if HAS_SCORE_MOD:
+    # forward: sT = cap(xT) + alibi + bias  ->  dxT = dsT * cap'(xT)   (done above without dropout)
+    if use_cap and use_dropout:
         for jj in range(bn):
             dp_row = dp_rows[jj, :bm]
+            slope_row = slope_rows[jj, :bm]
             for ii in range(bm):
-                d = dp_row[ii]
-                dp_row[ii] = d * g_rows[jj, ii] if d != 0.0 else 0.0
+                dp_row[ii] *= slope_row[ii]
 
 
 @helper
@@ -708,12 +745,13 @@ def query_block_buffers(rows, D, Dv, like):
 
 
 @kernel
-def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, bmask, grads):
+def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, alibi, blocks, bmask, grads):
     """dK, dV (grads[1], grads[2]): one task per (b, kv head, key block), the key block resident."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BLOCK_M, BLOCK_N = blocks
-    scale, drop_scale = reals
+    scale = reals[0]
+    use_cap = has_softcap(reals) or HAS_SCORE_MOD
     dk, dv = grads[1], grads[2]
     group = Hq // Hkv
     n_kblocks = (Nk + BLOCK_N - 1) // BLOCK_N
@@ -729,6 +767,7 @@ def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, bmask, gr
         dv_acc = np.zeros((bn, Dv), dtype=q.dtype)
         s_buf = tile_buffer(bn, BLOCK_M, q)
         dp_buf = tile_buffer(bn, BLOCK_M, q)
+        slope_buf = tile_buffer(bn if use_cap else 0, BLOCK_M, q)  # the softcap's / score_mod's slopes
         bufs = query_block_buffers(BLOCK_M, D, Dv, q)
 
         i_start, i_stop = query_range(band, j0, j1, Nq)
@@ -741,8 +780,8 @@ def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, bmask, gr
                     continue
                 qsT, doT, q_blk, do_blk, shift, delta_blk = load_query_block(
                     q, dout, rows, scale, b, h, i0, i1, bufs)
-                bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_buf, dp_buf, bias, band,
-                         dropout, drop_scale, b, h, i0, j0, cls)
+                bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_buf, dp_buf, slope_buf, bias,
+                         band, dropout, reals, alibi, b, h, i0, j0, cls)
                 # forward: out = (pT * z).T @ v  ->  dv = (pT * z) @ dO = (eT * z) @ (dO / norm)
                 matmul(s_buf[:, :bm], do_blk, dv_acc, True)
                 # forward: sT = k @ (scale * q).T  ->  dk = scale * dsT @ q
@@ -755,12 +794,13 @@ def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, blocks, bmask, gr
 
 
 @kernel
-def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, bmask, grads):
+def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, blocks, bmask, grads):
     """dQ (grads[0]): one task per (b, h, query block), the query block resident."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BLOCK_M, BLOCK_N = blocks
-    scale, drop_scale = reals
+    scale = reals[0]
+    use_cap = has_softcap(reals) or HAS_SCORE_MOD
     dq = grads[0]
     group = Hq // Hkv
     n_qblocks = (Nq + BLOCK_M - 1) // BLOCK_M
@@ -777,6 +817,7 @@ def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, bmask, 
         dqT[:] = 0.0
         s_buf = tile_buffer(BLOCK_N, bm, q)
         dp_buf = tile_buffer(BLOCK_N, bm, q)
+        slope_buf = tile_buffer(BLOCK_N if use_cap else 0, bm, q)  # the softcap's / score_mod's slopes
 
         j_start, j_stop = key_range(band, i0, i1, Nk)
         for j0 in range(j_start, j_stop, BLOCK_N):
@@ -786,7 +827,8 @@ def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, bmask, 
             if cls == 0:  # mask_mod allows no pair here
                 continue
             bwd_tile(k[b, kv][j0:j1], v[b, kv][j0:j1], qsT, doT, shift, delta_blk, s_buf[:bn],
-                     dp_buf[:bn], bias, band, dropout, drop_scale, b, h, i0, j0, cls)
+                     dp_buf[:bn], slope_buf[:bn], bias, band, dropout, reals, alibi, b, h, i0, j0,
+                     cls)
             # forward: sT = scale * k @ q.T  ->  dq.T = scale * k.T @ dsT
             matmul(kT[b, kv][:, j0:j1], dp_buf[:bn, :bm], dqT, True)
         for ii in range(bm):
@@ -795,13 +837,14 @@ def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, bmask, 
 
 
 @kernel
-def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, bmask, grads):
+def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, blocks, bmask, grads):
     """dkdv with the key block resident, plus dq added from the same tiles (see the module
     docstring). One task per (b, kv head): it owns dq of the group's query heads."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BLOCK_M, BLOCK_N = blocks
-    scale, drop_scale = reals
+    scale = reals[0]
+    use_cap = has_softcap(reals) or HAS_SCORE_MOD
     dq, dk, dv = grads
     group = Hq // Hkv
     for task in prange(B * Hkv):
@@ -811,6 +854,7 @@ def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, bmas
         dv_acc = np.empty((BLOCK_N, Dv), dtype=q.dtype)
         s_buf = tile_buffer(BLOCK_N, BLOCK_M, q)
         dp_buf = tile_buffer(BLOCK_N, BLOCK_M, q)
+        slope_buf = tile_buffer(BLOCK_N if use_cap else 0, BLOCK_M, q)  # the softcap's / score_mod's slopes
         bufs = query_block_buffers(BLOCK_M, D, Dv, q)
         dqT = np.zeros((group, D, Nq), dtype=q.dtype)  # the group's dQ.T / scale
         for j0 in range(0, Nk, BLOCK_N):
@@ -831,7 +875,7 @@ def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, blocks, bmas
                     qsT, doT, q_blk, do_blk, shift, delta_blk = load_query_block(
                         q, dout, rows, scale, b, h, i0, i1, bufs)
                     bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_buf[:bn], dp_buf[:bn],
-                             bias, band, dropout, drop_scale, b, h, i0, j0, cls)
+                             slope_buf[:bn], bias, band, dropout, reals, alibi, b, h, i0, j0, cls)
                     eT = s_buf[:bn, :bm]
                     dsT = dp_buf[:bn, :bm]
                     matmul(eT, do_blk, dv_acc[:bn], True)  # dv += (eT * z) @ (dO / norm)

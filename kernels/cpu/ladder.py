@@ -7,8 +7,8 @@ bottom-right causal, windows, dropout, empty rows, rows under huge finite masks,
 gradient reaching lse), and is tested against
 ``kernels/reference.py`` in tests/kernels/test_cpu_flash.py. Shape legend: ``spec.py``.
 
-The kernels take the spec as its records (``*spec.pack()``: bias, band, dropout, reals),
-read only through ``masking.py``'s rules; the forward stores stats = (m, l) per row, and
+The kernels take the spec as its records (``*spec.pack()``: bias, band, dropout, reals,
+alibi), read only through ``masking.py``'s rules (a score: ``finish_score``); the forward stores stats = (m, l) per row, and
 the backward recomputes ``p = exp(s - shift) / norm`` with ``(shift, norm) = row_shift(m,
 l)``, the per-row terms computed once by rung 3's ``_bwd_preprocess`` (rows = shift,
 1 / norm, delta), which both rungs share.
@@ -47,7 +47,8 @@ import numpy as np
 
 from ..spec import AttentionSpec
 from ._compile import (
-    bias_index, has_bias, has_dropout, helper, in_band, keep, kernel, key_range, prange, query_range,
+    alibi_bias, bias_index, cap_and_slope, has_alibi, has_bias, has_dropout, has_softcap, helper,
+    in_band, keep, kernel, key_range, prange, query_range,
 )
 from .flash import _bwd_preprocess, _dlse_array
 
@@ -83,8 +84,23 @@ def _backward_inputs(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
 
 
 @helper
-def score(q_row, k_row, scale, bias_qk, use_bias, i, j):
-    """The scaled (and biased) score of query row q_row against key row k_row.
+def finish_score(x, bias_qk, use_bias, band, reals, alibi, b, h, i, j):
+    """(s, slope) from the scaled product ``x = scale * q_i . k_j``: ``s = cap(x) +
+    alibi_bias + bias`` (each term where the spec has it) and the softcap's slope
+    ``d s / d x`` (1 without softcap). Forbidden pairs are the caller's (the band)."""
+    slope = 1.0
+    if has_softcap(reals):
+        x, slope = cap_and_slope(reals, x)
+    if has_alibi(alibi):
+        x += alibi_bias(alibi, band, b, h, i, j)
+    if use_bias:
+        x += bias_qk[i, j]
+    return x, slope
+
+
+@helper
+def score(q_row, k_row, bias_qk, use_bias, band, reals, alibi, b, h, i, j):
+    """(s, slope): the score of query row q_row against key row k_row (see finish_score).
 
     Computed in the input dtype, as the forward stored its shift m: p = exp(s - m) / l
     must see the same rounding of s in both passes, or a one-hot row's p drifts from 1.
@@ -92,17 +108,15 @@ def score(q_row, k_row, scale, bias_qk, use_bias, i, j):
     s = q_row[0] * k_row[0]
     for d in range(1, q_row.shape[0]):
         s += q_row[d] * k_row[d]
-    s *= scale
-    if use_bias:
-        s += bias_qk[i, j]
-    return s
+    s *= reals[0]
+    return finish_score(s, bias_qk, use_bias, band, reals, alibi, b, h, i, j)
 
 
 @kernel
-def _forward_loops(q, k, v, bias, band, dropout, reals, out, stats):
+def _forward_loops(q, k, v, bias, band, dropout, reals, alibi, out, stats):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    scale, drop_scale = reals
+    drop_scale = reals[1]
     use_bias = has_bias(bias)
     use_dropout = has_dropout(dropout)
     group = Hq // Hkv
@@ -116,7 +130,7 @@ def _forward_loops(q, k, v, bias, band, dropout, reals, out, stats):
         for j in range(Nk):
             if not in_band(band, i, j):
                 continue
-            s = score(q[b, h, i], k[b, kv, j], scale, bias_qk, use_bias, i, j)
+            s, _ = score(q[b, h, i], k[b, kv, j], bias_qk, use_bias, band, reals, alibi, b, h, i, j)
             if s == -np.inf:  # a masked pair adds nothing (and must not make m NaN)
                 continue
             m_new = max(m, s)
@@ -139,10 +153,10 @@ def _forward_loops(q, k, v, bias, band, dropout, reals, out, stats):
 
 
 @kernel
-def _dq_loops(q, k, v, dout, rows, bias, band, dropout, reals, dq):
+def _dq_loops(q, k, v, dout, rows, bias, band, dropout, reals, alibi, dq):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    scale, drop_scale = reals
+    scale, drop_scale = reals[0], reals[1]
     use_bias = has_bias(bias)
     use_dropout = has_dropout(dropout)
     group = Hq // Hkv
@@ -156,7 +170,7 @@ def _dq_loops(q, k, v, dout, rows, bias, band, dropout, reals, dq):
             if not in_band(band, i, j):
                 continue
             # forward: p = exp(s - m) / l   (an empty row: inv_norm = 0, so p = 0)
-            s = score(q[b, h, i], k[b, kv, j], scale, bias_qk, use_bias, i, j)
+            s, slope = score(q[b, h, i], k[b, kv, j], bias_qk, use_bias, band, reals, alibi, b, h, i, j)
             p = math.exp(s - shift) * inv_norm
             # forward: out_i = sum_j p_ij z_ij v_j  ->  dp_ij = z_ij (dout_i . v_j)
             dp = 0.0
@@ -164,18 +178,19 @@ def _dq_loops(q, k, v, dout, rows, bias, band, dropout, reals, dq):
                 dp += dout[b, h, i, d] * v[b, kv, j, d]
             z = drop_scale if not use_dropout or keep(dropout, b, h, i, j) else 0.0
             # forward: p = softmax(s)  ->  ds = p * (dp - delta)
-            ds = p * (dp * z - delta)
-            # forward: s = scale * q_i . k_j  ->  dq_i += scale * ds * k_j
+            # forward: s = cap(x) + alibi + bias  ->  dx = ds * cap'(x)   (slope 1: no cap)
+            ds = p * (dp * z - delta) * slope
+            # forward: x = scale * q_i . k_j  ->  dq_i += scale * dx * k_j
             for d in range(D):
                 dq_row[d] += ds * k[b, kv, j, d]
         dq[b, h, i, :] = dq_row * scale
 
 
 @kernel
-def _dkdv_loops(q, k, v, dout, rows, bias, band, dropout, reals, dk, dv):
+def _dkdv_loops(q, k, v, dout, rows, bias, band, dropout, reals, alibi, dk, dv):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    scale, drop_scale = reals
+    scale, drop_scale = reals[0], reals[1]
     use_bias = has_bias(bias)
     use_dropout = has_dropout(dropout)
     group = Hq // Hkv
@@ -189,17 +204,18 @@ def _dkdv_loops(q, k, v, dout, rows, bias, band, dropout, reals, dk, dv):
                 if not in_band(band, i, j):
                     continue
                 shift, inv_norm, delta = rows[0, b, h, i], rows[1, b, h, i], rows[2, b, h, i]
-                s = score(q[b, h, i], k[b, kv, j], scale, bias_qk, use_bias, i, j)
+                s, slope = score(q[b, h, i], k[b, kv, j], bias_qk, use_bias, band, reals, alibi,
+                                 b, h, i, j)
                 p = math.exp(s - shift) * inv_norm  # forward: p = exp(s - m) / l
                 dp = 0.0
                 for d in range(Dv):
                     dp += dout[b, h, i, d] * v[b, kv, j, d]
                 z = drop_scale if not use_dropout or keep(dropout, b, h, i, j) else 0.0
-                ds = p * (dp * z - delta)
+                ds = p * (dp * z - delta) * slope  # dx of x = scale * q . k (see _dq_loops)
                 # forward: out_i = sum_j p_ij z_ij v_j  ->  dv_j += p_ij z_ij dout_i
                 for d in range(Dv):
                     dv_row[d] += p * z * dout[b, h, i, d]
-                # forward: s = scale * q_i . k_j  ->  dk_j += scale * ds * q_i
+                # forward: x = scale * q_i . k_j  ->  dk_j += scale * dx * q_i
                 for d in range(D):
                     dk_row[d] += ds * q[b, h, i, d]
         dk[b, kv, j, :] = dk_row * scale
@@ -230,27 +246,31 @@ def backward_tiles(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
 
 
 @helper
-def scores_tile(q_blk, k_blk, s, scale, bias_qk, use_bias, band, i0, j0):
-    """s (bm, bn) = scale * q_blk @ k_blk.T (+ bias), -inf outside the band."""
+def scores_tile(q_blk, k_blk, s, slopes, bias_qk, use_bias, band, reals, alibi, b, h, i0, j0):
+    """s (bm, bn) = cap(scale * q_blk @ k_blk.T) + alibi + bias, -inf outside the band
+    (finish_score); slopes (bm, bn) the softcap's slopes, or an empty array: not wanted."""
     bm, bn = s.shape
+    with_slopes = slopes.shape[0] > 0
     for ii in range(bm):
         for jj in range(bn):
             x = q_blk[ii, 0] * k_blk[jj, 0]  # in the input dtype, see score()
             for d in range(1, q_blk.shape[1]):
                 x += q_blk[ii, d] * k_blk[jj, d]
-            x *= scale
-            if use_bias:
-                x += bias_qk[i0 + ii, j0 + jj]
+            x *= reals[0]
+            x, slope = finish_score(x, bias_qk, use_bias, band, reals, alibi, b, h, i0 + ii, j0 + jj)
             if not in_band(band, i0 + ii, j0 + jj):
                 x = -np.inf
             s[ii, jj] = x
+            if with_slopes:
+                slopes[ii, jj] = slope
 
 
 @kernel
-def _forward_tiles(q, k, v, bias, band, dropout, reals, out, stats):
+def _forward_tiles(q, k, v, bias, band, dropout, reals, alibi, out, stats):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    scale, drop_scale = reals
+    drop_scale = reals[1]
+    no_slopes = np.empty((0, 0), dtype=q.dtype)
     use_bias = has_bias(bias)
     use_dropout = has_dropout(dropout)
     group = Hq // Hkv
@@ -270,7 +290,8 @@ def _forward_tiles(q, k, v, bias, band, dropout, reals, out, stats):
         for j0 in range(j_start, j_stop, BLOCK_N):
             j1 = min(j0 + BLOCK_N, j_stop)
             bn = j1 - j0
-            scores_tile(q_blk, k[b, kv, j0:j1], s[:, :bn], scale, bias_qk, use_bias, band, i0, j0)
+            scores_tile(q_blk, k[b, kv, j0:j1], s[:, :bn], no_slopes, bias_qk, use_bias, band, reals,
+                        alibi, b, h, i0, j0)
             for ii in range(bm):
                 m_new = max(m_i[ii], s[ii, :bn].max())
                 m_safe = m_new if m_new != -np.inf else 0.0
@@ -297,14 +318,18 @@ def _forward_tiles(q, k, v, bias, band, dropout, reals, out, stats):
 
 
 @helper
-def probs_and_dscores(q_blk, k_blk, v_blk, do_blk, rows_blk, p, ds, bias, band, dropout, reals,
-                      b, h, i0, j0):
-    """One backward tile, (bm, bn): p <- p * z (the dropped probabilities), ds <- dL/ds.
+def probs_and_dscores(q_blk, k_blk, v_blk, do_blk, rows_blk, p, ds, slopes, bias, band, dropout,
+                      reals, alibi, b, h, i0, j0):
+    """One backward tile, (bm, bn): p <- p * z (the dropped probabilities), ds <- dL/dx,
+    the gradient of the scaled product x = scale * q . k (through the softcap: ``slopes``,
+    (bm, bn) with softcap, else empty).
 
     rows_blk (3, bm): the block's (shift, 1 / norm, delta), see ``_backward_inputs``."""
-    scale, drop_scale = reals
+    drop_scale = reals[1]
     use_bias = has_bias(bias)
-    scores_tile(q_blk, k_blk, p, scale, bias[bias_index(bias, b, h)], use_bias, band, i0, j0)
+    use_cap = has_softcap(reals)
+    scores_tile(q_blk, k_blk, p, slopes, bias[bias_index(bias, b, h)], use_bias, band, reals, alibi,
+                b, h, i0, j0)
     bm, bn = p.shape
     for ii in range(bm):
         shift, inv_norm, delta = rows_blk[0, ii], rows_blk[1, ii], rows_blk[2, ii]
@@ -320,11 +345,14 @@ def probs_and_dscores(q_blk, k_blk, v_blk, do_blk, rows_blk, p, ds, bias, band, 
                 z = 0.0
             # forward: p = softmax(s)  ->  ds = p * (dp - delta)
             ds[ii, jj] = p_ij * (dp * z - delta)
+            # forward: s = cap(x) + alibi + bias  ->  dx = ds * cap'(x)
+            if use_cap:
+                ds[ii, jj] *= slopes[ii, jj]
             p[ii, jj] = p_ij * z
 
 
 @kernel
-def _dkdv_tiles(q, k, v, dout, rows, bias, band, dropout, reals, dk, dv):
+def _dkdv_tiles(q, k, v, dout, rows, bias, band, dropout, reals, alibi, dk, dv):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = reals[0]
@@ -339,13 +367,15 @@ def _dkdv_tiles(q, k, v, dout, rows, bias, band, dropout, reals, dk, dv):
         dv_acc = np.zeros((bn, Dv))
         p = np.empty((BLOCK_M, bn), dtype=q.dtype)
         ds = np.empty((BLOCK_M, bn))
+        slopes = np.empty((BLOCK_M if has_softcap(reals) else 0, bn), dtype=q.dtype)
         i_start, i_stop = query_range(band, j0, j1, Nq)
         for h in range(kv * group, (kv + 1) * group):
             for i0 in range(i_start, i_stop, BLOCK_M):
                 i1 = min(i0 + BLOCK_M, i_stop)
                 bm = i1 - i0
                 probs_and_dscores(q[b, h, i0:i1], k_blk, v_blk, dout[b, h, i0:i1], rows[:, b, h, i0:i1],
-                                  p[:bm], ds[:bm], bias, band, dropout, reals, b, h, i0, j0)
+                                  p[:bm], ds[:bm], slopes[:bm], bias, band, dropout, reals, alibi,
+                                  b, h, i0, j0)
                 for ii in range(bm):
                     for jj in range(bn):
                         # dv += (p * z).T @ dout ;  dk += ds.T @ q   (scale applied below)
@@ -358,7 +388,7 @@ def _dkdv_tiles(q, k, v, dout, rows, bias, band, dropout, reals, dk, dv):
 
 
 @kernel
-def _dq_tiles(q, k, v, dout, rows, bias, band, dropout, reals, dq):
+def _dq_tiles(q, k, v, dout, rows, bias, band, dropout, reals, alibi, dq):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = reals[0]
@@ -372,13 +402,14 @@ def _dq_tiles(q, k, v, dout, rows, bias, band, dropout, reals, dq):
         dq_acc = np.zeros((bm, D))
         p = np.empty((bm, BLOCK_N), dtype=q.dtype)
         ds = np.empty((bm, BLOCK_N))
+        slopes = np.empty((bm if has_softcap(reals) else 0, BLOCK_N), dtype=q.dtype)
         j_start, j_stop = key_range(band, i0, i1, Nk)
         for j0 in range(j_start, j_stop, BLOCK_N):
             j1 = min(j0 + BLOCK_N, j_stop)
             bn = j1 - j0
             probs_and_dscores(q[b, h, i0:i1], k[b, kv, j0:j1], v[b, kv, j0:j1], dout[b, h, i0:i1],
-                              rows[:, b, h, i0:i1], p[:, :bn], ds[:, :bn], bias, band, dropout,
-                              reals, b, h, i0, j0)
+                              rows[:, b, h, i0:i1], p[:, :bn], ds[:, :bn], slopes[:, :bn], bias,
+                              band, dropout, reals, alibi, b, h, i0, j0)
             for ii in range(bm):
                 for jj in range(bn):  # dq += ds @ k_blk  (scale applied below)
                     for d in range(D):

@@ -4,7 +4,7 @@ thread. Forward, and a backward without atomics.
 Shape legend: see ``spec.py``::
 
     q (B, Hq, Nq, D)   k (B, Hkv, Nk, D)   v (B, Hkv, Nk, Dv)   bias (Bm, Hm, Nq, Nk)
-    out (B, Hq, Nq, Dv)   stats (2, B, Hq, Nq) = (m, l)   delta (B, Hq, Nq)
+    alibi (Ba, Hq)   out (B, Hq, Nq, Dv)   stats (2, B, Hq, Nq) = (m, l)   delta (B, Hq, Nq)
 
 Module protocol (``kernels/protocol.py``): ``forward(q, k, v, spec) -> (out, stats)`` and
 ``backward(q, k, v, out, stats, dout, spec, dlse=None) -> (dq, dk, dv)`` take NumPy arrays or CUDA device
@@ -13,13 +13,13 @@ arrays; results come back as device arrays when ``q`` is one, else as NumPy arra
 run here (None when it can).
 
 Four kernels, named as in Triton's fused-attention tutorial; the spec reaches them as the
-records of ``spec.pack()`` (``bias, band, dropout, reals``), unpacked only by the rules of
-``masking.py``::
+records of ``spec.pack()`` (``bias, band, dropout, reals, alibi``), unpacked only by the
+rules of ``masking.py``::
 
-    _attn_fwd(q, k, v, out, stats, bias, band, dropout, reals)
+    _attn_fwd(q, k, v, out, stats, bias, band, dropout, reals, alibi)
     _attn_bwd_preprocess(out, dout, dlse, delta)
-    _attn_bwd_dkdv(q, k, v, dout, stats, delta, dk, dv, bias, band, dropout, reals)
-    _attn_bwd_dq(q, k, v, dout, stats, delta, dq, bias, band, dropout, reals)
+    _attn_bwd_dkdv(q, k, v, dout, stats, delta, dk, dv, bias, band, dropout, reals, alibi)
+    _attn_bwd_dq(q, k, v, dout, stats, delta, dq, bias, band, dropout, reals, alibi)
 
 ``_attn_fwd``            grid (ceil(Nq / BLOCK_M), Hq, B), BLOCK_M threads. Thread ``t`` owns
                          query row ``i = tile * BLOCK_M + t``: its q row, ``acc`` (Dv),
@@ -58,8 +58,10 @@ backward's ``s * scale - m`` into one FMA, skipping the rounding of ``s`` that t
 
 Masking: the band (``band`` record: causal + window, bottom-right aligned) decides which
 tiles are visited at all: ``masking.key_range`` / ``masking.query_range``, so tiles outside
-the band are skipped. Inside a tile each pair is checked with ``masking.in_band`` and the
-bias plane ``masking.bias_index`` picks is added (``-inf`` forbids); dropout uses
+the band are skipped. Inside a tile each pair is checked with ``masking.in_band``; its score
+``(scale q) . k`` is capped (``masking.cap``; the backward multiplies ds by
+``masking.cap_and_slope``'s slope), gets ``masking.alibi_bias`` and then the bias plane
+``masking.bias_index`` picks added (``-inf`` forbids); dropout uses
 ``masking.keep``, the same counter-based hash as every other backend. The rules are compiled
 from ``kernels/masking.py`` as-is by ``compile.compile_rules(cuda.jit(device=True))``.
 
@@ -82,9 +84,10 @@ still covering several tiles and ragged edges at N = 37. ``TILES_OVERRIDE`` forc
 tiles (for tuning on a GPU, and for tests).
 
 Kernels are built lazily, on first use, by a cached factory keyed on (dtype, D, Dv, tiles,
-has_bias, has_dropout): head dims and tiles are compile-time constants (local and shared
-array sizes must be), and a missing bias or dropout compiles to no code at all (the empty
-(1, 1, 0, 0) bias record of ``spec.pack()`` is still passed). Importing this module needs
+has_bias, has_dropout, has_softcap, has_alibi): head dims and tiles are compile-time
+constants (local and shared array sizes must be), and a missing bias, dropout, softcap or
+ALiBi compiles to no code at all (the empty (1, 1, 0, 0) bias and (1, 0) alibi records of
+``spec.pack()`` are still passed). Importing this module needs
 neither a GPU nor numba-cuda. The scale and every floating constant are in the tile dtype, so
 float32 kernels contain no float64 arithmetic (checked on the PTX).
 """
@@ -240,7 +243,8 @@ _shared_device_rules = functools.lru_cache(maxsize=None)(device_rules)
 
 
 def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: bool,
-                     has_dropout: bool, rules=None) -> dict:
+                     has_dropout: bool, rules=None, *, has_softcap: bool = False,
+                     has_alibi: bool = False) -> dict:
     """The four kernels as plain Python functions with every size baked in as a constant.
 
     ``cuda.jit`` turns them into kernels (``_kernels``); ``cuda.compile_ptx`` compiles them
@@ -250,14 +254,15 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
     rules = rules or _shared_device_rules()
     in_band, key_range, query_range = rules.in_band, rules.key_range, rules.query_range
     bias_index, keep, row_shift = rules.bias_index, rules.keep, rules.row_shift
+    cap, cap_and_slope, alibi_bias = rules.cap, rules.cap_and_slope, rules.alibi_bias
     dtype = numba.from_dtype(np.dtype(dtype_name))
     np_type = np.dtype(dtype_name).type
     ZERO, ONE, NEG_INF = np_type(0), np_type(1), np_type(-np.inf)
-    HAS_BIAS, HAS_DROPOUT = has_bias, has_dropout
+    HAS_BIAS, HAS_DROPOUT, HAS_SOFTCAP, HAS_ALIBI = has_bias, has_dropout, has_softcap, has_alibi
     DV = Dv
     RESIDENT, STAGED = tiles.resident, tiles.staged  # plain ints: compile-time constants
 
-    def _attn_fwd(q, k, v, out, stats, bias, band, dropout, reals):
+    def _attn_fwd(q, k, v, out, stats, bias, band, dropout, reals, alibi):
         BLOCK_M, BLOCK_N = RESIDENT, STAGED
         k_tile = cuda.shared.array((BLOCK_N, D), dtype)  # (BLOCK_N, D)
         v_tile = cuda.shared.array((BLOCK_N, DV), dtype)  # (BLOCK_N, Dv)
@@ -271,7 +276,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
         Nq, Nk = q.shape[2], k.shape[2]
         h_kv = h // (q.shape[1] // k.shape[1])
         b_bias, h_bias = bias_index(bias, b, h)
-        scale, dropout_scale = reals
+        scale, dropout_scale = reals[0], reals[1]
         i_start = cuda.blockIdx.x * BLOCK_M
         i_stop = min(Nq, i_start + BLOCK_M)
         i = i_start + t
@@ -303,9 +308,13 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                 j = j0 + jj
                 s = NEG_INF
                 if j < Nk and in_band(band, i, j):
-                    s = ZERO  # s = (scale * q_i) . k_j + bias_ij
+                    s = ZERO  # s = cap((scale * q_i) . k_j) + alibi_ij + bias_ij
                     for d in range(D):
                         s += q_row[d] * k_tile[jj, d]
+                    if HAS_SOFTCAP:
+                        s = cap(reals, s)
+                    if HAS_ALIBI:
+                        s += alibi_bias(alibi, band, b, h, i, j)
                     if HAS_BIAS:
                         s += bias[b_bias, h_bias, i, j]
                 s_row[jj] = s
@@ -355,7 +364,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                 total -= dlse[b, h, i]
             delta[b, h, i] = total
 
-    def _attn_bwd_dkdv(q, k, v, dout, stats, delta, dk, dv, bias, band, dropout, reals):
+    def _attn_bwd_dkdv(q, k, v, dout, stats, delta, dk, dv, bias, band, dropout, reals, alibi):
         BLOCK_N, BLOCK_M = RESIDENT, STAGED
         q_tile = cuda.shared.array((BLOCK_M, D), dtype)  # (BLOCK_M, D)
         do_tile = cuda.shared.array((BLOCK_M, DV), dtype)  # (BLOCK_M, Dv)
@@ -372,7 +381,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
         b = cuda.blockIdx.z
         Nq, Nk = q.shape[2], k.shape[2]
         group = q.shape[1] // k.shape[1]
-        scale, dropout_scale = reals
+        scale, dropout_scale = reals[0], reals[1]
         j_start = cuda.blockIdx.x * BLOCK_N
         j_stop = min(Nk, j_start + BLOCK_N)
         j = j_start + t
@@ -415,10 +424,15 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                     i = i0 + ii
                     if not (i < Nq and in_band(band, i, j)):
                         continue
-                    # forward: s = (scale * q) @ k^T + bias
+                    # forward: s = cap(x) + alibi + bias, x = (scale * q) @ k^T
                     s = ZERO
                     for d in range(D):
                         s += q_tile[ii, d] * k_row[d]
+                    slope = ONE
+                    if HAS_SOFTCAP:
+                        s, slope = cap_and_slope(reals, s)
+                    if HAS_ALIBI:
+                        s += alibi_bias(alibi, band, b, h, i, j)
                     if HAS_BIAS:
                         s += bias[b_bias, h_bias, i, j]
                     # forward: p = exp(s - m) / l, recomputed instead of stored
@@ -442,7 +456,10 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                         dv_acc[d] += p_drop * do_tile[ii, d]
                     # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta)
                     ds = p * (dp - delta_tile[ii])
-                    # 4. forward: s = (scale * q) @ k^T  ->  dk = ds^T @ (scale * q)
+                    # 4. forward: s = cap(x) + alibi + bias  ->  dx = ds * cap'(x)
+                    if HAS_SOFTCAP:
+                        ds *= slope
+                    # 5. forward: x = (scale * q) @ k^T  ->  dk = dx^T @ (scale * q)
                     for d in range(D):
                         dk_acc[d] += ds * q_tile[ii, d]
 
@@ -452,7 +469,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
             for d in range(DV):
                 dv[b, h_kv, j, d] = dv_acc[d]
 
-    def _attn_bwd_dq(q, k, v, dout, stats, delta, dq, bias, band, dropout, reals):
+    def _attn_bwd_dq(q, k, v, dout, stats, delta, dq, bias, band, dropout, reals, alibi):
         BLOCK_M, BLOCK_N = RESIDENT, STAGED
         k_tile = cuda.shared.array((BLOCK_N, D), dtype)  # (BLOCK_N, D)
         v_tile = cuda.shared.array((BLOCK_N, DV), dtype)  # (BLOCK_N, Dv)
@@ -466,7 +483,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
         Nq, Nk = q.shape[2], k.shape[2]
         h_kv = h // (q.shape[1] // k.shape[1])
         b_bias, h_bias = bias_index(bias, b, h)
-        scale, dropout_scale = reals
+        scale, dropout_scale = reals[0], reals[1]
         i_start = cuda.blockIdx.x * BLOCK_M
         i_stop = min(Nq, i_start + BLOCK_M)
         i = i_start + t
@@ -501,10 +518,15 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                 j = j0 + jj
                 if not (j < Nk and in_band(band, i, j)):
                     continue
-                # forward: s = (scale * q) @ k^T + bias
+                # forward: s = cap(x) + alibi + bias, x = (scale * q) @ k^T
                 s = ZERO
                 for d in range(D):
                     s += q_row[d] * k_tile[jj, d]
+                slope = ONE
+                if HAS_SOFTCAP:
+                    s, slope = cap_and_slope(reals, s)
+                if HAS_ALIBI:
+                    s += alibi_bias(alibi, band, b, h, i, j)
                 if HAS_BIAS:
                     s += bias[b_bias, h_bias, i, j]
                 # forward: p = exp(s - m) / l
@@ -523,7 +545,10 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                         dp = ZERO
                 # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta)
                 ds = p * (dp - delta_i)
-                # 4. forward: s = (scale * q) @ k^T  ->  dq = scale * ds @ k (scale at the end)
+                # 4. forward: s = cap(x) + alibi + bias  ->  dx = ds * cap'(x)
+                if HAS_SOFTCAP:
+                    ds *= slope
+                # 5. forward: x = (scale * q) @ k^T  ->  dq = scale * dx @ k (scale at the end)
                 for d in range(D):
                     dq_acc[d] += ds * k_tile[jj, d]
 
@@ -543,13 +568,15 @@ def kernel_signatures(dtype_name: str) -> dict[str, str]:
     """Explicit signatures of the four kernels (C-contiguous arrays), for cuda.compile_ptx.
 
     The spec's records (``spec.pack()``) travel as tuples: a Python tuple of ints is a
-    ``UniTuple(int64, n)`` to numba, a tuple of the dtype's scalars a ``UniTuple(dtype, 2)``.
+    ``UniTuple(int64, n)`` to numba, a tuple of the dtype's scalars a ``UniTuple(dtype, 3)``;
+    the bias and alibi records are arrays.
     """
     if dtype_name not in ("float32", "float64"):
         raise ValueError(f"the cuda kernels take float32 or float64, got {dtype_name!r}")
     f = dtype_name
     a3, a4 = f"{f}[:, :, ::1]", f"{f}[:, :, :, ::1]"
-    packed = f"{a4}, UniTuple(int64, 3), UniTuple(int64, 6), UniTuple({f}, 2)"  # bias, band, dropout, reals
+    # bias, band, dropout, reals, alibi
+    packed = f"{a4}, UniTuple(int64, 3), UniTuple(int64, 6), UniTuple({f}, 3), {f}[:, ::1]"
     return {
         "_attn_fwd": f"void({a4}, {a4}, {a4}, {a4}, {a4}, {packed})",
         "_attn_bwd_preprocess": f"void({a4}, {a4}, {a3}, {a3})",
@@ -560,9 +587,11 @@ def kernel_signatures(dtype_name: str) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=None)
 def _kernels(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: bool,
-             has_dropout: bool) -> dict:
-    """cuda.jit kernels for one (dtype, D, Dv, tiles, bias?, dropout?), compiled at first launch."""
-    functions = kernel_functions(dtype_name, D, Dv, tiles, has_bias, has_dropout)
+             has_dropout: bool, has_softcap: bool = False, has_alibi: bool = False) -> dict:
+    """cuda.jit kernels for one (dtype, D, Dv, tiles, bias?, dropout?, softcap?, alibi?),
+    compiled at first launch."""
+    functions = kernel_functions(dtype_name, D, Dv, tiles, has_bias, has_dropout,
+                                 has_softcap=has_softcap, has_alibi=has_alibi)
     return {name: cuda.jit(fn) for name, fn in functions.items()}
 
 
@@ -572,7 +601,7 @@ def _kernels(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: bool,
 class _Launch(NamedTuple):
     kernels: dict
     tiles: Tiles
-    packed: tuple  # (bias on the device, band, dropout, reals): spec.pack() as kernels take it
+    packed: tuple  # (bias on the device, band, dropout, reals, alibi): spec.pack() as kernels take it
 
 
 def _prepare(spec: AttentionSpec) -> _Launch:
@@ -581,19 +610,21 @@ def _prepare(spec: AttentionSpec) -> _Launch:
         raise RuntimeError(f"the cuda attention backend is unavailable: {reason}")
     dtype = np.dtype(spec.dtype)
     tiles = tile_config(dtype, spec.D, spec.Dv)
-    bias, band, dropout, reals = spec.pack()  # bias: (Bm, Hm, Nq, Nk), or (1, 1, 0, 0) for none
-    kernels = _kernels(dtype.name, spec.D, spec.Dv, tiles, bool(masking.has_bias(bias)),
-                       bool(masking.has_dropout(dropout)))
+    packed = spec.pack()  # bias: (Bm, Hm, Nq, Nk), or (1, 1, 0, 0) for none
+    kernels = _kernels(dtype.name, spec.D, spec.Dv, tiles, bool(masking.has_bias(packed.bias)),
+                       bool(masking.has_dropout(packed.dropout)),
+                       bool(masking.has_softcap(packed.reals)), bool(masking.has_alibi(packed.alibi)))
     return _Launch(kernels, tiles, device_records(spec))
 
 
 def device_records(spec: AttentionSpec) -> tuple:
-    """``spec.pack()`` as every CUDA rung's kernels take it: the bias on the device, the band
-    and dropout records as plain ints (``UniTuple(int64, 3)``, ``(int64, 6)``), the reals in the dtype."""
+    """``spec.pack()`` as every CUDA rung's kernels take it: the bias and alibi records on the
+    device, the band and dropout records as plain ints (``UniTuple(int64, 3)``, ``(int64,
+    6)``), the reals in the dtype."""
     dtype = np.dtype(spec.dtype)
-    bias, band, dropout, reals = spec.pack()
+    bias, band, dropout, reals, alibi = spec.pack()
     return (as_device(bias, dtype), tuple(int(x) for x in band), tuple(int(x) for x in dropout),
-            tuple(dtype.type(x) for x in reals))
+            tuple(dtype.type(x) for x in reals), as_device(alibi, dtype))
 
 
 def as_device(x, dtype):

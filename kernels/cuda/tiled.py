@@ -9,7 +9,7 @@ A 4 x 4 thread tile does 16 FMAs per two 16-byte loads: 8 FMA per shared load in
 
 Shape legend: see ``spec.py``::
 
-    q (B, Hq, Nq, D)   k (B, Hkv, Nk, D)   v (B, Hkv, Nk, Dv)   bias (Bm, Hm, Nq, Nk)
+    q (B, Hq, Nq, D)   k (B, Hkv, Nk, D)   v (B, Hkv, Nk, Dv)   bias (Bm, Hm, Nq, Nk)   alibi (Ba, Hq)
     out (B, Hq, Nq, Dv)   stats (2, B, Hq, Nq) = (m, l)   rows (3, B, Hq, Nq) = (shift, 1/norm, delta)
 
 Who owns what (``Tiling(rows=64, cols=64, threads_rows=16, threads_cols=16, chunk=16)``, 256
@@ -59,8 +59,10 @@ Masking, as in rung 1, only through the rules of ``masking.py`` compiled by
 tiles outside the band; a tile wholly inside the band and the sequence (``tile_in_band``) takes
 the *full* path, with no per-element test; the others (the diagonal) test ``in_band`` per
 element. The test is outside the FMA loops either way, so those loops are the same on both
-paths. Bias through ``has_bias`` / ``bias_index`` (``-inf`` forbids), dropout through
-``keep``. Empty rows: ``out = 0``, ``m = -inf``, ``l = 0``, zero gradients. The backward
+paths. A pair's score is ``score_at``: the product ``x = (scale q) . k``, capped
+(``cap_and_slope``, softcap), plus ``alibi_bias`` and the bias (``has_bias`` /
+``bias_index``, ``-inf`` forbids); the backward computes it inside its p loop and multiplies
+dS by the cap's slope there. Dropout through ``keep``. Empty rows: ``out = 0``, ``m = -inf``, ``l = 0``, zero gradients. The backward
 recomputes ``p = exp(s - shift) * (1 / norm)`` with ``(shift, norm) = row_shift(m, l)``:
 exact where ``exp(s - lse)`` is not (a row masked by -1e9), zero on empty rows.
 
@@ -358,6 +360,8 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         rules.in_band, rules.key_range, rules.query_range, rules.tile_in_band)
     has_bias, bias_index, keep, has_dropout, row_shift = (
         rules.has_bias, rules.bias_index, rules.keep, rules.has_dropout, rules.row_shift)
+    has_softcap, cap_and_slope, has_alibi, alibi_bias = (
+        rules.has_softcap, rules.cap_and_slope, rules.has_alibi, rules.alibi_bias)
     if sim:
         _install_simulated_shuffle()
     load4 = _load4_python if sim else _load4_intrinsic()
@@ -511,8 +515,34 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                 acc[r, c] = ZERO
 
     @device
-    def scores(acc, bias, band, b, h, i0, j0, Nq, Nk, queries_are_rows):
-        """acc (``(scale q) . k``) -> acc + bias, -inf where the pair is forbidden.
+    def tile_full(band, i0, rows_q, j0, rows_k, Nq, Nk):
+        """Every pair of the tile (rows_q queries from i0, rows_k keys from j0) lies inside
+        the sequences and the band: its scores need no per-element test."""
+        return i0 + rows_q <= Nq and j0 + rows_k <= Nk and tile_in_band(band, i0, rows_q, j0, rows_k)
+
+    @device
+    def score_at(x, full, bias, band, reals, alibi, b, h, i, j, Nq, Nk):
+        """(s, slope) of pair (i, j) from its product ``x = (scale q) . k``: ``s = cap(x) +
+        alibi + bias`` (each where the spec has it), -inf outside the band and the
+        sequences, and the softcap's slope ``d s / d x`` (1 without softcap)."""
+        slope = ONE
+        if full or (i < Nq and j < Nk and in_band(band, i, j)):
+            if has_softcap(reals):
+                x, slope = cap_and_slope(reals, x)
+            if has_alibi(alibi):
+                x += alibi_bias(alibi, band, b, h, i, j)
+            if has_bias(bias):
+                bb, hb = bias_index(bias, b, h)
+                x += bias[bb, hb, i, j]
+        else:
+            x = NEG_INF
+        return x, slope
+
+    @device
+    def scores(acc, bias, band, reals, alibi, b, h, i0, j0, Nq, Nk):
+        """acc (``(scale q) . k``, queries x keys) -> the scores (``score_at``): capped, plus
+        ALiBi and bias, -inf where the pair is forbidden. The forward's; the backward calls
+        ``score_at`` inside its p loop, where it also needs the slope.
 
         The scale is folded into q as it is staged, so a score is one chain of FMAs and
         every kernel rounds it the same way. ``(q . k) * scale`` followed by ``- m`` is one
@@ -520,35 +550,18 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         of s that the forward's m was taken from: p moves by an ulp of s (6e-5 at scores of
         1e3; rung 1 measured it on an H200, docs/cuda-flash.md).
 
-        ``queries_are_rows``: the thread tile is (queries x keys) (fwd, dq) or its transpose
-        (dkdv). Full tiles (inside the band and the sequences) skip the band test."""
-        R_q, R_k = (R, C) if queries_are_rows else (C, R)
-        full = i0 + R_q <= Nq and j0 + R_k <= Nk and tile_in_band(band, i0, R_q, j0, R_k)
-        with_bias = has_bias(bias)
-        bb, hb = bias_index(bias, b, h)
+        Full tiles (inside the band and the sequences) skip the band test."""
+        full = tile_full(band, i0, R, j0, C, Nq, Nk)
         ty, tx = lane_coords()
         for r in range(RT):
+            i = i0 + row_of(r, ty)
             for c in range(CT):
-                if queries_are_rows:
-                    i = i0 + row_of(r, ty)
-                    j = j0 + col_of(c, tx)
-                else:
-                    i = i0 + col_of(c, tx)
-                    j = j0 + row_of(r, ty)
-                s = acc[r, c]
-                if full:
-                    if with_bias:
-                        s += bias[bb, hb, i, j]
-                elif i < Nq and j < Nk and in_band(band, i, j):
-                    if with_bias:
-                        s += bias[bb, hb, i, j]
-                else:
-                    s = NEG_INF
-                acc[r, c] = s
+                acc[r, c], _ = score_at(acc[r, c], full, bias, band, reals, alibi, b, h, i,
+                                        j0 + col_of(c, tx), Nq, Nk)
 
     # -- forward -------------------------------------------------------------------------------
 
-    def _attn_fwd(q, k, v, bias, band, dropout, reals, out, stats):
+    def _attn_fwd(q, k, v, bias, band, dropout, reals, alibi, out, stats):
         q_chunk = cuda.shared.array((K, RP), dtype, alignment=ALIGN)  # Q^T rows d0..d0+K
         k_chunk = cuda.shared.array((K, CP), dtype, alignment=ALIGN)  # K^T rows d0..d0+K
         p_tile = cuda.shared.array((C, RP), dtype, alignment=ALIGN)  # P^T (keys x queries)
@@ -565,7 +578,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         h, b = cuda.blockIdx.y, cuda.blockIdx.z
         Nq, Nk = q.shape[2], k.shape[2]
         h_kv = h // (q.shape[1] // k.shape[1])
-        scale, dropout_scale = reals
+        scale, dropout_scale = reals[0], reals[1]
         with_dropout = has_dropout(dropout)
         i0 = cuda.blockIdx.x * R
 
@@ -584,7 +597,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                 stage_transposed(k_chunk, k, b, h_kv, j0, Nk, D, d0, t, ONE)
                 cuda.syncthreads()
                 mma_s(s_acc, q_chunk, 0, k_chunk, 0, ty, tx)
-            scores(s_acc, bias, band, b, h, i0, j0, Nq, Nk, True)
+            scores(s_acc, bias, band, reals, alibi, b, h, i0, j0, Nq, Nk)
 
             # 2. online softmax: m_new = max(m_i, max_j s_ij), alpha = exp(m_i - m_new)
             for r in range(RT):
@@ -662,7 +675,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
             rows[1, b, h, i] = ONE / norm  # 0 on an empty row (norm = +inf)
             rows[2, b, h, i] = total
 
-    def _attn_bwd_dkdv(q, k, v, bias, band, dropout, reals, dout, rows, dk, dv):
+    def _attn_bwd_dkdv(q, k, v, bias, band, dropout, reals, alibi, dout, rows, dk, dv):
         k_chunk = cuda.shared.array((K, RP), dtype, alignment=ALIGN)  # K^T or V^T chunk (keys)
         q_chunk = cuda.shared.array((K, CP), dtype, alignment=ALIGN)  # Q^T or dO^T chunk (queries)
         p_tile = cuda.shared.array((C, RP), dtype, alignment=ALIGN)  # dP, P_drop, dS (queries x keys)
@@ -676,7 +689,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         h_kv, b = cuda.blockIdx.y, cuda.blockIdx.z
         Nq, Nk = q.shape[2], k.shape[2]
         group = q.shape[1] // k.shape[1]
-        scale, dropout_scale = reals
+        scale, dropout_scale = reals[0], reals[1]
         with_dropout = has_dropout(dropout)
         j0 = cuda.blockIdx.x * R
 
@@ -707,7 +720,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                     stage_transposed(q_chunk, q, b, h, i0, Nq, D, d0, t, scale)
                     cuda.syncthreads()
                     mma_s(acc, k_chunk, 0, q_chunk, 0, ty, tx)
-                scores(acc, bias, band, b, h, i0, j0, Nq, Nk, False)
+                full = tile_full(band, i0, C, j0, R, Nq, Nk)
                 ty, tx = lane_coords()
                 for c in range(CT):
                     i = i0 + col_of(c, tx)
@@ -715,8 +728,11 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                     if i < Nq:
                         row_shift_i, inv_norm, delta = rows[0, b, h, i], rows[1, b, h, i], rows[2, b, h, i]
                     for r in range(RT):
+                        # forward: s = cap(x) + alibi + bias (score_at; keys x queries here)
+                        s, slope = score_at(acc[r, c], full, bias, band, reals, alibi, b, h, i,
+                                            j0 + row_of(r, ty), Nq, Nk)
                         # forward: p = exp(s - m) / l, recomputed (masking.row_shift)
-                        p = math.exp(acc[r, c] - row_shift_i) * inv_norm
+                        p = math.exp(s - row_shift_i) * inv_norm
                         dp = p_tile[col_of(c, tx), row_of(r, ty)]  # this thread's own element
                         p_drop = p
                         # 2. forward: p_drop = p * z  ->  dp = dp_drop * z
@@ -729,14 +745,15 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                                 dp = ZERO
                         p_tile[col_of(c, tx), row_of(r, ty)] = p_drop
                         # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta)
-                        acc[r, c] = ZERO if p == ZERO else p * (dp - delta)
-                # 4. forward: out = p_drop @ v  ->  dv += p_drop^T @ dout, queries in chunks of K
+                        # 4. forward: s = cap(x) + alibi + bias  ->  dx = ds * cap'(x)
+                        acc[r, c] = ZERO if p == ZERO else p * (dp - delta) * slope
+                # 5. forward: out = p_drop @ v  ->  dv += p_drop^T @ dout, queries in chunks of K
                 for ic in range(0, C, K):
                     cuda.syncthreads()
                     stage_rows(w_chunk, dout, b, h, i0 + ic, Nq, DV, DVP, t)
                     cuda.syncthreads()
                     mma_dv(dv_acc, p_tile, ic, w_chunk, 0, ty, tx)
-                # 5. forward: s = scale * q @ k^T  ->  dk += ds^T @ q (scale at the end)
+                # 6. forward: x = scale * q @ k^T  ->  dk += dx^T @ q (scale at the end)
                 cuda.syncthreads()
                 ty, tx = lane_coords()
                 for r in range(RT):
@@ -761,7 +778,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                     if d < DV:
                         dv[b, h_kv, j, d] = dv_acc[r, e]
 
-    def _attn_bwd_dq(q, k, v, bias, band, dropout, reals, dout, rows, dq):
+    def _attn_bwd_dq(q, k, v, bias, band, dropout, reals, alibi, dout, rows, dq):
         q_chunk = cuda.shared.array((K, RP), dtype, alignment=ALIGN)  # Q^T or dO^T chunk (queries)
         k_chunk = cuda.shared.array((K, CP), dtype, alignment=ALIGN)  # K^T or V^T chunk (keys)
         ds_tile = cuda.shared.array((C, RP), dtype, alignment=ALIGN)  # dP^T, then dS^T (keys x queries)
@@ -777,7 +794,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         h, b = cuda.blockIdx.y, cuda.blockIdx.z
         Nq, Nk = q.shape[2], k.shape[2]
         h_kv = h // (q.shape[1] // k.shape[1])
-        scale, dropout_scale = reals
+        scale, dropout_scale = reals[0], reals[1]
         with_dropout = has_dropout(dropout)
         i0 = cuda.blockIdx.x * R
 
@@ -810,20 +827,24 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                 stage_transposed(k_chunk, k, b, h_kv, j0, Nk, D, d0, t, ONE)
                 cuda.syncthreads()
                 mma_s(acc, q_chunk, 0, k_chunk, 0, ty, tx)
-            scores(acc, bias, band, b, h, i0, j0, Nq, Nk, True)
+            full = tile_full(band, i0, R, j0, C, Nq, Nk)
             ty, tx = lane_coords()
             for r in range(RT):
                 i = i0 + row_of(r, ty)
                 for c in range(CT):
+                    # forward: s = cap(x) + alibi + bias (score_at)
+                    s, slope = score_at(acc[r, c], full, bias, band, reals, alibi, b, h, i,
+                                        j0 + col_of(c, tx), Nq, Nk)
                     # forward: p = exp(s - m) / l
-                    p = math.exp(acc[r, c] - row_shift_i[r]) * inv_norm[r]
+                    p = math.exp(s - row_shift_i[r]) * inv_norm[r]
                     dp = ds_tile[col_of(c, tx), row_of(r, ty)]  # this thread's own element
                     # 2. forward: p_drop = p * z  ->  dp = dp_drop * z
                     if with_dropout:
                         dp = dp * dropout_scale if keep(dropout, b, h, i, j0 + col_of(c, tx)) else ZERO
                     # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta)
-                    ds_tile[col_of(c, tx), row_of(r, ty)] = ZERO if p == ZERO else p * (dp - delta[r])
-            # 4. forward: s = scale * q @ k^T  ->  dq += ds @ k (scale at the end), keys in chunks
+                    # 4. forward: s = cap(x) + alibi + bias  ->  dx = ds * cap'(x)
+                    ds_tile[col_of(c, tx), row_of(r, ty)] = ZERO if p == ZERO else p * (dp - delta[r]) * slope
+            # 5. forward: x = scale * q @ k^T  ->  dq += dx @ k (scale at the end), keys in chunks
             for jc in range(0, C, K):
                 cuda.syncthreads()
                 stage_rows(w_chunk, k, b, h_kv, j0 + jc, Nk, D, DP, t)
@@ -868,7 +889,8 @@ def kernel_signatures(dtype_name: str) -> dict[str, str]:
         raise ValueError(f"the cuda kernels take float32 or float64, got {dtype_name!r}")
     f = dtype_name
     a3, a4 = f"{f}[:, :, ::1]", f"{f}[:, :, :, ::1]"
-    records = f"{a4}, UniTuple(int64, 3), UniTuple(int64, 6), UniTuple({f}, 2)"  # bias, band, dropout, reals
+    # bias, band, dropout, reals, alibi
+    records = f"{a4}, UniTuple(int64, 3), UniTuple(int64, 6), UniTuple({f}, 3), {f}[:, ::1]"
     return {
         "_attn_fwd": f"void({a4}, {a4}, {a4}, {records}, {a4}, {a4})",
         "_attn_bwd_preprocess": f"void({a4}, {a4}, {a4}, {a3}, {a4})",

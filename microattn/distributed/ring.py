@@ -43,8 +43,7 @@ from ..kernels import masking
 from ..kernels.cpu import decode
 from ..kernels.protocol import lse_of
 from ..kernels.spec import make_attention_spec
-from ..tensor import Tensor
-from .sharding import check_length, check_same_everywhere, positions
+from .sharding import local_operands, positions
 
 
 def _identity(x):
@@ -205,18 +204,8 @@ def ring_attention(query, key, value, *, comm, attn_mask=None, is_causal=False, 
     every rank (None: drawn on rank 0 and broadcast). ``backend``: a kernel module's name
     ("reference", "numba", "cuda" or "auto"); "composed" has no kernel to call per block.
     """
-    q, k, v = (x if isinstance(x, Tensor) else Tensor(np.asarray(x)) for x in (query, key, value))
-    P, rank = comm.size, comm.rank
-    check_same_everywhere(comm, "the shapes of query, key, value",
-                          (q.shape, k.shape, v.shape, str(q.dtype)))
-    if len(q.shape) != 4 or len(k.shape) != 4 or len(v.shape) != 4:
-        raise ValueError(f"query, key, value must be (B, H, N/P, D); got {q.shape}, {k.shape}, {v.shape}")
-    n = q.shape[2]
-    if k.shape[2] != n or v.shape[2] != n:
-        raise ValueError(f"query, key and value must hold the same rows; got {n}, {k.shape[2]}, {v.shape[2]}")
-    check_length(n * P, P, layout)
-    if dropout_p > 0 and seed is None:
-        seed = comm.bcast(int(np.random.randint(0, 2**63 - 1, dtype=np.int64)) if rank == 0 else None)
+    q, k, v, n, seed = local_operands(query, key, value, comm, layout, dropout_p, seed)
+    P = comm.size
     mask = None if attn_mask is None else np.asarray(getattr(attn_mask, "data", attn_mask))
     N = n * P
     B, H, _, D = q.shape

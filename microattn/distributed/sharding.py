@@ -63,6 +63,25 @@ def check_same_everywhere(comm, what: str, value) -> None:
             f"rank {r}: {v}" for r, v in enumerate(values)))
 
 
+def local_operands(query, key, value, comm, layout, dropout_p, seed):
+    """(q, k, v, n, seed) for a sequence-parallel attention call: this rank's shards as
+    Tensors, checked alike on every rank before any other message (the same shapes on every
+    rank, (B, H, n, D) with the same n rows of q, k and v, a length the layout can cut),
+    and the dropout seed every rank shares (None: drawn on rank 0 and broadcast)."""
+    q, k, v = (x if isinstance(x, Tensor) else Tensor(np.asarray(x)) for x in (query, key, value))
+    check_same_everywhere(comm, "the shapes of query, key, value",
+                          (q.shape, k.shape, v.shape, str(q.dtype)))
+    if len(q.shape) != 4 or len(k.shape) != 4 or len(v.shape) != 4:
+        raise ValueError(f"query, key, value must be (B, H, N/P, D); got {q.shape}, {k.shape}, {v.shape}")
+    n = q.shape[2]
+    if k.shape[2] != n or v.shape[2] != n:
+        raise ValueError(f"query, key and value must hold the same rows; got {n}, {k.shape[2]}, {v.shape[2]}")
+    check_length(n * comm.size, comm.size, layout)
+    if dropout_p > 0 and seed is None:
+        seed = comm.bcast(int(np.random.randint(0, 2**63 - 1, dtype=np.int64)) if comm.rank == 0 else None)
+    return q, k, v, n, seed
+
+
 def _axis(axis: int, ndim: int) -> int:
     if not -ndim <= axis < ndim:
         raise ValueError(f"axis {axis} is out of range for an array of {ndim} dimensions")

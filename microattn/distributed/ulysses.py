@@ -30,8 +30,7 @@ from .. import backends
 from .. import functional as F
 from ..autograd import Function
 from ..kernels.spec import make_attention_spec
-from ..tensor import Tensor
-from .sharding import check_length, check_same_everywhere, positions
+from .sharding import local_operands, positions
 
 
 def _seq_to_heads(x, comm, layout):
@@ -97,22 +96,13 @@ def ulysses_attention(query, key, value, *, comm, attn_mask=None, is_causal=Fals
     ``F.scaled_dot_product_attention``; ``seed`` must be the same on every rank (None
     draws one on rank 0 and broadcasts it).
     """
-    q, k, v = (x if isinstance(x, Tensor) else Tensor(np.asarray(x)) for x in (query, key, value))
+    q, k, v, n, seed = local_operands(query, key, value, comm, layout, dropout_p, seed)
     P, rank = comm.size, comm.rank
-    check_same_everywhere(comm, "the shapes of query, key, value",
-                          (q.shape, k.shape, v.shape, str(q.dtype)))
-    if len(q.shape) != 4 or len(k.shape) != 4 or len(v.shape) != 4:
-        raise ValueError(f"query, key, value must be (B, H, N/P, D); got {q.shape}, {k.shape}, {v.shape}")
-    H, Hkv, n = q.shape[1], k.shape[1], q.shape[2]
+    H, Hkv = q.shape[1], k.shape[1]
     if H % P or Hkv % P:
         raise ValueError(f"ulysses_attention splits the heads over the ranks: query heads ({H}) "
                          f"and kv heads ({Hkv}) must be multiples of the {P} ranks")
-    if k.shape[2] != n or v.shape[2] != n:
-        raise ValueError(f"query, key and value must hold the same rows; got {n}, {k.shape[2]}, {v.shape[2]}")
     N = n * P
-    check_length(N, P, layout)
-    if dropout_p > 0 and seed is None:
-        seed = comm.bcast(int(np.random.randint(0, 2**63 - 1, dtype=np.int64)) if rank == 0 else None)
     mask = None if attn_mask is None else np.asarray(getattr(attn_mask, "data", attn_mask))
     if mask is not None and mask.ndim == 4 and mask.shape[1] == H:
         mask = mask[:, rank * H // P:(rank + 1) * H // P]

@@ -6,13 +6,15 @@ of microattn); skipped only when that compiler is missing (a failure under CI=tr
 installs the extra: see tests/conftest.py).
 
 * every kernel compiles for compute capability 8.0 and 9.0 at the largest head dims the
-  tiles are sized for (D = Dv = 128), with a bias and dropout (the most code);
+  tiles are sized for (D = Dv = 128), with a bias, dropout, softcap and ALiBi (the most code);
 * float32 kernels contain no float64 instruction (no stray double constant or promotion);
 * the shared memory each kernel declares is what ``flash.shared_memory_bytes`` says and fits
   the 48 KiB static budget;
-* the records of ``spec.pack()`` (band: ``UniTuple(int64, 3)``, dropout: ``(int64, 6)``; reals:
-  ``UniTuple(dtype, 2)``) are kernel arguments, and no kernel takes more than 12;
-* a specialisation without bias or dropout compiles no dropout hash.
+* the records of ``spec.pack()`` (band: ``UniTuple(int64, 3)``, dropout: ``(int64, 6)``;
+  reals: ``UniTuple(dtype, 3)``; bias and alibi arrays) are kernel arguments, and no kernel
+  takes more than 13;
+* a specialisation without bias, dropout, softcap or ALiBi compiles no dropout hash and no
+  tanh.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ MISSING = flash.ptx_compiler_missing()
 needs_compiler = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 
 
-def compile_kernels(dtype_name, cc, D, Dv, has_bias, has_dropout):
+def compile_kernels(dtype_name, cc, D, Dv, has_bias, has_dropout, has_terms=None):
     """{kernel name: PTX} for one specialisation, compiled for ``cc`` with no GPU present.
 
     ``cuda.compile_ptx`` takes the target from ``cc``, but a kernel's calls to
     ``cuda.jit(device=True)`` functions (the masking rules, ``compile.compile_rules``) compile
     those for "the current device", which needs a GPU. So the rules are compiled fresh here,
-    while that lookup answers ``cc``.
+    while that lookup answers ``cc``. ``has_terms``: softcap and ALiBi compiled in (default:
+    with the bias).
     """
     from numba.cuda import dispatcher
 
@@ -51,14 +54,17 @@ def compile_kernels(dtype_name, cc, D, Dv, has_bias, has_dropout):
         patch.setattr(dispatcher, "get_current_device",
                       lambda: SimpleNamespace(compute_capability=cc))
         rules = flash.device_rules()
-        functions = flash.kernel_functions(dtype_name, D, Dv, tiles, has_bias, has_dropout, rules)
+        terms = has_bias if has_terms is None else has_terms
+        functions = flash.kernel_functions(dtype_name, D, Dv, tiles, has_bias, has_dropout, rules,
+                                           has_softcap=terms, has_alibi=terms)
         return {name: flash.cuda.compile_ptx(fn, signatures[name], cc=cc)[0]
                 for name, fn in functions.items()}, tiles
 
 
 @pytest.fixture(scope="module")
 def ptx():
-    """{(dtype, cc): ({kernel: PTX}, tiles)} at D = Dv = 128 with bias and dropout compiled in."""
+    """{(dtype, cc): ({kernel: PTX}, tiles)} at D = Dv = 128 with bias, dropout, softcap and
+    ALiBi compiled in."""
     return {(dtype, cc): compile_kernels(dtype, cc, D, DV, True, True)
             for dtype in DTYPES for cc in CCS}
 
@@ -109,6 +115,11 @@ def test_shared_memory_fits_the_budget(ptx, dtype, cc):
 MIX32_MULTIPLIER = str(0x7FEB352D)  # masking.mix32's first constant, an immediate in the PTX
 
 
+# masking.tanh as numba mangles it ("...7masking4tanh..."): the symbol of its environment,
+# declared by every kernel that calls it (libdevice's tanhf itself is inlined, nameless)
+TANH = re.compile(r"\dmasking4tanh")
+
+
 @needs_compiler
 def test_specialisation_without_bias_or_dropout(ptx):
     """A smaller variant compiles too, float64-free, with no dropout hash compiled in."""
@@ -120,26 +131,39 @@ def test_specialisation_without_bias_or_dropout(ptx):
 
 
 @needs_compiler
+def test_softcap_compiles_only_where_asked(ptx):
+    """softcap's tanh is in the PTX of the specialisation that has it, and of no other."""
+    with_terms = ptx["float32", (8, 0)][0]
+    without, _ = compile_kernels("float32", (8, 0), 64, 32, True, True, has_terms=False)
+    for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+        assert TANH.search(with_terms[name]), name
+        assert not TANH.search(without[name]), name
+
+
+@needs_compiler
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernels_take_the_packed_spec(dtype):
     """Each attention kernel's signature (the one the PTX is compiled with) takes the records
-    of spec.pack() last, as numba types Python tuples; no kernel takes more than 12 arguments."""
+    of spec.pack() last, as numba types Python tuples; no kernel takes more than 13 arguments
+    (8 arrays and the 5 records)."""
     from numba import typeof, types
     from numba.cuda.core import sigutils
 
     band, dropout = types.UniTuple(types.int64, 3), types.UniTuple(types.int64, 6)
-    reals = types.UniTuple(getattr(types, dtype), 2)
+    reals = types.UniTuple(getattr(types, dtype), 3)
     shape = (1, 2, 5, 8)
     packed = make_attention_spec(shape, shape, shape, (np.dtype(dtype),) * 3, is_causal=True,
-                                 dropout_p=0.5, seed=2**64 - 1).pack()  # the largest seed halves
-    assert tuple(typeof(x) for x in packed[1:]) == (band, dropout, reals)  # what a launch passes
+                                 dropout_p=0.5, seed=2**64 - 1, softcap=30.0,
+                                 alibi_slopes=np.ones(2)).pack()  # the largest seed halves
+    assert tuple(typeof(x) for x in packed[1:4]) == (band, dropout, reals)  # what a launch passes
     for name, signature in flash.kernel_signatures(dtype).items():
         arguments, _ = sigutils.normalize_signature(signature)
-        assert len(arguments) <= 12, name
+        assert len(arguments) <= 13, name
         if name != "_attn_bwd_preprocess":
-            bias = arguments[-4]
+            bias, alibi = arguments[-5], arguments[-1]
             assert (bias.ndim, bias.dtype) == (4, getattr(types, dtype)), name
-            assert tuple(arguments[-3:]) == (band, dropout, reals), name
+            assert (alibi.ndim, alibi.dtype) == (2, getattr(types, dtype)), name
+            assert tuple(arguments[-4:-1]) == (band, dropout, reals), name
 
 
 # -- host-side arithmetic (no compiler needed) ------------------------------------------------

@@ -102,3 +102,78 @@ def test_bias_index_broadcasts_size_one_axes(rules):
                         ((3, 4, 2, 2), (2, 3))):
         assert tuple(rule.bias_index(np.zeros(shape), 2, 3)) == want
     assert not rule.has_bias(np.zeros((1, 1, 0, 0))) and rule.has_bias(np.zeros((1, 1, 2, 2)))
+
+
+# -- the score terms: softcap and ALiBi --------------------------------------------------------
+
+
+@pytest.mark.parametrize("rules", list(RULES))
+def test_cap_worked_example_and_slope(rules):
+    """The docstring's example (c = 2: s = 1 -> 2 tanh(0.5), s = 100 -> 2, -inf -> -2), and
+    the slope against the derivative 1 - tanh(s / c)**2, in float32 and float64. Off means
+    reals[2] == 0."""
+    rule = RULES[rules]
+    for dtype in (np.float32, np.float64):
+        reals = (dtype(0.5), dtype(1.0), dtype(2.0))
+        assert rule.has_softcap(reals) and not rule.has_softcap((dtype(0.5), dtype(1.0), dtype(0.0)))
+        tol = 4 * np.finfo(dtype).eps
+        for s, want in ((1.0, 2 * np.tanh(0.5)), (100.0, 2.0), (-np.inf, -2.0), (0.0, 0.0)):
+            got = rule.cap(reals, dtype(s))
+            assert abs(got - want) <= tol * 2, (dtype, s, got)
+            capped, slope = rule.cap_and_slope(reals, dtype(s))
+            assert capped == got
+            assert abs(slope - (1 - np.tanh(s / 2) ** 2)) <= tol, (dtype, s, slope)
+
+
+@pytest.mark.parametrize("rules", list(RULES))
+def test_alibi_bias_worked_example(rules):
+    """The docstring's example: slope 0.5, Nq = 2, Nk = 4 (offset 2): query 1 and key 0 are 3
+    apart (-1.5), query 1 and key 3 on the diagonal (0); (Ba, Hq) slopes broadcast Ba = 1."""
+    rule = RULES[rules]
+    band = (2, -1, -1)
+    one = np.array([[0.5, 0.25]])  # (1, Hq = 2): every batch entry reads row 0
+    per_batch = np.array([[0.5, 0.25], [1.0, 2.0]])
+    assert rule.alibi_bias(one, band, 1, 0, 1, 0) == -1.5
+    assert rule.alibi_bias(one, band, 1, 0, 1, 3) == 0
+    assert rule.alibi_bias(one, band, 0, 1, 0, 0) == -0.5
+    assert rule.alibi_bias(per_batch, band, 1, 1, 1, 0) == -6.0
+    assert rule.alibi_bias(per_batch, band, 1, 1, 0, 3) == -2.0  # key after the diagonal: |d|
+    assert rule.has_alibi(one) and not rule.has_alibi(np.zeros((1, 0)))
+
+
+def test_alibi_bias_broadcasts_over_index_arrays():
+    """The reference's use: one call on (B, Hq, Nq, Nk) index grids, in the slopes' dtype."""
+    slopes = np.array([[0.5, 0.25], [1.0, 2.0]], dtype=np.float32)
+    b, h, i, j = np.ix_(np.arange(2), np.arange(2), np.arange(3), np.arange(5))
+    got = masking.alibi_bias(slopes, (2, -1, -1), b, h, i, j)
+    assert got.shape == (2, 2, 3, 5) and got.dtype == np.float32
+    for index in np.ndindex(got.shape):
+        bb, hh, ii, jj = index
+        assert got[index] == -slopes[bb, hh] * abs(ii + 2 - jj)
+
+
+def test_cpu_fast_tanh():
+    """The float32 tanh the CPU kernels compile into the rules (``_compile.fast_tanh``): within
+    2 ulp of tanh, +-1 at +-inf, odd, NaN for NaN, and step for step ``_fast_tanh_meaning``."""
+    import numba
+
+    @numba.njit(fastmath=_compile.FASTMATH)
+    def rows(x):
+        out = np.empty_like(x)
+        for i in range(x.shape[0]):  # a loop LLVM vectorises, as in the kernels' sweeps
+            out[i] = _compile.fast_tanh(x[i])
+        return out
+
+    x = np.concatenate([np.float32([np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-30, -1e-38]),
+                        np.linspace(-20, 20, 400_001, dtype=np.float32),
+                        np.geomspace(1e-8, 1.0, 10_000).astype(np.float32)])
+    got = rows(x)
+    truth = np.tanh(x.astype(np.float64))
+    finite = np.isfinite(x)
+    ulp = np.spacing(np.abs(truth[finite]).astype(np.float32)).astype(np.float64)
+    assert (np.abs(got[finite] - truth[finite]) <= 2 * ulp).all()
+    assert got[0] == 1 and got[1] == -1 and np.isnan(got[2])
+    np.testing.assert_array_equal(rows(-x[finite]), -got[finite])
+    np.testing.assert_allclose(got[finite], _compile._fast_tanh_meaning(x[finite]), rtol=2.0**-22,
+                               atol=1e-45)
+    assert _compile.fast_tanh(0.5) == np.tanh(0.5)  # float64 (and plain Python): libm's
