@@ -105,7 +105,7 @@ from ..mods import MISSING_GRAD
 from ..protocol import dlse_or_empty
 from ..spec import AttentionSpec
 from ._compile import (
-    FASTMATH, NUMBA_ERROR, alibi_bias, bias_index, cap, cap_and_slope, exp_sub, exp_sub_sum,
+    FASTMATH, NUMBA_ERROR, PARALLEL, alibi_bias, bias_index, cap, cap_and_slope, exp_sub, exp_sub_sum,
     has_alibi, has_bias, has_dropout, has_softcap, helper, in_band, keep, kernel, key_range, numba,
     prange, query_range, row_shift, tile_in_band,
 )
@@ -361,7 +361,13 @@ def specialised(spec: AttentionSpec, backward: bool = False):
                        if own(n) and n not in MOD_NAMES and needs(n)}
             fn = types.FunctionType(py.__code__, {**py.__globals__, **overrides, **callees},
                                     py.__name__, py.__defaults__, py.__closure__)
-            memo[name] = numba.jit(**dispatcher.targetoptions)(fn)
+            # copies: numba consumes the option dicts it is given (a shared one passed on
+            # would leave the next kernel compiled without parallel=)
+            options = {key: (value.copy() if isinstance(value, (dict, set)) else value)
+                       for key, value in dispatcher.targetoptions.items()}
+            if "parallel" in options:
+                options["parallel"] = dict(PARALLEL)
+            memo[name] = numba.jit(**options)(fn)
         return memo[name]
 
     ns = types.SimpleNamespace(**{name: rebuild(name) for name in (
