@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import mods
 from .masking import alibi_bias, cap_and_slope, in_band, keep, row_shift
 from .spec import AttentionSpec
+
+SUPPORTS_MODS = True  # mask_mod / score_mod evaluated on arrays (mods.py)
 
 
 def expand_kv(x: np.ndarray, group: int) -> np.ndarray:
@@ -34,12 +37,15 @@ def reduce_kv(dx: np.ndarray, group: int) -> np.ndarray:
 
 
 def allowed_pairs(spec: AttentionSpec) -> np.ndarray:
-    """(Bm, Hm, Nq, Nk) bool: the band and the mask both allow query i to see key j."""
+    """(Bm, Hm, Nq, Nk) bool: the band, the mask and mask_mod all allow query i to see key j
+    ((B, Hq, Nq, Nk) with a mask_mod)."""
     i = np.arange(spec.Nq)[:, None]
     j = np.arange(spec.Nk)[None, :]
     allowed = in_band(spec.band, i, j)[None, None]
     if spec.has_bias:
         allowed = allowed & (spec.bias > -np.inf)
+    if spec.mask_mod is not None:
+        allowed = allowed & mods.mask_array(spec)
     return allowed
 
 
@@ -52,25 +58,36 @@ def dropout_multiplier(spec: AttentionSpec) -> np.ndarray | None:
     return kept.astype(spec.dtype) * spec.dtype.type(spec.dropout_scale)
 
 
-def score_terms(q, k, spec: AttentionSpec) -> tuple[np.ndarray, np.ndarray | None]:
-    """(s, slope): the scores (B, Hq, Nq, Nk), capped, biased, every forbidden pair at -inf,
-    and the softcap's slope d s / d (scale q . k) of the same shape (None without softcap)."""
+def score_terms(q, k, spec: AttentionSpec, need_slope: bool = True):
+    """(s, slope): the scores (B, Hq, Nq, Nk) -- capped, through score_mod, + ALiBi, biased,
+    every forbidden pair at -inf -- and d s / d (scale q . k) of the same shape, the
+    softcap's slope times score_mod_grad, 0 on forbidden pairs (None without softcap and
+    score_mod, or when ``need_slope`` is False)."""
     packed = spec.pack()
     s = np.einsum("bhid,bhjd->bhij", q, expand_kv(k, spec.group)) * spec.dtype.type(spec.scale)
     slope = None
     if spec.has_softcap:
         s, slope = cap_and_slope(packed.reals, s)
+    mod_slope = None
+    if spec.score_mod is not None:  # score_mod sees the capped score
+        if need_slope:
+            mod_slope = mods.score_mod_slope(spec, s)
+        s = mods.score_mod_array(spec, s)
     if spec.has_alibi:
         b, h, i, j = np.ix_(*(np.arange(n) for n in (spec.B, spec.Hq, spec.Nq, spec.Nk)))
         s = s + alibi_bias(packed.alibi, packed.band, b, h, i, j)
     if spec.has_bias:
         s = s + spec.bias
-    return np.where(allowed_pairs(spec), s, -np.inf).astype(spec.dtype, copy=False), slope
+    allowed = allowed_pairs(spec)
+    if mod_slope is not None:
+        slope = mod_slope if slope is None else slope * mod_slope
+        slope = np.where(allowed, slope, 0).astype(spec.dtype, copy=False)
+    return np.where(allowed, s, -np.inf).astype(spec.dtype, copy=False), (slope if need_slope else None)
 
 
 def scores(q, k, spec: AttentionSpec) -> np.ndarray:
-    """Scaled, capped, biased scores with every forbidden pair at -inf: (B, Hq, Nq, Nk)."""
-    return score_terms(q, k, spec)[0]
+    """Scaled, capped, modded, biased scores with every forbidden pair at -inf: (B, Hq, Nq, Nk)."""
+    return score_terms(q, k, spec, need_slope=False)[0]
 
 
 def row_stats(s) -> np.ndarray:
@@ -107,6 +124,8 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     and dlse (B, Hq, Nq), the gradient reaching lse (None: lse was not used)."""
     k_all, v_all = expand_kv(k, spec.group), expand_kv(v, spec.group)  # (B, Hq, Nk, D), (B, Hq, Nk, Dv)
     scale = spec.dtype.type(spec.scale)
+    if spec.score_mod is not None and spec.score_mod_grad is None:
+        raise ValueError(mods.MISSING_GRAD)
     # forward: p = exp(s - m) / l, recomputed instead of stored
     s, slope = score_terms(q, k, spec)
     p = probabilities(s, stats)
@@ -127,7 +146,8 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     if dlse is not None:
         delta = delta - dlse
     ds = p * (dp - delta[..., None])
-    # 4. forward: s = cap(x) + alibi + bias, x = scale * q @ k^T  ->  dx = ds * cap'(x)
+    # 4. forward: s = score_mod(cap(x)) + alibi + bias, x = scale * q @ k^T
+    #    ->  dx = ds * score_mod_grad(cap(x)) * cap'(x)
     if slope is not None:
         ds = ds * slope
     # 5. forward: x = scale * q @ k^T  ->  dq = scale * dx @ k, dk = scale * dx^T @ q

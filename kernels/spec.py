@@ -32,6 +32,13 @@ Two terms change the scores themselves, in this order (docs/semantics.md)::
 ``sinks`` (Hq,) (one logit per query head, or None) is not for the kernels: every backend
 runs without it and ``sinks.py`` folds it into the result (``functional.Attention``).
 
+User-written **mods** (``mask_mod``, ``score_mod``, ``score_mod_grad``; ``mods.py``,
+FlexAttention's): plain Python callables, applied in this order::
+
+    s = scale * q . k  ->  score_mod(s, b, h, i, j)  ->  + bias  ->  band, mask, mask_mod
+
+with i, j the call's indices plus ``origin`` (the packed row's, in a varlen call).
+
 ``make_attention_spec`` raises ``ValueError`` / ``TypeError`` before any work is done;
 kernels trust the spec and never validate again.
 """
@@ -92,6 +99,11 @@ class AttentionSpec(_Heads):
     cu_seqlens_k: np.ndarray | None = None
     softcap: float = 0.0  # c of c * tanh(s / c); 0: no cap
     alibi: np.ndarray | None = None  # (Ba, Hq) ALiBi slopes, Ba in {1, B}, same dtype as q, or None
+    # user-written mods (mods.py): callables or None. Not in pack(): the numba kernels are
+    # compiled for them (cpu/flash.py), the reference evaluates them on arrays.
+    mask_mod: object = None  # (b, h, i, j) -> bool
+    score_mod: object = None  # (score, b, h, i, j) -> float
+    score_mod_grad: object = None  # (score, b, h, i, j) -> d score_mod / d score
 
     # -- derived quantities -------------------------------------------------------------
     @property
@@ -115,6 +127,11 @@ class AttentionSpec(_Heads):
     @property
     def has_alibi(self) -> bool:
         return self.alibi is not None
+
+    @property
+    def has_mods(self) -> bool:
+        """Whether a user-written mask_mod or score_mod applies (mods.py)."""
+        return self.mask_mod is not None or self.score_mod is not None
 
     @property
     def seed_lo(self) -> int:
@@ -365,16 +382,32 @@ def _check_alibi(alibi_slopes, B, Hq, dtype) -> np.ndarray | None:
     return np.ascontiguousarray(slopes.reshape(-1, Hq), dtype=dtype)
 
 
+def _check_mods(mask_mod, score_mod, score_mod_grad):
+    """The mods as given: each a callable or None; score_mod_grad only with a score_mod.
+
+    score_mod without score_mod_grad is valid here (a forward needs no gradient);
+    ``functional.scaled_dot_product_attention`` refuses it when the call records a graph,
+    and every backward refuses it (``mods.MISSING_GRAD``)."""
+    for name, fn, legend in (("mask_mod", mask_mod, "(b, h, i, j) -> bool"),
+                             ("score_mod", score_mod, "(score, b, h, i, j) -> float"),
+                             ("score_mod_grad", score_mod_grad, "(score, b, h, i, j) -> float")):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be a function {legend} or None, got {type(fn).__name__}")
+    if score_mod_grad is not None and score_mod is None:
+        raise ValueError("score_mod_grad was given without score_mod: it is the derivative of score_mod")
+
+
 def make_attention_spec(
     q_shape, k_shape, v_shape, dtypes, *, attn_mask=None, dropout_p=0.0, is_causal=False,
     scale=None, window=None, seed=None, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None,
-    softcap=None, alibi_slopes=None,
+    softcap=None, alibi_slopes=None, mask_mod=None, score_mod=None, score_mod_grad=None,
 ) -> AttentionSpec:
     """Validate every argument of scaled_dot_product_attention; build the spec.
 
     Raises ValueError (shapes, mask shape, dropout_p, window, scale, softcap, alibi_slopes'
-    shape or values, sinks' shape or values, cu_seqlens) or TypeError (dtypes, alibi_slopes'
-    and sinks' dtype or type) before any work is done.
+    shape or values, sinks' shape or values, cu_seqlens, score_mod_grad without score_mod)
+    or TypeError (dtypes, alibi_slopes' and sinks' dtype or type, a mod that is not
+    callable) before any work is done.
     """
     B, Hq, Hkv, Nq, Nk, D, Dv, dtype = check_qkv(q_shape, k_shape, v_shape, dtypes)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float, np.floating, np.integer)):
@@ -399,11 +432,13 @@ def make_attention_spec(
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     sinks = _check_sinks(sinks, Hq, dtype)
     cu_q, cu_k = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, B, Nq, Nk)
+    _check_mods(mask_mod, score_mod, score_mod_grad)
     return AttentionSpec(
         B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv, dtype=dtype, scale=float(scale),
         causal=bool(is_causal), window_left=left, window_right=right, bias=bias,
         dropout_p=float(dropout_p), seed=int(seed), sinks=sinks, cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k, softcap=softcap, alibi=alibi,
+        cu_seqlens_k=cu_k, softcap=softcap, alibi=alibi, mask_mod=mask_mod, score_mod=score_mod,
+        score_mod_grad=score_mod_grad,
     )
 
 

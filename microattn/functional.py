@@ -22,8 +22,8 @@ import numpy as np
 from . import backends
 from .autograd import Function, is_grad_enabled
 from .kernels import merge as merge_rule
+from .kernels import mods, varlen
 from .kernels import sinks as sinks_rule
-from .kernels import varlen
 from .kernels.cpu import decode
 from .kernels.masking import alibi_bias, in_band, keep
 from .kernels.protocol import lse_of
@@ -97,6 +97,26 @@ class Attention(Function):
         return (*grads, sinks_rule.grad(to_host(out), dout, dlse, ctx.p_sink))
 
 
+class ScoreMod(Function):
+    """The user's score_mod applied to every score (``kernels/mods.py``), for the composed
+    backend: s (B, Hq, Nq, Nk) -> score_mod(s, b, h, i, j). ``allowed`` (broadcasting to s)
+    marks the pairs that reach the softmax; elsewhere the gradient is 0, whatever
+    score_mod_grad says there (a forbidden pair's mod may be inf or NaN)."""
+
+    @staticmethod
+    def forward(ctx, s, *, spec: AttentionSpec, allowed):
+        ctx.save_for_backward(s)
+        ctx.spec, ctx.allowed = spec, allowed
+        return mods.score_mod_array(ctx.spec, s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (s,) = ctx.saved_tensors
+        # forward: s' = score_mod(s)  ->  ds = grad * score_mod_grad(s)
+        slope = mods.score_mod_slope(ctx.spec, s)
+        return np.where(ctx.allowed, grad * slope, 0).astype(s.dtype, copy=False)
+
+
 class LinearAttention(Function):
     """Linear attention through a kernel module: forward(q, k, v, spec) / backward(q, k, v, out, dout, spec)."""
 
@@ -142,7 +162,8 @@ def _mask_array(attn_mask, name="attn_mask"):
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, window=None, *,
                                  return_lse=False, seed=None, sinks=None, cu_seqlens_q=None,
-                                 cu_seqlens_k=None, backend="auto", softcap=None,
+                                 cu_seqlens_k=None, mask_mod=None, score_mod=None,
+                                 score_mod_grad=None, backend="auto", softcap=None,
                                  alibi_slopes=None):
     """softmax(query @ key^T * scale + mask) @ value, with dropout on the probabilities.
 
@@ -171,6 +192,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
       before ALiBi, the mask and the band apply (Gemma 2); gradients flow through the tanh.
     * ``alibi_slopes`` (Hq,) or (B, Hq), floating, a constant: ``-slope * |i + Nk - Nq - j|``
       is added to the (capped) scores (flash-attention's ALiBi).
+    * ``mask_mod(b, h, i, j) -> bool``: plain Python; False forbids query i to see key j
+      (with the band and attn_mask). ``score_mod(score, b, h, i, j) -> float`` replaces the
+      scaled score ``q . k * scale`` (after softcap) before ALiBi and attn_mask's float terms are added;
+      ``score_mod_grad(score, b, h, i, j)`` is its derivative in ``score``, which the
+      backward needs: a call that records a graph with a score_mod but no score_mod_grad is
+      a ValueError. i, j: the call's query and key indices (in a packed call, positions in
+      the packed row). The reference evaluates them on arrays (``kernels/mods.py``), numba
+      compiles them into the CPU kernels; not on "cuda" ("auto" then picks "numba").
     * ``backend``: "reference", "composed", "numba", "cuda" or "auto". On "numba", a call
       of at most 16 queries that records no graph (inference, decoding) runs
       ``kernels/cpu/decode.py``: the keys split across threads, each K/V row read once
@@ -189,9 +218,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype), attn_mask=_mask_array(attn_mask),
         dropout_p=dropout_p, is_causal=is_causal, scale=scale, window=window, seed=seed,
         sinks=sinks.data if isinstance(sinks, Tensor) else sinks, cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
+        cu_seqlens_k=cu_seqlens_k, mask_mod=mask_mod, score_mod=score_mod,
+        score_mod_grad=score_mod_grad,
         softcap=softcap, alibi_slopes=_mask_array(alibi_slopes, "alibi_slopes"),
     )
+    if spec.score_mod is not None and spec.score_mod_grad is None and _records_graph(q, k, v, sinks):
+        raise ValueError(mods.MISSING_GRAD)
     out, lse = attend(q, k, v, spec, backend, sinks=sinks, return_lse=return_lse)
     return (out, lse) if return_lse else out
 
@@ -202,11 +234,17 @@ def attend(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, backend: str = 
     or "composed" from Tensor ops. ``scaled_dot_product_attention`` and the sequence-parallel
     attention of ``microattn.distributed`` (a spec of its own making) both end here."""
     name, kernel = backends.resolve(backend, "scaled_dot_product_attention")
+    if spec.has_mods and kernel is not None and not getattr(kernel, "SUPPORTS_MODS", False):
+        if backend != "auto":
+            raise ValueError(f"mask_mod / score_mod are not implemented on the {name!r} backend; "
+                             f"use backend='numba' (compiled), 'reference' or 'composed'")
+        name, kernel = _mods_backend()
     if spec.cu_seqlens_q is not None:  # packed sequences: one call per sequence
         if name == "composed":
             return _composed_varlen(q, k, v, spec, sinks, return_lse)
         kernel = varlen.Varlen(kernel)
-    elif name == "numba" and spec.Nq <= decode.MAX_QUERIES and not _records_graph(q, k, v, sinks):
+    elif (name == "numba" and spec.Nq <= decode.MAX_QUERIES and not spec.has_mods
+          and not _records_graph(q, k, v, sinks)):
         kernel = decode  # inference on a few queries: keys split across threads (decode.py)
     sink_input = () if sinks is None else (sinks,)
     if name == "composed":
@@ -233,6 +271,16 @@ def _composed_varlen(q, k, v, spec: AttentionSpec, sinks, return_lse):
     return out, (lse if return_lse else None)
 
 
+def _mods_backend():
+    """What "auto" runs mods on when its pick cannot: numba where it works, else the reference."""
+    for name in ("numba", "reference"):
+        if backends.unavailable_reason(name) is None:
+            name, kernel = backends.resolve(name, "scaled_dot_product_attention")
+            if getattr(kernel, "SUPPORTS_MODS", False):
+                return name, kernel
+    return backends.resolve("reference", "scaled_dot_product_attention")
+
+
 def _records_graph(*tensors) -> bool:
     return is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
@@ -250,13 +298,18 @@ def _composed_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, si
     s = (q @ k.swapaxes(-1, -2)) * spec.scale  # (B, Hq, Nq, Nk)
     if spec.has_softcap:
         s = (s / spec.softcap).tanh() * spec.softcap  # masking.cap, as Tensor ops
+    allowed = in_band(spec.band, np.arange(spec.Nq)[:, None], np.arange(spec.Nk)[None, :])  # (Nq, Nk)
+    if spec.has_bias:
+        allowed = allowed & (spec.bias > -np.inf)  # (Bm, Hm, Nq, Nk)
+    if spec.mask_mod is not None:  # a constant mask (mods.py)
+        allowed = allowed & mods.mask_array(spec)  # (B, Hq, Nq, Nk)
+    if spec.score_mod is not None:  # on the capped score, before ALiBi and the bias
+        s = ScoreMod.apply(s, spec=spec, allowed=allowed)
     if spec.has_alibi:  # a constant term (masking.alibi_bias): no gradient to the slopes
         b, h, i, j = np.ix_(*(np.arange(n) for n in (spec.B, spec.Hq, spec.Nq, spec.Nk)))
         s = s + alibi_bias(spec.pack().alibi, spec.band, b, h, i, j)
-    allowed = in_band(spec.band, np.arange(spec.Nq)[:, None], np.arange(spec.Nk)[None, :])  # (Nq, Nk)
     if spec.has_bias:
         s = s + spec.bias
-        allowed = allowed & (spec.bias > -np.inf)  # (Bm, Hm, Nq, Nk)
     s = s.masked_fill(~allowed, -np.inf)
     if sinks is not None:
         sink_column = _as_operand(sinks, "sinks").reshape(1, spec.Hq, 1, 1) + np.zeros(

@@ -83,7 +83,9 @@ def kernel(fn):
     """A parallel CPU kernel: njit(parallel=PARALLEL, cache=True) with FASTMATH."""
     if numba is None:
         return fn
-    return numba.njit(parallel=PARALLEL, cache=True, fastmath=FASTMATH, nogil=True)(fn)
+    # a copy: numba pops the options out of the dict it is given, so a shared PARALLEL would
+    # leave every later kernel with {} (all of numba's parallel transforms switched on)
+    return numba.njit(parallel=dict(PARALLEL), cache=True, fastmath=FASTMATH, nogil=True)(fn)
 
 
 def helper(fn):

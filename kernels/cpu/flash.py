@@ -13,9 +13,14 @@ Shape legend (see ``spec.py``)::
 The kernels take the spec as its records, ``*spec.pack()`` = (bias, band, dropout, reals,
 alibi), and the tile size as one more, ``blocks`` = (BLOCK_M, BLOCK_N)::
 
-    _flash_forward(q, k, vT, bias, band, dropout, reals, alibi, blocks, out, stats)
-    _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, alibi, blocks, grads)   # grads = (dq, dk, dv)
-    _bwd_dq / _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, blocks, grads)
+    _flash_forward(q, k, vT, bias, band, dropout, reals, alibi, blocks, bmask, out, stats)
+    _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, alibi, blocks, bmask, grads)   # grads = (dq, dk, dv)
+    _bwd_dq / _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, blocks, bmask, grads)
+
+``bmask`` is the block mask of a user's mask_mod (see ``specialised`` and ``block_mask``
+below; a dummy without one). User-written mods enter as compile-time globals: the order of
+a score's terms is then ``score_mod(cap(x)) + alibi + bias``, masked by band, mask and
+mask_mod.
 
 Only ``masking.py``'s rules (compiled in ``_compile.py``) look inside bias, band, dropout,
 the softcap of reals and alibi. Scores are built in the one order (``scores_t``): the tile
@@ -92,14 +97,17 @@ Threads: numba's ``workqueue`` layer unless ``NUMBA_THREADING_LAYER`` says other
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 
+from ..mods import MISSING_GRAD
 from ..protocol import dlse_or_empty
 from ..spec import AttentionSpec
 from ._compile import (
-    NUMBA_ERROR, alibi_bias, bias_index, cap, cap_and_slope, exp_sub, exp_sub_sum, has_alibi,
-    has_bias, has_dropout, has_softcap, helper, in_band, keep, kernel, key_range, prange,
-    query_range, row_shift, tile_in_band,
+    FASTMATH, NUMBA_ERROR, PARALLEL, alibi_bias, bias_index, cap, cap_and_slope, exp_sub, exp_sub_sum,
+    has_alibi, has_bias, has_dropout, has_softcap, helper, in_band, keep, kernel, key_range, numba,
+    prange, query_range, row_shift, tile_in_band,
 )
 from .microkernel import matmul, matmul_exp
 
@@ -108,6 +116,7 @@ BLOCK_N = 256  # keys per tile
 SHORT = 512  # up to this many queries and keys, smaller tiles (SHORT_BLOCKS) are faster
 SHORT_BLOCKS = (64, 128)  # (BLOCK_M, BLOCK_N) for short sequences, see _blocks
 STALE_LIMIT = 10.0  # how far (in natural-log units) a score may exceed the kept shift m_i
+SUPPORTS_MODS = True  # mask_mod / score_mod compiled in (see specialised)
 
 
 def unavailable_reason() -> str | None:
@@ -131,7 +140,11 @@ def forward(q, k, v, spec: AttentionSpec, blocks=None):
     out = np.empty((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=spec.dtype)
     stats = np.empty((2, spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
     vT = _transposed(v)  # (B, Hkv, Dv, Nk)
-    _flash_forward(q, k, vT, *spec.pack(), _blocks(blocks, spec), out, stats)
+    ns = specialised(spec)
+    records = _records(spec)
+    with _compile_errors_named(spec):
+        ns._flash_forward(q, k, vT, *records, _blocks(blocks, spec), block_mask(spec, ns),
+                          out, stats)
     return out, stats
 
 
@@ -144,6 +157,8 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None, fused=No
     busy). Both passes give the same result up to rounding; each is deterministic.
     ``blocks`` as in :func:`forward`.
     """
+    if spec.score_mod is not None and spec.score_mod_grad is None:
+        raise ValueError(MISSING_GRAD)
     q, k, v, out, stats, dout = (
         np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v, out, stats, dout)
     )
@@ -151,14 +166,26 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None, fused=No
     rows = np.empty((3, spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)  # shift, 1 / norm, delta
     if fused is None:
         fused = spec.B * spec.Hkv >= 2 * _num_threads()
-    records = spec.pack()
+    records = _records(spec)
+    ns = specialised(spec, backward=True)
+    bmask, tiles = block_mask(spec, specialised(spec)), _blocks(blocks, spec)
     _bwd_preprocess(out, dout, stats, _dlse_array(dlse, spec), rows)
-    if fused:
-        _bwd_fused(q, k, v, _transposed(k), dout, rows, *records, _blocks(blocks, spec), grads)
-    else:
-        _bwd_dkdv(q, k, v, dout, rows, *records, _blocks(blocks, spec), grads)
-        _bwd_dq(q, k, v, _transposed(k), dout, rows, *records, _blocks(blocks, spec), grads)
+    with _compile_errors_named(spec):
+        if fused:
+            ns._bwd_fused(q, k, v, _transposed(k), dout, rows, *records, tiles, bmask, grads)
+        else:
+            ns._bwd_dkdv(q, k, v, dout, rows, *records, tiles, bmask, grads)
+            ns._bwd_dq(q, k, v, _transposed(k), dout, rows, *records, tiles, bmask, grads)
     return grads
+
+
+def _records(spec: AttentionSpec):
+    """spec.pack(); with mods, the bias as a writable C-contiguous array (a copy if it is
+    not), so that each specialisation compiles once, not per array layout (seconds each)."""
+    records = spec.pack()
+    if spec.has_mods and not (records.bias.flags.c_contiguous and records.bias.flags.writeable):
+        records = records._replace(bias=np.array(records.bias, order="C"))
+    return records
 
 
 def _dlse_array(dlse, spec: AttentionSpec) -> np.ndarray:
@@ -187,12 +214,193 @@ def _num_threads() -> int:
     return numba.get_num_threads()
 
 
+# -- user mods (mask_mod, score_mod: kernels/mods.py) ---------------------------------------
+#
+# The kernels below call ``user_mask_mod`` / ``user_score_mod`` / ``user_score_mod_grad``
+# behind the compile-time flags ``HAS_MASK_MOD`` / ``HAS_SCORE_MOD``. Here they are no-ops
+# and the flags False, so the plain kernels compile without any of that code (and stay
+# cached). ``specialised`` rebuilds, from their ``py_func``, every kernel and helper of this
+# module that reaches those names, with the user's functions (``numba.njit``-ed) and True
+# flags bound as globals: one compile per set of mods (seconds), kept for the process.
+#
+# Tiles that mask_mod forbids entirely are never touched: ``block_mask`` evaluates mask_mod
+# once per call over (MOD_CHUNK x MOD_CHUNK) chunks of the (Nq, Nk) plane of every (b, h):
+# 0 = no pair allowed, 1 = some, 2 = all (cached per mask_mod, shape and origin: mods are
+# pure functions). A tile (any alignment) takes the classes of the chunks it overlaps
+# (``tile_class``): skipped when all are 0, no per-element mask_mod when all are 2.
+
+HAS_MASK_MOD = False
+HAS_SCORE_MOD = False
+MOD_CHUNK = 32  # rows and columns of one block-mask entry
+MOD_NAMES = ("user_mask_mod", "user_score_mod", "user_score_mod_grad", "HAS_MASK_MOD",
+             "HAS_SCORE_MOD")
+
+
+@helper
+def user_mask_mod(b, h, i, j):
+    return True
+
+
+@helper
+def user_score_mod(score, b, h, i, j):
+    return score
+
+
+@helper
+def user_score_mod_grad(score, b, h, i, j):
+    return 1.0
+
+
+@kernel
+def _mod_block_mask(Nq, Nk, dropout, bmask):
+    """bmask (B, Hq, nr, nc) int8: per MOD_CHUNK x MOD_CHUNK chunk of queries x keys, 0 if
+    mask_mod allows none of its pairs, 2 if all, else 1. The mods see the call's origin
+    (the dropout record's h0, i0, j0) added to h, i and j."""
+    B, Hq, nr, nc = bmask.shape
+    h0, oi, oj = dropout[3], dropout[4], dropout[5]
+    for task in prange(B * Hq * nr):
+        b = task // (Hq * nr)
+        h = task // nr % Hq
+        r0 = task % nr * MOD_CHUNK
+        r1 = min(r0 + MOD_CHUNK, Nq)
+        for c in range(nc):
+            c0 = c * MOD_CHUNK
+            c1 = min(c0 + MOD_CHUNK, Nk)
+            count = 0
+            for i in range(r0, r1):
+                for j in range(c0, c1):
+                    if user_mask_mod(b, h + h0, i + oi, j + oj):
+                        count += 1
+            bmask[b, h, task % nr, c] = 0 if count == 0 else (2 if count == (r1 - r0) * (c1 - c0) else 1)
+
+
+@helper
+def tile_class(bmask, b, h, i0, i1, j0, j1):
+    """What mask_mod allows in the tile [i0, i1) x [j0, j1): 0 nothing (skip it), 1 some
+    pairs (test each), 2 every pair (or no mask_mod)."""
+    if not HAS_MASK_MOD:
+        return 2
+    lo = 2
+    hi = 0
+    for r in range(i0 // MOD_CHUNK, (i1 - 1) // MOD_CHUNK + 1):
+        for c in range(j0 // MOD_CHUNK, (j1 - 1) // MOD_CHUNK + 1):
+            x = bmask[b, h, r, c]
+            lo = min(lo, x)
+            hi = max(hi, x)
+    if hi == 0:
+        return 0
+    return 2 if lo == 2 else 1
+
+
+_NO_BLOCK_MASK = np.zeros((1, 1, 1, 1), dtype=np.int8)
+_BLOCK_MASKS: dict = {}  # (mask_mod, B, Hq, Nq, Nk, origin) -> bmask, a few kept
+_SPECIALISED: dict = {}  # (mask_mod, score_mod, score_mod_grad) -> namespace of kernels
+
+
+def block_mask(spec: AttentionSpec, ns) -> np.ndarray:
+    """The call's block mask (see above), or a dummy the kernels never read."""
+    if spec.mask_mod is None:
+        return _NO_BLOCK_MASK
+    key = (spec.mask_mod, spec.B, spec.Hq, spec.Nq, spec.Nk, tuple(spec.origin))
+    if key not in _BLOCK_MASKS:
+        nr, nc = -(-spec.Nq // MOD_CHUNK), -(-spec.Nk // MOD_CHUNK)
+        bmask = np.empty((spec.B, spec.Hq, nr, nc), dtype=np.int8)
+        with _compile_errors_named(spec):
+            ns._mod_block_mask(spec.Nq, spec.Nk, spec.pack().dropout, bmask)
+        if len(_BLOCK_MASKS) >= 8:
+            _BLOCK_MASKS.pop(next(iter(_BLOCK_MASKS)))
+        _BLOCK_MASKS[key] = bmask
+    return _BLOCK_MASKS[key]
+
+
+def _jit_user(fn):
+    """The user's function compiled for the kernels (a numba dispatcher is taken as is)."""
+    if hasattr(fn, "py_func"):
+        return fn
+    return numba.njit(fastmath=FASTMATH)(fn)
+
+
+def specialised(spec: AttentionSpec, backward: bool = False):
+    """A namespace with this module's kernels (``_flash_forward``, ``_bwd_dkdv``,
+    ``_bwd_dq``, ``_bwd_fused``, ``_mod_block_mask``) compiled for the spec's mods: the
+    module's own without mods. The forward's namespace leaves score_mod_grad out of the
+    key (it does not use it), so a forward-only call shares the forward's compile."""
+    import sys
+
+    module = sys.modules[__name__]
+    if not spec.has_mods:
+        return module
+    grad = spec.score_mod_grad if backward else None
+    key = (spec.mask_mod, spec.score_mod, grad)
+    if key in _SPECIALISED:
+        return _SPECIALISED[key]
+    overrides = {}
+    if spec.mask_mod is not None:
+        overrides.update(user_mask_mod=_jit_user(spec.mask_mod), HAS_MASK_MOD=True)
+    if spec.score_mod is not None:
+        overrides.update(user_score_mod=_jit_user(spec.score_mod), HAS_SCORE_MOD=True)
+        if grad is not None:
+            overrides.update(user_score_mod_grad=_jit_user(grad))
+    namespace = module.__dict__
+    memo: dict = {}
+
+    def own(name):  # a dispatcher of this module
+        fn = namespace.get(name)
+        return hasattr(fn, "py_func") and fn.py_func.__module__ == __name__
+
+    def needs(name, seen=()):
+        code = namespace[name].py_func.__code__
+        return any(n in MOD_NAMES or (own(n) and n not in seen and needs(n, (*seen, name)))
+                   for n in code.co_names)
+
+    def rebuild(name):
+        if name not in memo:
+            dispatcher = namespace[name]
+            py = dispatcher.py_func
+            callees = {n: rebuild(n) for n in py.__code__.co_names
+                       if own(n) and n not in MOD_NAMES and needs(n)}
+            fn = types.FunctionType(py.__code__, {**py.__globals__, **overrides, **callees},
+                                    py.__name__, py.__defaults__, py.__closure__)
+            # copies: numba consumes the option dicts it is given (a shared one passed on
+            # would leave the next kernel compiled without parallel=)
+            options = {key: (value.copy() if isinstance(value, (dict, set)) else value)
+                       for key, value in dispatcher.targetoptions.items()}
+            if "parallel" in options:
+                options["parallel"] = dict(PARALLEL)
+            memo[name] = numba.jit(**options)(fn)
+        return memo[name]
+
+    ns = types.SimpleNamespace(**{name: rebuild(name) for name in (
+        "_flash_forward", "_bwd_dkdv", "_bwd_dq", "_bwd_fused", "_mod_block_mask")})
+    _SPECIALISED[key] = ns
+    return ns
+
+
+class _compile_errors_named:
+    """Turns numba's failure to compile a user's mod into a TypeError that says so."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None and self.spec.has_mods and issubclass(kind, numba.core.errors.TypingError):
+            raise TypeError(
+                "numba could not compile mask_mod / score_mod / score_mod_grad for the CPU kernels "
+                "(write them with scalar arithmetic, comparisons, math or np functions numba "
+                f"supports, or use backend='reference'):\n{exc}") from exc
+        return False
+
+
 # -- shared tile helpers ------------------------------------------------------------------
 
 
 @helper
-def scores_t(k_blk, qsT, s_rows, bias, band, reals, alibi, b, h, i0, j0, slopes):
-    """sT = cap(k_blk @ qsT) + alibi + bias.T, with -inf where the band forbids a pair.
+def scores_t(k_blk, qsT, s_rows, bias, band, reals, alibi, b, h, i0, j0, slopes, dropout, cls):
+    """sT = score_mod(cap(k_blk @ qsT)) + alibi + bias.T, with -inf where the band or
+    mask_mod forbids a pair.
 
     k_blk (bn, D); qsT (D, bm) the *scaled* queries, transposed; the tile is
     ``s_rows[:, :bm]`` of a (bn, padded) buffer (see :func:`tile_buffer`), the pairs of
@@ -200,7 +408,10 @@ def scores_t(k_blk, qsT, s_rows, bias, band, reals, alibi, b, h, i0, j0, slopes)
     and the bias are ``masking.py``'s rules. With softcap and ``slopes`` of ``bn`` rows (the
     backward), ``slopes[:, :bm]`` gets each pair's d cap / d x; the forward passes none (an
     empty array). A tile inside the band with none of those terms costs nothing beyond the
-    product.
+    product. The user's mods (compiled in only by ``specialised``) see the origin of the
+    dropout record added to h, i, j; with a score_mod the slopes are d cap / d x times
+    score_mod_grad (0 on forbidden pairs); ``cls`` is the tile's ``tile_class`` (1:
+    mask_mod tested per pair).
     """
     bn = k_blk.shape[0]
     bm = qsT.shape[1]
@@ -209,20 +420,31 @@ def scores_t(k_blk, qsT, s_rows, bias, band, reals, alibi, b, h, i0, j0, slopes)
     use_cap = has_softcap(reals)
     use_alibi = has_alibi(alibi)
     whole = tile_in_band(band, i0, bm, j0, bn)
-    if whole and not (use_bias or use_cap or use_alibi):
+    partial = HAS_MASK_MOD and cls == 1
+    if whole and not (use_bias or use_cap or use_alibi or HAS_SCORE_MOD or partial):
         return
-    with_slopes = use_cap and slopes.shape[0] > 0
+    with_slopes = (use_cap or HAS_SCORE_MOD) and slopes.shape[0] > 0
+    h0, oi, oj = dropout[3], dropout[4], dropout[5]
     bias_qk = bias[bias_index(bias, b, h)]  # the (Nq, Nk) plane this head reads
     for jj in range(bn):
         row = s_rows[jj, :bm]
         j = j0 + jj
-        if with_slopes:
+        if with_slopes and use_cap:
             slope_row = slopes[jj, :bm]
             for ii in range(bm):
                 row[ii], slope_row[ii] = cap_and_slope(reals, row[ii])
+        elif with_slopes:
+            slopes[jj, :bm] = 1.0
         elif use_cap:
             for ii in range(bm):
                 row[ii] = cap(reals, row[ii])
+        if HAS_SCORE_MOD:  # on the capped score; slope *= score_mod_grad
+            if with_slopes:
+                mod_slope_row = slopes[jj, :bm]
+                for ii in range(bm):
+                    mod_slope_row[ii] *= user_score_mod_grad(row[ii], b, h + h0, i0 + ii + oi, j + oj)
+            for ii in range(bm):
+                row[ii] = user_score_mod(row[ii], b, h + h0, i0 + ii + oi, j + oj)
         if use_alibi:
             for ii in range(bm):
                 row[ii] += alibi_bias(alibi, band, b, h, i0 + ii, j)
@@ -233,6 +455,15 @@ def scores_t(k_blk, qsT, s_rows, bias, band, reals, alibi, b, h, i0, j0, slopes)
             for ii in range(bm):
                 if not in_band(band, i0 + ii, j):
                     row[ii] = -np.inf
+        if partial:
+            for ii in range(bm):
+                if not user_mask_mod(b, h + h0, i0 + ii + oi, j + oj):
+                    row[ii] = -np.inf
+        if HAS_SCORE_MOD and with_slopes:  # a forbidden pair's score_mod_grad is never used
+            zero_row = slopes[jj, :bm]
+            for ii in range(bm):
+                if row[ii] == -np.inf:
+                    zero_row[ii] = 0.0
 
 
 @helper
@@ -303,12 +534,13 @@ def _transposed(x):
 
 
 @kernel
-def _flash_forward(q, k, vT, bias, band, dropout, reals, alibi, blocks, out, stats):
+def _flash_forward(q, k, vT, bias, band, dropout, reals, alibi, blocks, bmask, out, stats):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], vT.shape[2]
     BLOCK_M, BLOCK_N = blocks
     scale, drop_scale = reals[0], reals[1]
-    plain = not (has_bias(bias) or has_softcap(reals) or has_alibi(alibi))  # scores = the product
+    plain = not (has_bias(bias) or has_softcap(reals) or has_alibi(alibi)  # scores = the product
+                 or HAS_SCORE_MOD)
     no_slopes = np.empty((0, 0), dtype=q.dtype)  # the forward needs no softcap slopes
     use_dropout = has_dropout(dropout)
     group = Hq // Hkv
@@ -339,6 +571,9 @@ def _flash_forward(q, k, vT, bias, band, dropout, reals, alibi, blocks, out, sta
         for j0 in range(j_start, j_stop, BLOCK_N):
             j1 = min(j0 + BLOCK_N, j_stop)
             bn = j1 - j0
+            cls = tile_class(bmask, b, h, i0, i1, j0, j1)
+            if cls == 0:  # mask_mod allows no pair here
+                continue
 
             # Fast path: keep the shift m_i instead of raising it to this block's max, so
             # the exp can run inside the score product (matmul_exp) and nothing needs a
@@ -346,7 +581,7 @@ def _flash_forward(q, k, vT, bias, band, dropout, reals, alibi, blocks, out, sta
             # overflow, so the shift is kept while no score exceeds it by more than
             # STALE_LIMIT (then every p <= e**STALE_LIMIT). Otherwise, or on masked,
             # biased, capped or ALiBi tiles, the block is redone the classic way below.
-            if m_finite and plain and tile_in_band(band, i0, bm, j0, bn):
+            if m_finite and plain and cls == 2 and tile_in_band(band, i0, bm, j0, bn):
                 x_max[:] = -np.inf
                 p_sum[:] = 0.0
                 matmul_exp(k[b, kv][j0:j1], qsT, s_buf[:bn, :bm], m_i, x_max, p_sum)
@@ -359,7 +594,7 @@ def _flash_forward(q, k, vT, bias, band, dropout, reals, alibi, blocks, out, sta
                     continue
 
             scores_t(k[b, kv][j0:j1], qsT, s_buf[:bn], bias, band, reals, alibi, b, h, i0, j0,
-                     no_slopes)
+                     no_slopes, dropout, cls)
 
             # m_new = max(m_i, max over this block's keys)
             m_new[:] = m_i
@@ -426,7 +661,7 @@ def _bwd_preprocess(out, dout, stats, dlse, rows):
 
 @helper
 def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, slope_rows, bias, band,
-             dropout, reals, alibi, b, h, i0, j0):
+             dropout, reals, alibi, b, h, i0, j0, cls):
     """One (key block, query block) tile of the backward: on return ``s_rows[:, :bm]``
     holds the dropped exps ``eT * z`` and ``dp_rows[:, :bm]`` holds ``dsT``, the gradient
     of the tile product ``x = k @ (scale q).T`` (through the softcap: ``slope_rows``, as
@@ -441,7 +676,7 @@ def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, slope_ro
     ``(eT * z) @ (dO / norm) = (pT * z) @ dO``.
     """
     # forward: pT = exp(sT - m) / l, recomputed instead of stored
-    scores_t(k_blk, qsT, s_rows, bias, band, reals, alibi, b, h, i0, j0, slope_rows)
+    scores_t(k_blk, qsT, s_rows, bias, band, reals, alibi, b, h, i0, j0, slope_rows, dropout, cls)
     bn = k_blk.shape[0]
     bm = qsT.shape[1]
     drop_scale = reals[1]
@@ -450,7 +685,7 @@ def bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_rows, dp_rows, slope_ro
     # forward: out = (pT * z).T @ v  ->  dpT = z * (v @ dO.T)   (here / norm)
     matmul(v_blk, doT, dp_rows[:, :bm], False)
     # forward: p = softmax(s)  ->  ds = p * (dp - delta)
-    use_cap = has_softcap(reals)
+    use_cap = has_softcap(reals) or HAS_SCORE_MOD  # dS times the slopes (softcap, score_mod)
     use_dropout = has_dropout(dropout)
     if use_dropout:
         for jj in range(bn):
@@ -516,13 +751,13 @@ def query_block_buffers(rows, D, Dv, like):
 
 
 @kernel
-def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, alibi, blocks, grads):
+def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, alibi, blocks, bmask, grads):
     """dK, dV (grads[1], grads[2]): one task per (b, kv head, key block), the key block resident."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BLOCK_M, BLOCK_N = blocks
     scale = reals[0]
-    use_cap = has_softcap(reals)
+    use_cap = has_softcap(reals) or HAS_SCORE_MOD
     dk, dv = grads[1], grads[2]
     group = Hq // Hkv
     n_kblocks = (Nk + BLOCK_N - 1) // BLOCK_N
@@ -538,7 +773,7 @@ def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, alibi, blocks, gr
         dv_acc = np.zeros((bn, Dv), dtype=q.dtype)
         s_buf = tile_buffer(bn, BLOCK_M, q)
         dp_buf = tile_buffer(bn, BLOCK_M, q)
-        slope_buf = tile_buffer(bn if use_cap else 0, BLOCK_M, q)  # the softcap's slopes
+        slope_buf = tile_buffer(bn if use_cap else 0, BLOCK_M, q)  # the softcap's / score_mod's slopes
         bufs = query_block_buffers(BLOCK_M, D, Dv, q)
 
         i_start, i_stop = query_range(band, j0, j1, Nq)
@@ -546,10 +781,13 @@ def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, alibi, blocks, gr
             for i0 in range(i_start, i_stop, BLOCK_M):
                 i1 = min(i0 + BLOCK_M, i_stop)
                 bm = i1 - i0
+                cls = tile_class(bmask, b, h, i0, i1, j0, j1)
+                if cls == 0:  # mask_mod allows no pair here
+                    continue
                 qsT, doT, q_blk, do_blk, shift, delta_blk = load_query_block(
                     q, dout, rows, scale, b, h, i0, i1, bufs)
                 bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_buf, dp_buf, slope_buf, bias,
-                         band, dropout, reals, alibi, b, h, i0, j0)
+                         band, dropout, reals, alibi, b, h, i0, j0, cls)
                 # forward: out = (pT * z).T @ v  ->  dv = (pT * z) @ dO = (eT * z) @ (dO / norm)
                 matmul(s_buf[:, :bm], do_blk, dv_acc, True)
                 # forward: sT = k @ (scale * q).T  ->  dk = scale * dsT @ q
@@ -562,13 +800,13 @@ def _bwd_dkdv(q, k, v, dout, rows, bias, band, dropout, reals, alibi, blocks, gr
 
 
 @kernel
-def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, blocks, grads):
+def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, blocks, bmask, grads):
     """dQ (grads[0]): one task per (b, h, query block), the query block resident."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BLOCK_M, BLOCK_N = blocks
     scale = reals[0]
-    use_cap = has_softcap(reals)
+    use_cap = has_softcap(reals) or HAS_SCORE_MOD
     dq = grads[0]
     group = Hq // Hkv
     n_qblocks = (Nq + BLOCK_M - 1) // BLOCK_M
@@ -585,14 +823,18 @@ def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, blocks, 
         dqT[:] = 0.0
         s_buf = tile_buffer(BLOCK_N, bm, q)
         dp_buf = tile_buffer(BLOCK_N, bm, q)
-        slope_buf = tile_buffer(BLOCK_N if use_cap else 0, bm, q)  # the softcap's slopes
+        slope_buf = tile_buffer(BLOCK_N if use_cap else 0, bm, q)  # the softcap's / score_mod's slopes
 
         j_start, j_stop = key_range(band, i0, i1, Nk)
         for j0 in range(j_start, j_stop, BLOCK_N):
             j1 = min(j0 + BLOCK_N, j_stop)
             bn = j1 - j0
+            cls = tile_class(bmask, b, h, i0, i1, j0, j1)
+            if cls == 0:  # mask_mod allows no pair here
+                continue
             bwd_tile(k[b, kv][j0:j1], v[b, kv][j0:j1], qsT, doT, shift, delta_blk, s_buf[:bn],
-                     dp_buf[:bn], slope_buf[:bn], bias, band, dropout, reals, alibi, b, h, i0, j0)
+                     dp_buf[:bn], slope_buf[:bn], bias, band, dropout, reals, alibi, b, h, i0, j0,
+                     cls)
             # forward: sT = scale * k @ q.T  ->  dq.T = scale * k.T @ dsT
             matmul(kT[b, kv][:, j0:j1], dp_buf[:bn, :bm], dqT, True)
         for ii in range(bm):
@@ -601,14 +843,14 @@ def _bwd_dq(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, blocks, 
 
 
 @kernel
-def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, blocks, grads):
+def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, blocks, bmask, grads):
     """dkdv with the key block resident, plus dq added from the same tiles (see the module
     docstring). One task per (b, kv head): it owns dq of the group's query heads."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BLOCK_M, BLOCK_N = blocks
     scale = reals[0]
-    use_cap = has_softcap(reals)
+    use_cap = has_softcap(reals) or HAS_SCORE_MOD
     dq, dk, dv = grads
     group = Hq // Hkv
     for task in prange(B * Hkv):
@@ -618,7 +860,7 @@ def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, block
         dv_acc = np.empty((BLOCK_N, Dv), dtype=q.dtype)
         s_buf = tile_buffer(BLOCK_N, BLOCK_M, q)
         dp_buf = tile_buffer(BLOCK_N, BLOCK_M, q)
-        slope_buf = tile_buffer(BLOCK_N if use_cap else 0, BLOCK_M, q)  # the softcap's slopes
+        slope_buf = tile_buffer(BLOCK_N if use_cap else 0, BLOCK_M, q)  # the softcap's / score_mod's slopes
         bufs = query_block_buffers(BLOCK_M, D, Dv, q)
         dqT = np.zeros((group, D, Nq), dtype=q.dtype)  # the group's dQ.T / scale
         for j0 in range(0, Nk, BLOCK_N):
@@ -633,10 +875,13 @@ def _bwd_fused(q, k, v, kT, dout, rows, bias, band, dropout, reals, alibi, block
                 for i0 in range(i_start, i_stop, BLOCK_M):
                     i1 = min(i0 + BLOCK_M, i_stop)
                     bm = i1 - i0
+                    cls = tile_class(bmask, b, h, i0, i1, j0, j1)
+                    if cls == 0:  # mask_mod allows no pair here
+                        continue
                     qsT, doT, q_blk, do_blk, shift, delta_blk = load_query_block(
                         q, dout, rows, scale, b, h, i0, i1, bufs)
                     bwd_tile(k_blk, v_blk, qsT, doT, shift, delta_blk, s_buf[:bn], dp_buf[:bn],
-                             slope_buf[:bn], bias, band, dropout, reals, alibi, b, h, i0, j0)
+                             slope_buf[:bn], bias, band, dropout, reals, alibi, b, h, i0, j0, cls)
                     eT = s_buf[:bn, :bm]
                     dsT = dp_buf[:bn, :bm]
                     matmul(eT, do_blk, dv_acc[:bn], True)  # dv += (eT * z) @ (dO / norm)
