@@ -83,9 +83,12 @@ def kernel(fn):
     """A parallel CPU kernel: njit(parallel=PARALLEL, cache=True) with FASTMATH."""
     if numba is None:
         return fn
-    # a copy: numba pops the options out of the dict it is given, so a shared PARALLEL would
-    # leave every later kernel with {} (all of numba's parallel transforms switched on)
-    return numba.njit(parallel=dict(PARALLEL), cache=True, fastmath=FASTMATH, nogil=True)(fn)
+    # NOTE: numba pops the options out of the dict it is given, so only the first kernel to
+    # compile gets PARALLEL's restrictions and every later one gets {} (all of numba's
+    # transforms on). A copy per kernel would apply them everywhere, but the ladder's row
+    # updates (`dq[b, h, i, :] = dq_row * scale`) then fail to lower inside prange; until
+    # those array expressions are loops, the kernels keep the behaviour they were tested with.
+    return numba.njit(parallel=PARALLEL, cache=True, fastmath=FASTMATH, nogil=True)(fn)
 
 
 def helper(fn):
