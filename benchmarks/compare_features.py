@@ -35,9 +35,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_cpu import interleaved_medians, ours  # noqa: E402  (the one timing harness)
+from compare_cpu import check_against_reference, interleaved_medians, ours  # noqa: E402  (the one timing harness)
 
-from microattn.kernels import reference  # noqa: E402
 from microattn.kernels.cpu import flash  # noqa: E402
 from microattn.kernels.spec import make_attention_spec  # noqa: E402
 
@@ -62,15 +61,7 @@ def make_problem(N, causal, terms, seed=0):
 
 def validate(causal, terms, N=300):
     """Forward+backward against the reference before any timing (float32 tolerances)."""
-    q, k, v, dout, spec = make_problem(N, causal, terms, seed=1)
-    out, stats = flash.forward(q, k, v, spec)
-    grads = flash.backward(q, k, v, out, stats, dout, spec)
-    r_out, r_stats = reference.forward(q, k, v, spec)
-    r_grads = reference.backward(q, k, v, r_out, r_stats, dout, spec)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), (out,) + grads, (r_out,) + r_grads):
-        err = np.abs(a - b).max() / np.abs(b).max()
-        if not err < 1e-4:
-            raise SystemExit(f"validation failed: {name} rel err {err:.2e} ({terms}, causal={causal})")
+    check_against_reference(*make_problem(N, causal, terms, seed=1), f"{terms}, causal={causal}")
 
 
 def measure(N, causal, reps, warmup) -> dict:
