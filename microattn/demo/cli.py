@@ -10,6 +10,8 @@
     microattn sample --checkpoint runs/book --prompt "Once"
     microattn generate --model DIR --prompt "Once upon"      # a Hugging Face checkpoint
     microattn finetune --model DIR --text book.txt --out DIR2
+    microattn exercise list                                  # graded exercises: list, start,
+    microattn exercise start 1 work/ && microattn exercise check 1 work/   # check, hint
 
 Every command returns an exit status from :func:`main` (0 success, 1 an error, 2 bad
 arguments, 130 interrupted, 141 stdout closed by its reader); errors print one line,
@@ -282,6 +284,21 @@ def build_parser() -> ArgumentParser:
     tune.add_argument("--seq-len", type=positive_int, default=128, help="tokens per window (default 128)")
     tune.add_argument("--seed", type=non_negative_int, default=0, help="picks the windows (default 0)")
     tune.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    exercise = commands.add_parser("exercise", help="graded exercises, from Tensor.backward to the CUDA "
+                                                    "kernel: list, start N DIR, check N DIR, hint N")
+    actions = exercise.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    actions.required = True
+    actions.add_parser("list", help="the exercises, in order")
+    begin = actions.add_parser("start", help="copy exercise N's stub into DIR")
+    begin.add_argument("number", type=positive_int, metavar="N")
+    begin.add_argument("directory", type=path, metavar="DIR")
+    begin.add_argument("--force", action="store_true", help="overwrite the file if DIR has it already")
+    grade = actions.add_parser("check", help="grade DIR's file for exercise N")
+    grade.add_argument("number", type=positive_int, metavar="N")
+    grade.add_argument("directory", type=path, metavar="DIR")
+    hint = actions.add_parser("hint", help="the hints for exercise N, gentlest first")
+    hint.add_argument("number", type=positive_int, metavar="N")
     return parser
 
 
@@ -296,7 +313,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with status 2 on bad arguments
     handlers = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
-                "attention-map": cmd_attention_map, "generate": cmd_generate, "finetune": cmd_finetune}
+                "attention-map": cmd_attention_map, "generate": cmd_generate, "finetune": cmd_finetune,
+                "exercise": cmd_exercise}
     # The demo's products are tiny: BLAS threads cost more than they save. A pretrained
     # model's are not: generate and finetune keep BLAS's own threads.
     pin = contextlib.nullcontext() if args.command in ("generate", "finetune") else blas.single_threaded()
@@ -320,6 +338,44 @@ def main(argv=None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"microattn: error: {str(message).replace(chr(10), ' ')}", file=sys.stderr)
         return 1
+
+
+# ----------------------------------------------------------------------------- exercise
+
+
+def cmd_exercise(args) -> int:
+    from .. import exercises
+
+    if args.action == "list":
+        for ex in exercises.all_exercises():
+            print(f"{ex.NUMBER:>2}. {ex.TITLE}\n      read: {ex.READ}; file: {ex.FILE}")
+        print("\nmicroattn exercise start N DIR   then edit DIR's file, then   microattn exercise check N DIR")
+        return 0
+    ex = exercises.exercise(args.number)
+    if args.action == "hint":
+        print(f"Exercise {ex.NUMBER}: {ex.TITLE}\nRead first: {ex.READ}")
+        for number, text in enumerate(ex.HINTS, 1):
+            print(f"\nhint {number}: {text}")
+        return 0
+    if args.action == "start":
+        target = exercises.start(args.number, args.directory, force=args.force)
+        print(f"Exercise {ex.NUMBER}: {ex.TITLE}\nwrote {target}: fill in what raises NotImplementedError, "
+              f"then run\n    microattn exercise check {ex.NUMBER} {args.directory}\nread first: {ex.READ}")
+        return 0
+    if exercises.needs_own_process(ex):  # e.g. the CUDA simulator, set before numba starts
+        status, printed = exercises.check_in_own_process(args.number, args.directory)
+        print(printed, end="")
+        return status
+    try:
+        done = exercises.check(args.number, args.directory)
+    except exercises.Failure as failure:
+        print(f"Exercise {ex.NUMBER} ({ex.SLUG}): not yet.\n{failure}\n(hints: microattn exercise hint {ex.NUMBER})")
+        return 1
+    for line in done:
+        print(f"  ok  {line}")
+    print(f"Exercise {ex.NUMBER} ({ex.SLUG}): passed. Next: microattn exercise start {ex.NUMBER + 1} DIR"
+          if ex.NUMBER < len(exercises.ORDER) else f"Exercise {ex.NUMBER} ({ex.SLUG}): passed. That was the last one.")
+    return 0
 
 
 # ----------------------------------------------------------------------------- demo
