@@ -24,7 +24,7 @@ NUMBER = 5
 SLUG = "online_softmax"
 TITLE = "Online softmax: fold key blocks into (m, l, acc), rescaling by alpha = exp(m - m')"
 FILE = "online_softmax.py"
-READ = "docs/attention-backward.md (the forward's statistics) and kernels/cpu/ladder.py (rung 2)"
+READ = "docs/flash-cpu.md (\"Forward: online softmax\") and docs/attention-backward.md (\"Forward\")"
 HINTS = [
     "Per row: m' = max(m, the block's largest score). Then alpha = exp(m - m') is what the old "
     "l and acc must be multiplied by, because they were summed against m, not m'.",

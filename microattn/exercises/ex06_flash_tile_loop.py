@@ -24,7 +24,7 @@ NUMBER = 6
 SLUG = "flash_tile_loop"
 TITLE = "The flash forward tile loop in numba: query blocks x key blocks, online softmax, out and stats"
 FILE = "flash_tile_loop.py"
-READ = "kernels/cpu/ladder.py (rung 2, forward_tiles) and docs/performance.md (the ladder)"
+READ = "docs/flash-cpu.md (\"The ladder\", \"Forward: online softmax\") and kernels/cpu/ladder.py (rung 2)"
 HINTS = [
     "Three loops: for b in range(B), for h in range(Hq), for i0 in range(0, Nq, block_m); inside, "
     "i1 = min(i0 + block_m, Nq), kv = h // (Hq // Hkv), and fresh m = np.full(i1 - i0, -np.inf), "

@@ -25,7 +25,7 @@ NUMBER = 8
 SLUG = "lse_merge"
 TITLE = "Merge two partial attention results by their lse (and why the merge is associative)"
 FILE = "lse_merge.py"
-READ = "docs/api.md (merge_attention_states) and kernels/merge.py"
+READ = "docs/attention-backward.md (\"lse and merging partial results\") and kernels/merge.py"
 HINTS = [
     "lse = log(e^lse_a + e^lse_b) = m + log(e^(lse_a - m) + e^(lse_b - m)) with m = max(lse_a, lse_b): "
     "every exponent is then <= 0, so nothing overflows.",
@@ -150,6 +150,8 @@ def _close(got, other):
 def _mistakes(a, b, large):
     (out_a, lse_a), (out_b, lse_b) = a, b
     empty = (lse_a == -np.inf) | (lse_b == -np.inf)
+    with np.errstate(over="ignore", invalid="ignore"):
+        unnormalised = np.exp(lse_a)[..., None] * out_a + np.exp(lse_b)[..., None] * out_b
 
     def blew_up(got, expected):
         return bool(np.any(~np.isfinite(got) & np.isfinite(expected)))
@@ -170,6 +172,6 @@ def _mistakes(a, b, large):
                 (lambda got, expected: _close(np.asarray(got)[~empty], ((out_a + out_b) / 2)[~empty]),
                  "you averaged the two outs: each part weighs by its share of the softmax mass, "
                  "w_x = e^(lse_x - lse)"),
-                (lambda got, expected: _close(got, np.exp(lse_a)[..., None] * out_a + np.exp(lse_b)[..., None] * out_b),
+                (lambda got, expected: _close(got, unnormalised),
                  "the weights e^lse_x are not normalised: divide by e^lse_a + e^lse_b (w_x = e^(lse_x - lse))")],
     }
