@@ -232,7 +232,7 @@ def forward_tiles(q, k, v, spec: AttentionSpec):
     q, k, v = (np.ascontiguousarray(x, dtype=spec.dtype) for x in (q, k, v))
     out = np.empty((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=spec.dtype)
     stats = np.empty((2, spec.B, spec.Hq, spec.Nq), dtype=spec.dtype)
-    _forward_tiles(q, k, v, *spec.pack(), out, stats)
+    _forward_tiles(q, k, v, *spec.pack(), BLOCK_M, BLOCK_N, out, stats)
     return out, stats
 
 
@@ -265,8 +265,51 @@ def scores_tile(q_blk, k_blk, s, slopes, bias_qk, use_bias, band, reals, alibi, 
                 slopes[ii, jj] = slope
 
 
+@helper
+def online_softmax_update(m, l, acc, s, v, z=None):
+    """One key block folded into each row's running softmax: the flash forward's step.
+
+    m (bm,)       the running max of the row's scores so far (-inf: no key seen yet)
+    l (bm,)       the running sum of exp(s_j - m) over the keys seen
+    acc (bm, Dv)  the running sum of exp(s_j - m) * z_j * v_j over the keys seen
+    s (bm, bn)    the new block's scores (-inf: a masked pair)
+    v (bn, Dv)    the new block's values
+    z (bm, bn)    dropout's multipliers (keep / (1 - p), or 0), or None: no dropout
+
+    The new max m' = max(m, max_j s_j) becomes the shift; what was summed against the old
+    one is rescaled by alpha = exp(m - m'), then the block's exp(s_j - m') are added::
+
+        l'   = alpha * l   + sum_j exp(s_j - m')
+        acc' = alpha * acc + sum_j exp(s_j - m') z_j v_j
+
+    A row that has seen no allowed key yet keeps m' = -inf and subtracts 0 instead (the
+    empty-row rule of ``masking.row_shift``: shift 0), so alpha = exp(-inf) = 0, never
+    exp(-inf + inf) = NaN. Updates m, l, acc in place and returns them; afterwards
+    out = acc / l (0 where l = 0) and lse = m + log(l) (``protocol.lse_of``).
+    """
+    bm, bn = s.shape
+    for ii in range(bm):
+        m_new = max(m[ii], s[ii].max())
+        m_safe = m_new if m_new != -np.inf else 0.0
+        alpha = math.exp(m[ii] - m_safe)  # rescale what was summed against the old max
+        l[ii] *= alpha
+        acc[ii] *= alpha
+        for jj in range(bn):
+            p = math.exp(s[ii, jj] - m_safe)
+            l[ii] += p  # l sums the undropped p: lse has no dropout
+            if z is not None:
+                p *= z[ii, jj]
+            for d in range(acc.shape[1]):  # acc += p @ v_blk, one row of the product
+                acc[ii, d] += p * v[jj, d]
+        m[ii] = m_new
+    return m, l, acc
+
+
 @kernel
-def _forward_tiles(q, k, v, bias, band, dropout, reals, alibi, out, stats):
+def _forward_tiles(q, k, v, bias, band, dropout, reals, alibi, block_m, block_n, out, stats):
+    """out (B, Hq, Nq, Dv) and stats (2, B, Hq, Nq) = (m, l), written: block_m x block_n
+    tiles, one (batch, head, query block) per task, its key blocks folded in one at a time
+    by online_softmax_update."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     drop_scale = reals[1]
@@ -274,10 +317,10 @@ def _forward_tiles(q, k, v, bias, band, dropout, reals, alibi, out, stats):
     use_bias = has_bias(bias)
     use_dropout = has_dropout(dropout)
     group = Hq // Hkv
-    n_qblocks = (Nq + BLOCK_M - 1) // BLOCK_M
+    n_qblocks = (Nq + block_m - 1) // block_m
     for task in prange(B * Hq * n_qblocks):
-        b, h, i0 = task // (Hq * n_qblocks), task // n_qblocks % Hq, task % n_qblocks * BLOCK_M
-        i1 = min(i0 + BLOCK_M, Nq)
+        b, h, i0 = task // (Hq * n_qblocks), task // n_qblocks % Hq, task % n_qblocks * block_m
+        i1 = min(i0 + block_m, Nq)
         bm = i1 - i0
         kv = h // group
         bias_qk = bias[bias_index(bias, b, h)]
@@ -285,28 +328,21 @@ def _forward_tiles(q, k, v, bias, band, dropout, reals, alibi, out, stats):
         m_i = np.full(bm, -np.inf)
         l_i = np.zeros(bm)
         acc = np.zeros((bm, Dv))
-        s = np.empty((bm, BLOCK_N), dtype=q.dtype)
+        s = np.empty((bm, block_n), dtype=q.dtype)
+        z = np.empty((bm if use_dropout else 0, block_n))
         j_start, j_stop = key_range(band, i0, i1, Nk)
-        for j0 in range(j_start, j_stop, BLOCK_N):
-            j1 = min(j0 + BLOCK_N, j_stop)
+        for j0 in range(j_start, j_stop, block_n):
+            j1 = min(j0 + block_n, j_stop)
             bn = j1 - j0
             scores_tile(q_blk, k[b, kv, j0:j1], s[:, :bn], no_slopes, bias_qk, use_bias, band, reals,
                         alibi, b, h, i0, j0)
-            for ii in range(bm):
-                m_new = max(m_i[ii], s[ii, :bn].max())
-                m_safe = m_new if m_new != -np.inf else 0.0
-                alpha = math.exp(m_i[ii] - m_safe)
-                l_i[ii] *= alpha
-                acc[ii] *= alpha
-                for jj in range(bn):
-                    p = math.exp(s[ii, jj] - m_safe)
-                    l_i[ii] += p
-                    if use_dropout and not keep(dropout, b, h, i0 + ii, j0 + jj):
-                        p = 0.0
-                    p *= drop_scale
-                    for d in range(Dv):  # acc += p @ v_blk, one row of the product
-                        acc[ii, d] += p * v[b, kv, j0 + jj, d]
-                m_i[ii] = m_new
+            if use_dropout:
+                for ii in range(bm):
+                    for jj in range(bn):
+                        z[ii, jj] = drop_scale if keep(dropout, b, h, i0 + ii, j0 + jj) else 0.0
+                online_softmax_update(m_i, l_i, acc, s[:, :bn], v[b, kv, j0:j1], z[:, :bn])
+            else:
+                online_softmax_update(m_i, l_i, acc, s[:, :bn], v[b, kv, j0:j1])
         for ii in range(bm):
             stats[0, b, h, i0 + ii] = m_i[ii]  # -inf and 0 on a row with no key allowed
             stats[1, b, h, i0 + ii] = l_i[ii]
