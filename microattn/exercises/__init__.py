@@ -37,6 +37,7 @@ from .grading import Failure, load
 ORDER = [
     "ex01_unbroadcast",
     "ex02_softmax_backward",
+    "ex03_new_function",
 ]
 
 STUBS = Path(__file__).parent / "stubs"
