@@ -38,6 +38,7 @@ ORDER = [
     "ex01_unbroadcast",
     "ex02_softmax_backward",
     "ex03_new_function",
+    "ex04_attention_backward",
 ]
 
 STUBS = Path(__file__).parent / "stubs"
