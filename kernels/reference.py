@@ -119,6 +119,39 @@ def forward(q, k, v, spec: AttentionSpec):
     return out.astype(spec.dtype, copy=False), stats
 
 
+# The backward's steps (docs/attention-backward.md), one line of maths each, for every head
+# at once: k, v, dk, dv here are per query head, (B, Hq, Nk, X) (expand_kv / reduce_kv).
+
+
+def value_grads(p, v, dout):
+    """forward: out = p @ v  ->  dv = p^T @ dout (B, Hq, Nk, Dv), dp = dout @ v^T (B, Hq, Nq, Nk).
+
+    p (B, Hq, Nq, Nk), v (B, Hq, Nk, Dv), dout (B, Hq, Nq, Dv)."""
+    dv = np.einsum("bhij,bhid->bhjd", p, dout)
+    dp = np.einsum("bhid,bhjd->bhij", dout, v)
+    return dv, dp
+
+
+def row_delta(out, dout):
+    """delta (B, Hq, Nq): delta_i = sum_j p_ij dp_ij, in its cheap form sum_d out_id dout_id
+    (out = p @ v, so both are dout_i . sum_j p_ij v_j): no sum over the Nk keys."""
+    return np.einsum("bhid,bhid->bhi", out, dout)
+
+
+def score_grads(p, dp, delta):
+    """forward: p = softmax(s) row by row  ->  ds = p * (dp - delta) (B, Hq, Nq, Nk),
+    delta (B, Hq, Nq) subtracted from its own row. p == 0 on a forbidden pair: ds is 0 there."""
+    return p * (dp - delta[..., None])
+
+
+def query_key_grads(ds, q, k, scale):
+    """forward: x = scale * q @ k^T  ->  dq = scale * ds @ k (B, Hq, Nq, D),
+    dk = scale * ds^T @ q (B, Hq, Nk, D)."""
+    dq = np.einsum("bhij,bhjd->bhid", ds, k) * scale
+    dk = np.einsum("bhij,bhid->bhjd", ds, q) * scale
+    return dq, dk
+
+
 def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv) from dout (B, Hq, Nq, Dv)
     and dlse (B, Hq, Nq), the gradient reaching lse (None: lse was not used)."""
@@ -133,26 +166,24 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     z = dropout_multiplier(spec)
     p_drop = p if z is None else p * z
     # 1. forward: out = p_drop @ v  ->  dv = p_drop^T @ dout, dp_drop = dout @ v^T
-    dv_all = np.einsum("bhij,bhid->bhjd", p_drop, dout)
-    dp = np.einsum("bhid,bhjd->bhij", dout, v_all)
+    dv_all, dp = value_grads(p_drop, v_all, dout)
     # 2. forward: p_drop = p * z  ->  dp = dp_drop * z
     if z is not None:
         dp = dp * z
     # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta),
     #    delta_i = sum_j p_ij dp_ij = sum_d out_id dout_id (the cheap form, no Nk sum)
-    delta = np.einsum("bhid,bhid->bhi", out, dout)
+    delta = row_delta(out, dout)
     # 3'. forward: lse = log(sum_j exp(s_j))  ->  ds += p * dlse   (p undropped: lse has no
     #     dropout), folded into delta: ds = p * (dp - (delta - dlse))
     if dlse is not None:
         delta = delta - dlse
-    ds = p * (dp - delta[..., None])
+    ds = score_grads(p, dp, delta)
     # 4. forward: s = score_mod(cap(x)) + alibi + bias, x = scale * q @ k^T
     #    ->  dx = ds * score_mod_grad(cap(x)) * cap'(x)
     if slope is not None:
         ds = ds * slope
     # 5. forward: x = scale * q @ k^T  ->  dq = scale * dx @ k, dk = scale * dx^T @ q
-    dq = np.einsum("bhij,bhjd->bhid", ds, k_all) * scale
-    dk_all = np.einsum("bhij,bhid->bhjd", ds, q) * scale
+    dq, dk_all = query_key_grads(ds, q, k_all, scale)
     # 6. GQA: each kv head served `group` query heads, so its gradient is their sum
     dk, dv = reduce_kv(dk_all, spec.group), reduce_kv(dv_all, spec.group)
     return (dq.astype(spec.dtype, copy=False), dk.astype(spec.dtype, copy=False),

@@ -301,6 +301,18 @@ def _safe_row_max(a, axis):
     return np.where(row_max == -np.inf, 0, row_max)
 
 
+def softmax_backward(p, grad, axis=-1):
+    """The gradient reaching softmax's input, from its output ``p`` and the gradient ``grad``
+    reaching ``p`` (both of one shape); ``axis`` is the softmax's axis.
+
+    With ``delta = sum(grad * p, axis)`` (one number per row), ``da = p * (grad - delta)``:
+    the Jacobian ``dp_j / da_k = p_j (δ_jk - p_k)`` applied without forming it. A dead row
+    (``p == 0``) gets 0. Attention's backward is the same step (``kernels/reference.py``),
+    with ``delta`` from the cheaper ``rowsum(dout * out)``.
+    """
+    return p * (grad - np.sum(grad * p, axis=axis, keepdims=True))
+
+
 class Softmax(Function):
     """Stable softmax. A row that is entirely -inf (a fully masked attention row) gives
     all-zero probabilities and zero gradient; PyTorch gives NaN there."""
@@ -319,7 +331,7 @@ class Softmax(Function):
         (out,) = ctx.saved_tensors
         # forward: out = exp / sum(exp)  ->  da = out * (grad - sum(grad * out))
         # (a dead row has out == 0, so its gradient is 0)
-        return out * (grad - np.sum(grad * out, axis=ctx.axis, keepdims=True))
+        return softmax_backward(out, grad, axis=ctx.axis)
 
 
 class LogSoftmax(Function):
