@@ -100,9 +100,21 @@ from ..compile import compile_rules
 from ..protocol import dlse_or_empty
 from ..spec import AttentionSpec
 from .flash import (  # noqa: F401  (to_device, to_host, unavailable_reason: this module's hooks too)
-    NO_MODS, SHARED_MEMORY_BUDGET, SUPPORTS_MODS, DeviceMods, _shared_device_mods, as_device,
-    backward_mods_check, device_records, is_device_array, mods_defaults, mods_key, simulated,
-    to_device, to_host, unavailable_reason,
+    NO_MODS,
+    SHARED_MEMORY_BUDGET,
+    SUPPORTS_MODS,
+    DeviceMods,
+    _shared_device_mods,
+    as_device,
+    backward_mods_check,
+    device_records,
+    is_device_array,
+    mods_defaults,
+    mods_key,
+    simulated,
+    to_device,
+    to_host,
+    unavailable_reason,
 )
 
 try:
@@ -552,6 +564,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         some, 2 all; 2 without a mask_mod. The same for every thread of the block."""
         if not HAS_MASK_MOD:
             return 2
+        b, h, i0, j0 = opaque(b), opaque(h), opaque(i0), opaque(j0)  # nothing hoisted, see opaque
         return tile_class(blocks, CHUNKS, b, h, i0, min(Nq, i0 + rows_q), j0, min(Nk, j0 + rows_k))
 
     @device
