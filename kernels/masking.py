@@ -22,6 +22,8 @@ them, so a new feature is a field and a helper, not an argument in every signatu
     reals   = (scale, dropout_scale, softcap)         dtype   (floating constants; softcap 0: off)
     bias    = (Bm, Hm, Nq, Nk) array, or (1, 1, 0, 0) when there is none
     alibi   = (Ba, Hq) slopes, Ba in {1, B}, or (1, 0) when there is none
+    blocks  = (B, Hq, nr, nc) int8 block mask of a user's mask_mod (mods.block_mask; the
+              CUDA kernels' one more record, read by tile_class), or (1, 1, 0, 0)
 
 A score is built in one order everywhere (docs/semantics.md)::
 

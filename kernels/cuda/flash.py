@@ -13,13 +13,14 @@ arrays; results come back as device arrays when ``q`` is one, else as NumPy arra
 run here (None when it can).
 
 Four kernels, named as in Triton's fused-attention tutorial; the spec reaches them as the
-records of ``spec.pack()`` (``bias, band, dropout, reals, alibi``), unpacked only by the
-rules of ``masking.py``::
+records of ``spec.pack()`` (``bias, band, dropout, reals, alibi``) and ``blocks``, the block
+mask of a user's mask_mod (see "user mods" below), unpacked only by the rules of
+``masking.py``::
 
-    _attn_fwd(q, k, v, out, stats, bias, band, dropout, reals, alibi)
+    _attn_fwd(q, k, v, out, stats, bias, band, dropout, reals, alibi, blocks)
     _attn_bwd_preprocess(out, dout, dlse, delta)
-    _attn_bwd_dkdv(q, k, v, dout, stats, delta, dk, dv, bias, band, dropout, reals, alibi)
-    _attn_bwd_dq(q, k, v, dout, stats, delta, dq, bias, band, dropout, reals, alibi)
+    _attn_bwd_dkdv(q, k, v, dout, stats, delta, dk, dv, bias, band, dropout, reals, alibi, blocks)
+    _attn_bwd_dq(q, k, v, dout, stats, delta, dq, bias, band, dropout, reals, alibi, blocks)
 
 ``_attn_fwd``            grid (ceil(Nq / BLOCK_M), Hq, B), BLOCK_M threads. Thread ``t`` owns
                          query row ``i = tile * BLOCK_M + t``: its q row, ``acc`` (Dv),
@@ -83,10 +84,16 @@ every thread is a Python thread, so ``SIM_TILES`` (8 x 8) keeps the thread count
 still covering several tiles and ragged edges at N = 37. ``TILES_OVERRIDE`` forces other
 tiles (for tuning on a GPU, and for tests).
 
+User mods (``mask_mod``, ``score_mod``, ``score_mod_grad``: ``kernels/mods.py``) are compiled
+with ``cuda.jit(device=True)`` and called where the CPU kernels call them: ``score_mod`` on the
+capped score before ALiBi and the bias, ``mask_mod`` beside the band test, ``score_mod_grad``
+into the backward's slope; tiles a mask_mod forbids entirely are skipped through the block
+mask (the section "user mods" below).
+
 Kernels are built lazily, on first use, by a cached factory keyed on (dtype, D, Dv, tiles,
-has_bias, has_dropout, has_softcap, has_alibi): head dims and tiles are compile-time
-constants (local and shared array sizes must be), and a missing bias, dropout, softcap or
-ALiBi compiles to no code at all (the empty (1, 1, 0, 0) bias and (1, 0) alibi records of
+has_bias, has_dropout, has_softcap, has_alibi, mods): head dims and tiles are compile-time
+constants (local and shared array sizes must be), and a missing bias, dropout, softcap,
+ALiBi or mod compiles to no code at all (the empty (1, 1, 0, 0) bias and (1, 0) alibi records of
 ``spec.pack()`` are still passed). Importing this module needs
 neither a GPU nor numba-cuda. The scale and every floating constant are in the tile dtype, so
 float32 kernels contain no float64 arithmetic (checked on the PTX).

@@ -62,7 +62,11 @@ element. The test is outside the FMA loops either way, so those loops are the sa
 paths. A pair's score is ``score_at``: the product ``x = (scale q) . k``, capped
 (``cap_and_slope``, softcap), plus ``alibi_bias`` and the bias (``has_bias`` /
 ``bias_index``, ``-inf`` forbids); the backward computes it inside its p loop and multiplies
-dS by the cap's slope there. Dropout through ``keep``. Empty rows: ``out = 0``, ``m = -inf``, ``l = 0``, zero gradients. The backward
+dS by the cap's slope there. User mods (``flash.py``, "user mods") enter ``score_at`` too:
+``score_mod`` on the capped score (its ``score_mod_grad`` into the slope), ``mask_mod`` beside
+the band test, skipped on tiles whose block-mask class (``masking.tile_class``, read once per
+tile by the whole block) says every pair is allowed; a tile it says none is allowed is
+skipped like a tile outside the band. Dropout through ``keep``. Empty rows: ``out = 0``, ``m = -inf``, ``l = 0``, zero gradients. The backward
 recomputes ``p = exp(s - shift) * (1 / norm)`` with ``(shift, norm) = row_shift(m, l)``:
 exact where ``exp(s - lse)`` is not (a row masked by -1e9), zero on empty rows.
 

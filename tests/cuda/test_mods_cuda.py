@@ -56,10 +56,9 @@ def test_against_torch_maths(rung, mods, others):
     assert_close(got, want, 1e-9, 1e-10, f"{rung} {mods}")
 
 
-def test_with_softcap_alibi_and_dropout_against_the_reference(monkeypatch):
-    """Rung 2 (the "cuda" backend) with every score term at once: score_mod sees the capped
-    score, ALiBi and a float mask are added after it, dropout hashes the same pairs."""
-    monkeypatch.setitem(backends.SDPA_KERNELS, "cuda", RUNGS["rung2"])
+def test_with_softcap_alibi_and_dropout_against_the_reference(rung):
+    """Every score term at once: score_mod sees the capped score, ALiBi and a float mask are
+    added after it, dropout hashes the same pairs."""
     arrays = problem()
     kw = dict(NUMBA_SET, softcap=3.0, alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625]),
               dropout_p=0.3, seed=5, **with_masks(dict(attn_mask="float")))
