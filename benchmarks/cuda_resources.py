@@ -28,6 +28,11 @@ Usage (needs ``pip install -e '.[cuda,cuda-dev]'``; no GPU)::
     python benchmarks/cuda_resources.py                    # the table, sm_80 and sm_90
     python benchmarks/cuda_resources.py --json             # records for sm_90 (--cc 80: sm_80)
     python benchmarks/cuda_resources.py --rung 2 --dtype float32 --d 64
+    python benchmarks/cuda_resources.py --rung 2 --dtype float32 --d 64 --mods   # with mods
+
+``--mods`` compiles the kernels with the user mods of ``example_mods`` compiled in (a
+prefix-LM mask_mod, a relative-position score_mod and its score_mod_grad, float32-clean), as
+a call with those keywords gets them (``kernels/cuda/flash.py``, "user mods").
 
 ``--json`` prints a list of records with exactly the keys ``kernel``, ``rung``, ``dtype``,
 ``D``, ``registers``, ``spill_store_bytes``, ``spill_load_bytes``, ``shared_bytes``,
@@ -123,20 +128,44 @@ def target(cc):
         dispatcher.get_current_device = saved
 
 
-def kernel_sources(rung: int, dtype: str, D: int, Dv: int, rules):
+PREFIX = 64  # example_mods: keys every query sees
+SLOPE32 = np.float32(0.0625)  # example_mods: the relative bias per position of distance
+
+
+def prefix_lm(b, h, i, j):
+    return (j < PREFIX) | (j <= i)
+
+
+def relative_bias(score, b, h, i, j):
+    return score - SLOPE32 * np.float32(abs(i - j))
+
+
+def relative_bias_grad(score, b, h, i, j):
+    return np.float32(1.0)
+
+
+def example_mods():
+    """(mask_mod, score_mod, score_mod_grad) that ``--mods`` compiles in."""
+    return prefix_lm, relative_bias, relative_bias_grad
+
+
+def kernel_sources(rung: int, dtype: str, D: int, Dv: int, rules, mods=None):
     """({name: python function}, {name: signature}, {name: threads per block},
-    {name: launch bounds or None}) of one rung, as its launches compile them."""
+    {name: launch bounds or None}) of one rung, as its launches compile them. ``mods``:
+    ``flash.DeviceMods`` to compile in (None: none)."""
     from microattn.kernels.cuda import flash, tiled
 
     if rung == 1:
         tiles = flash.Tiles(flash.GPU_RESIDENT, flash.staged_rows(np.dtype(dtype).itemsize, D, Dv))
         functions = flash.kernel_functions(dtype, D, Dv, tiles, True, True, rules=rules,
-                                           has_softcap=True, has_alibi=True)  # the most code
+                                           has_softcap=True, has_alibi=True, mods=mods)  # the most code
         threads = {name: tiles.resident for name in functions}
         return functions, flash.kernel_signatures(dtype), threads, {name: None for name in functions}
     tilings = tiled.gpu_tilings(dtype, D, Dv)
-    functions = tiled.kernel_functions(dtype, D, Dv, tilings.main, rules=rules)
-    functions["_attn_bwd_dkdv"] = tiled.kernel_functions(dtype, D, Dv, tilings.dkdv, rules=rules)["_attn_bwd_dkdv"]
+    chunks = tiled.mod_chunks(tilings)
+    functions = tiled.kernel_functions(dtype, D, Dv, tilings.main, rules=rules, mods=mods, chunks=chunks)
+    functions["_attn_bwd_dkdv"] = tiled.kernel_functions(dtype, D, Dv, tilings.dkdv, rules=rules, mods=mods,
+                                                         chunks=chunks)["_attn_bwd_dkdv"]
     threads = {name: tilings.main.threads for name in functions}
     threads["_attn_bwd_dkdv"] = tilings.dkdv.threads
     bounds = {name: tiled.launch_bounds(dtype, tilings.dkdv if name == "_attn_bwd_dkdv" else tilings.main)
@@ -144,15 +173,18 @@ def kernel_sources(rung: int, dtype: str, D: int, Dv: int, rules):
     return functions, tiled.kernel_signatures(dtype), threads, bounds
 
 
-def compile_ptx(rung: int, dtype: str, D: int, Dv: int, cc) -> tuple[dict, dict]:
-    """({kernel: PTX}, {kernel: threads per block}) for one rung, dtype and head dims."""
+def compile_ptx(rung: int, dtype: str, D: int, Dv: int, cc, mods: tuple | None = None) -> tuple[dict, dict]:
+    """({kernel: PTX}, {kernel: threads per block}) for one rung, dtype and head dims; ``mods``
+    (mask_mod, score_mod, score_mod_grad) plain functions compiled in (None: none)."""
     from numba import cuda
 
     from microattn.kernels.compile import compile_rules
+    from microattn.kernels.cuda import flash
 
     with target(cc):
         rules = compile_rules(cuda.jit(device=True))  # fresh: compiled for this target
-        functions, signatures, threads, bounds = kernel_sources(rung, dtype, D, Dv, rules)
+        device_mods = None if mods is None else flash.device_mods(*mods)  # fresh too
+        functions, signatures, threads, bounds = kernel_sources(rung, dtype, D, Dv, rules, device_mods)
         return {name: cuda.compile_ptx(fn, signatures[name], cc=cc, launch_bounds=bounds[name])[0]
                 for name, fn in functions.items()}, threads
 
@@ -294,9 +326,9 @@ def occupancy(registers: int, threads: int, shared: int, cc) -> float:
     return blocks * threads / MAX_THREADS_PER_SM
 
 
-def measure(rung: int, dtype: str, D: int, cc) -> list[dict]:
+def measure(rung: int, dtype: str, D: int, cc, mods: tuple | None = None) -> list[dict]:
     """One record per kernel (KEYS, plus ``cc``, ``threads``, ``occupancy``, ``fma``, ``shared_loads``)."""
-    ptx, threads = compile_ptx(rung, dtype, D, D, cc)
+    ptx, threads = compile_ptx(rung, dtype, D, D, cc, mods)
     records = []
     for name, text in ptx.items():
         log, cubin = link(text, cc)
@@ -339,6 +371,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--rung", type=int, nargs="+", choices=RUNGS, default=list(RUNGS))
     parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES))
     parser.add_argument("--d", type=int, nargs="+", default=list(HEAD_DIMS))
+    parser.add_argument("--mods", action="store_true", help="compile example_mods in")
     args = parser.parse_args(argv)
     reason = missing_reason()
     if reason is not None:
@@ -347,7 +380,7 @@ def main(argv=None) -> list[dict]:
     if args.json and len(ccs) != 1:
         parser.error("--json reports one target: give one --cc")
     records = [record for cc in ccs for rung in args.rung for dtype in args.dtype for D in args.d
-               for record in measure(rung, dtype, D, divmod(cc, 10))]
+               for record in measure(rung, dtype, D, divmod(cc, 10), example_mods() if args.mods else None)]
     if args.json:
         print(json.dumps([{key: r[key] for key in KEYS} for r in records], indent=1))
     else:

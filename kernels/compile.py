@@ -22,7 +22,7 @@ from . import masking
 
 RULES = ("in_band", "key_range", "query_range", "tile_in_band", "has_bias", "bias_index",
          "keep", "has_dropout", "row_shift", "has_softcap", "cap", "cap_and_slope", "has_alibi",
-         "alibi_bias")
+         "alibi_bias", "tile_class")
 
 
 def _global_names(fn) -> set:

@@ -22,6 +22,8 @@ them, so a new feature is a field and a helper, not an argument in every signatu
     reals   = (scale, dropout_scale, softcap)         dtype   (floating constants; softcap 0: off)
     bias    = (Bm, Hm, Nq, Nk) array, or (1, 1, 0, 0) when there is none
     alibi   = (Ba, Hq) slopes, Ba in {1, B}, or (1, 0) when there is none
+    blocks  = (B, Hq, nr, nc) int8 block mask of a user's mask_mod (mods.block_mask; the
+              CUDA kernels' one more record, read by tile_class), or (1, 1, 0, 0)
 
 A score is built in one order everywhere (docs/semantics.md)::
 
@@ -216,6 +218,35 @@ def keep(dropout, b, h, i, j):
 def has_dropout(dropout):
     """Whether the dropout record drops anything (threshold > 0)."""
     return dropout[0] > 0
+
+
+# -- the block mask of a user's mask_mod (mods.py) ----------------------------------------
+
+
+def tile_class(blocks, chunks, b, h, i0, i1, j0, j1):
+    """What a user's mask_mod allows in the tile of queries [i0, i1) x keys [j0, j1) (both
+    non-empty, inside the call): 0 no pair (the tile is skipped), 1 some (each pair is
+    tested), 2 every pair (no per-pair test). Scalars only.
+
+    ``blocks`` (B, Hq, nr, nc) int8 is the call's block mask (``mods.block_mask``): the same
+    class for each ``chunks = (chunk_q, chunk_k)`` chunk of queries x keys; a tile takes the
+    classes of the chunks it overlaps, so tiles of any size and alignment can read it.
+
+    Worked example: chunks (4, 4), Nq = Nk = 8, causal as a mask_mod: blocks[b, h] =
+    [[1, 0], [2, 1]]; the tile of queries 4..7 and keys 0..3 is class 2, queries 0..3 with
+    keys 4..7 class 0, queries 2..5 with keys 0..3 class 1.
+    """
+    chunk_q, chunk_k = chunks
+    lo = 2
+    hi = 0
+    for r in range(i0 // chunk_q, (i1 - 1) // chunk_q + 1):
+        for c in range(j0 // chunk_k, (j1 - 1) // chunk_k + 1):
+            x = blocks[b, h, r, c]
+            lo = min(lo, x)
+            hi = max(hi, x)
+    if hi == 0:
+        return 0
+    return 2 if lo == 2 else 1
 
 
 # -- the row statistics: how probabilities are recomputed ---------------------------------

@@ -79,3 +79,27 @@ def score_mod_slope(spec: AttentionSpec, s: np.ndarray) -> np.ndarray | None:
     if spec.score_mod_grad is None:
         raise ValueError(MISSING_GRAD)
     return evaluate(spec.score_mod_grad, (s, *indices(spec)), s.shape, spec.dtype)
+
+
+def block_mask(spec: AttentionSpec, chunk_q: int, chunk_k: int) -> np.ndarray:
+    """(B, Hq, nr, nc) int8, nr = ceil(Nq / chunk_q), nc = ceil(Nk / chunk_k): per chunk of
+    chunk_q queries x chunk_k keys, 0 if mask_mod allows none of its pairs, 2 if all, else 1
+    (``masking.tile_class`` reads it). Evaluated here, once per call, a stripe of chunk_q
+    query rows at a time (so memory stays B * Hq * chunk_q * Nk bools). Requires a mask_mod.
+
+    Worked example: Nq = Nk = 8, chunks of 4, causal as a mask_mod: [[1, 0], [2, 1]] in
+    every (b, h): the diagonal chunks are partly allowed, the one below wholly, above not.
+    """
+    b, h, i, j = indices(spec)
+    nr, nc = -(-spec.Nq // chunk_q), -(-spec.Nk // chunk_k)
+    starts = np.arange(nc) * chunk_k
+    widths = np.minimum(starts + chunk_k, spec.Nk) - starts  # (nc,)
+    classes = np.empty((spec.B, spec.Hq, nr, nc), dtype=np.int8)
+    for r in range(nr):
+        rows = slice(r * chunk_q, min((r + 1) * chunk_q, spec.Nq))
+        n = rows.stop - rows.start
+        allowed = evaluate(spec.mask_mod, (b, h, i[:, :, rows], j), (spec.B, spec.Hq, n, spec.Nk),
+                           np.bool_)
+        counts = np.add.reduceat(allowed.sum(axis=2, dtype=np.int64), starts, axis=-1)
+        classes[:, :, r] = np.where(counts == 0, 0, np.where(counts == n * widths, 2, 1))
+    return classes

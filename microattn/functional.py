@@ -199,7 +199,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
       backward needs: a call that records a graph with a score_mod but no score_mod_grad is
       a ValueError. i, j: the call's query and key indices (in a packed call, positions in
       the packed row). The reference evaluates them on arrays (``kernels/mods.py``), numba
-      compiles them into the CPU kernels; not on "cuda" ("auto" then picks "numba").
+      compiles them into the CPU kernels, "cuda" into the GPU kernels (cuda.jit(device=True)).
     * ``backend``: "reference", "composed", "numba", "cuda" or "auto". On "numba", a call
       of at most 16 queries that records no graph (inference, decoding) runs
       ``kernels/cpu/decode.py``: the keys split across threads, each K/V row read once

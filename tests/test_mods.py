@@ -6,6 +6,7 @@ the reference (for dropout, which torch cannot draw), the same pattern through b
 keywords (causal, a boolean mask), float64 finite differences; and the clear errors.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -312,6 +313,25 @@ def test_packed_sequences_show_the_mods_packed_positions(backend):
     packed = ours(backend, q, k, v, g_out, g_lse, cu_seqlens_q=cu, cu_seqlens_k=cu, **kw)
     dense = ours(backend, q, k, v, g_out, g_lse, attn_mask=block, **kw)
     assert_close(packed, dense, 1e-11, 1e-12, backend)
+
+
+def test_block_mask_classes():
+    """mods.block_mask (the CUDA kernels' tile skipping) on a causal mask_mod over 4 x 4
+    chunks: below the diagonal all (2), on it some (1), above none (0); the ragged last chunks
+    counted by their own size; the origin of a packed sequence shifts the indices."""
+    from microattn.kernels import mods
+
+    def causal_mod(b, h, i, j):
+        return j <= i
+
+    spec = make_attention_spec((1, 2, 10, 4), (1, 1, 10, 4), (1, 1, 10, 4), (np.float64,) * 3,
+                               mask_mod=causal_mod)
+    classes = mods.block_mask(spec, 4, 4)
+    assert classes.shape == (1, 2, 3, 3) and classes.dtype == np.int8
+    for h in range(2):
+        np.testing.assert_array_equal(classes[0, h], [[1, 0, 0], [2, 1, 0], [2, 2, 1]])
+    shifted = dataclasses.replace(spec, origin=(0, 4, 0))  # queries 4.. of a larger call
+    np.testing.assert_array_equal(mods.block_mask(shifted, 4, 4)[0, 0], [[2, 1, 0], [2, 2, 1], [2, 2, 2]])
 
 
 # -- gradcheck -----------------------------------------------------------------------------

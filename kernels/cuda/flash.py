@@ -13,13 +13,14 @@ arrays; results come back as device arrays when ``q`` is one, else as NumPy arra
 run here (None when it can).
 
 Four kernels, named as in Triton's fused-attention tutorial; the spec reaches them as the
-records of ``spec.pack()`` (``bias, band, dropout, reals, alibi``), unpacked only by the
-rules of ``masking.py``::
+records of ``spec.pack()`` (``bias, band, dropout, reals, alibi``) and ``blocks``, the block
+mask of a user's mask_mod (see "user mods" below), unpacked only by the rules of
+``masking.py``::
 
-    _attn_fwd(q, k, v, out, stats, bias, band, dropout, reals, alibi)
+    _attn_fwd(q, k, v, out, stats, bias, band, dropout, reals, alibi, blocks)
     _attn_bwd_preprocess(out, dout, dlse, delta)
-    _attn_bwd_dkdv(q, k, v, dout, stats, delta, dk, dv, bias, band, dropout, reals, alibi)
-    _attn_bwd_dq(q, k, v, dout, stats, delta, dq, bias, band, dropout, reals, alibi)
+    _attn_bwd_dkdv(q, k, v, dout, stats, delta, dk, dv, bias, band, dropout, reals, alibi, blocks)
+    _attn_bwd_dq(q, k, v, dout, stats, delta, dq, bias, band, dropout, reals, alibi, blocks)
 
 ``_attn_fwd``            grid (ceil(Nq / BLOCK_M), Hq, B), BLOCK_M threads. Thread ``t`` owns
                          query row ``i = tile * BLOCK_M + t``: its q row, ``acc`` (Dv),
@@ -83,10 +84,16 @@ every thread is a Python thread, so ``SIM_TILES`` (8 x 8) keeps the thread count
 still covering several tiles and ragged edges at N = 37. ``TILES_OVERRIDE`` forces other
 tiles (for tuning on a GPU, and for tests).
 
+User mods (``mask_mod``, ``score_mod``, ``score_mod_grad``: ``kernels/mods.py``) are compiled
+with ``cuda.jit(device=True)`` and called where the CPU kernels call them: ``score_mod`` on the
+capped score before ALiBi and the bias, ``mask_mod`` beside the band test, ``score_mod_grad``
+into the backward's slope; tiles a mask_mod forbids entirely are skipped through the block
+mask (the section "user mods" below).
+
 Kernels are built lazily, on first use, by a cached factory keyed on (dtype, D, Dv, tiles,
-has_bias, has_dropout, has_softcap, has_alibi): head dims and tiles are compile-time
-constants (local and shared array sizes must be), and a missing bias, dropout, softcap or
-ALiBi compiles to no code at all (the empty (1, 1, 0, 0) bias and (1, 0) alibi records of
+has_bias, has_dropout, has_softcap, has_alibi, mods): head dims and tiles are compile-time
+constants (local and shared array sizes must be), and a missing bias, dropout, softcap,
+ALiBi or mod compiles to no code at all (the empty (1, 1, 0, 0) bias and (1, 0) alibi records of
 ``spec.pack()`` are still passed). Importing this module needs
 neither a GPU nor numba-cuda. The scale and every floating constant are in the tile dtype, so
 float32 kernels contain no float64 arithmetic (checked on the PTX).
@@ -102,6 +109,8 @@ import numpy as np
 
 from .. import masking
 from ..compile import compile_rules
+from ..mods import MISSING_GRAD
+from ..mods import block_mask as mods_block_mask
 from ..protocol import dlse_or_empty
 from ..spec import AttentionSpec
 
@@ -115,6 +124,7 @@ else:
     _IMPORT_ERROR = None
 
 SHARED_MEMORY_BUDGET = 48 * 1024  # bytes of static shared memory per block (no opt-in needed)
+SUPPORTS_MODS = True  # mask_mod / score_mod compiled in with cuda.jit(device=True) (DeviceMods)
 
 
 class Tiles(NamedTuple):
@@ -242,27 +252,142 @@ def device_rules():
 _shared_device_rules = functools.lru_cache(maxsize=None)(device_rules)
 
 
+# -- user mods (mask_mod, score_mod: kernels/mods.py) ------------------------------------------
+#
+# The kernels call ``mask_mod`` / ``score_mod`` / ``score_mod_grad`` behind compile-time flags,
+# where the numba CPU kernels do (the same place in a score's pipeline): ``s = cap(x)`` ->
+# ``score_mod(s, b, h, i, j)`` -> ``+ alibi + bias`` -> -inf where the band, the mask or
+# mask_mod forbids; the backward multiplies dS by ``score_mod_grad`` at the capped score. The
+# user's functions are compiled with ``cuda.jit(device=True)`` (``DeviceMods``) and the kernels
+# are built per set of them (their identity is part of every kernel cache key). The indices
+# they see are the call's plus its origin (the dropout record's h0, i0, j0: a packed
+# sequence's position in the packed row), as ``mods.py`` says.
+#
+# Tiles mask_mod forbids entirely are skipped: the host evaluates mask_mod once per call into a
+# block mask (``mods.block_mask``, one class per chunk of queries x keys: 0 none allowed, 1
+# some, 2 all), which the kernels take as one more record, a (B, Hq, nr, nc) int8 device array
+# (a (1, 1, 0, 0) dummy without a mask_mod), read through ``masking.tile_class``. A class 2
+# tile needs no per-pair mask_mod call.
+
+
+class DeviceMods(NamedTuple):
+    """The user's mods as CUDA device functions (None where not given)."""
+
+    mask_mod: object
+    score_mod: object
+    score_mod_grad: object
+
+
+NO_MODS = (None, None, None)  # (mask_mod, score_mod, score_mod_grad) of a call without mods
+
+
+def mods_key(spec: AttentionSpec, backward: bool) -> tuple:
+    """(mask_mod, score_mod, score_mod_grad) for a kernel cache key: the forward leaves
+    score_mod_grad out (it never calls it), so a forward-only call shares its kernels."""
+    return (spec.mask_mod, spec.score_mod, spec.score_mod_grad if backward else None)
+
+
+def device_mods(mask_mod=None, score_mod=None, score_mod_grad=None) -> DeviceMods | None:
+    """The given mods compiled with ``cuda.jit(device=True)`` (a numba dispatcher's
+    ``py_func`` is compiled again for the GPU); None when none is given. Compiled fresh on
+    each call: launches share one compile per set (``_shared_device_mods``), the PTX checks
+    compile their own for their target, as they do the rules."""
+    if mask_mod is None and score_mod is None:
+        return None
+
+    def device(fn):
+        return None if fn is None else cuda.jit(device=True)(getattr(fn, "py_func", fn))
+
+    return DeviceMods(device(mask_mod), device(score_mod), device(score_mod_grad))
+
+
+_shared_device_mods = functools.lru_cache(maxsize=None)(device_mods)
+
+
+def backward_mods_check(spec: AttentionSpec) -> None:
+    """A backward needs score_mod_grad wherever there is a score_mod (``mods.MISSING_GRAD``)."""
+    if spec.score_mod is not None and spec.score_mod_grad is None:
+        raise ValueError(MISSING_GRAD)
+
+
+_BLOCK_MASKS: dict = {}  # (mask_mod, B, Hq, Nq, Nk, origin, chunks) -> host block mask, a few kept
+
+
+def block_mask_record(spec: AttentionSpec, chunks: tuple) -> np.ndarray:
+    """The call's block mask for ``chunks = (chunk_q, chunk_k)`` (``mods.block_mask``, cached
+    per mask_mod, shape, origin and chunks: mods are pure functions), or the (1, 1, 0, 0) dummy
+    the kernels never read without a mask_mod."""
+    if spec.mask_mod is None:
+        return np.zeros((1, 1, 0, 0), dtype=np.int8)
+    key = (spec.mask_mod, spec.B, spec.Hq, spec.Nq, spec.Nk, tuple(spec.origin), tuple(chunks))
+    if key not in _BLOCK_MASKS:
+        if len(_BLOCK_MASKS) >= 8:
+            _BLOCK_MASKS.pop(next(iter(_BLOCK_MASKS)))
+        _BLOCK_MASKS[key] = mods_block_mask(spec, *chunks)
+    return _BLOCK_MASKS[key]
+
+
+def mod_chunks(tiles: Tiles) -> tuple[int, int]:
+    """(chunk_q, chunk_k) of rung 1's block mask: every tile (resident x staged queries x keys
+    in the forward and dQ, staged x resident in dK/dV) is a whole number of chunks."""
+    chunk = math.gcd(tiles.resident, tiles.staged)
+    return chunk, chunk
+
+
+def mods_defaults(device, ONE):
+    """Stand-ins for absent mods (never called: the kernels test their flags first), so that
+    every kernel types whatever mods it was given."""
+
+    @device
+    def allow_all(b, h, i, j):
+        return True
+
+    @device
+    def same_score(score, b, h, i, j):
+        return score
+
+    @device
+    def unit_slope(score, b, h, i, j):
+        return ONE
+
+    return allow_all, same_score, unit_slope
+
+
 def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: bool,
                      has_dropout: bool, rules=None, *, has_softcap: bool = False,
-                     has_alibi: bool = False) -> dict:
+                     has_alibi: bool = False, mods: DeviceMods | None = None) -> dict:
     """The four kernels as plain Python functions with every size baked in as a constant.
 
     ``cuda.jit`` turns them into kernels (``_kernels``); ``cuda.compile_ptx`` compiles them
     with explicit signatures (``kernel_signatures``) for the PTX checks, which pass their own
-    ``rules`` (from :func:`device_rules`) so nothing they compile is shared with launches.
+    ``rules`` (from :func:`device_rules`) and ``mods`` (:func:`device_mods`) so nothing they
+    compile is shared with launches. ``mods``: the user's mask_mod / score_mod /
+    score_mod_grad as device functions, compiled in (None: none).
     """
     rules = rules or _shared_device_rules()
     in_band, key_range, query_range = rules.in_band, rules.key_range, rules.query_range
     bias_index, keep, row_shift = rules.bias_index, rules.keep, rules.row_shift
     cap, cap_and_slope, alibi_bias = rules.cap, rules.cap_and_slope, rules.alibi_bias
+    tile_class = rules.tile_class
     dtype = numba.from_dtype(np.dtype(dtype_name))
     np_type = np.dtype(dtype_name).type
     ZERO, ONE, NEG_INF = np_type(0), np_type(1), np_type(-np.inf)
     HAS_BIAS, HAS_DROPOUT, HAS_SOFTCAP, HAS_ALIBI = has_bias, has_dropout, has_softcap, has_alibi
+    mask_mod, score_mod, score_mod_grad = mods_defaults(cuda.jit(device=True), ONE)
+    HAS_MASK_MOD = mods is not None and mods.mask_mod is not None
+    HAS_SCORE_MOD = mods is not None and mods.score_mod is not None
+    if HAS_MASK_MOD:
+        mask_mod = mods.mask_mod
+    if HAS_SCORE_MOD:
+        score_mod = mods.score_mod
+        if mods.score_mod_grad is not None:
+            score_mod_grad = mods.score_mod_grad
+    CHUNKS = mod_chunks(tiles)
+    CAST, INT = dtype, numba.int64  # a mod's score back to the tile dtype; the batch index as int64
     DV = Dv
     RESIDENT, STAGED = tiles.resident, tiles.staged  # plain ints: compile-time constants
 
-    def _attn_fwd(q, k, v, out, stats, bias, band, dropout, reals, alibi):
+    def _attn_fwd(q, k, v, out, stats, bias, band, dropout, reals, alibi, blocks):
         BLOCK_M, BLOCK_N = RESIDENT, STAGED
         k_tile = cuda.shared.array((BLOCK_N, D), dtype)  # (BLOCK_N, D)
         v_tile = cuda.shared.array((BLOCK_N, DV), dtype)  # (BLOCK_N, Dv)
@@ -277,6 +402,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
         h_kv = h // (q.shape[1] // k.shape[1])
         b_bias, h_bias = bias_index(bias, b, h)
         scale, dropout_scale = reals[0], reals[1]
+        bm, hm, oi, oj = INT(b), h + dropout[3], dropout[4], dropout[5]  # what the mods see
         i_start = cuda.blockIdx.x * BLOCK_M
         i_stop = min(Nq, i_start + BLOCK_M)
         i = i_start + t
@@ -291,6 +417,11 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
 
         j_lo, j_hi = key_range(band, i_start, i_stop, Nk)
         for j0 in range((j_lo // BLOCK_N) * BLOCK_N, j_hi, BLOCK_N):
+            cls = 2  # mask_mod's class of the tile: 0 skipped (the same for the whole block)
+            if HAS_MASK_MOD:
+                cls = tile_class(blocks, CHUNKS, b, h, i_start, i_stop, j0, min(Nk, j0 + BLOCK_N))
+                if cls == 0:
+                    continue
             # Stage K/V rows j0 .. j0 + BLOCK_N: consecutive threads read consecutive elements.
             cuda.syncthreads()  # every thread is done with the previous tile
             for e in range(t, BLOCK_N * D, BLOCK_M):
@@ -307,12 +438,14 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
             for jj in range(BLOCK_N):
                 j = j0 + jj
                 s = NEG_INF
-                if j < Nk and in_band(band, i, j):
-                    s = ZERO  # s = cap((scale * q_i) . k_j) + alibi_ij + bias_ij
+                if j < Nk and in_band(band, i, j) and (cls == 2 or mask_mod(bm, hm, i + oi, j + oj)):
+                    s = ZERO  # s = score_mod(cap((scale * q_i) . k_j)) + alibi_ij + bias_ij
                     for d in range(D):
                         s += q_row[d] * k_tile[jj, d]
                     if HAS_SOFTCAP:
                         s = cap(reals, s)
+                    if HAS_SCORE_MOD:
+                        s = CAST(score_mod(s, bm, hm, i + oi, j + oj))
                     if HAS_ALIBI:
                         s += alibi_bias(alibi, band, b, h, i, j)
                     if HAS_BIAS:
@@ -364,7 +497,8 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                 total -= dlse[b, h, i]
             delta[b, h, i] = total
 
-    def _attn_bwd_dkdv(q, k, v, dout, stats, delta, dk, dv, bias, band, dropout, reals, alibi):
+    def _attn_bwd_dkdv(q, k, v, dout, stats, delta, dk, dv, bias, band, dropout, reals, alibi,
+                       blocks):
         BLOCK_N, BLOCK_M = RESIDENT, STAGED
         q_tile = cuda.shared.array((BLOCK_M, D), dtype)  # (BLOCK_M, D)
         do_tile = cuda.shared.array((BLOCK_M, DV), dtype)  # (BLOCK_M, Dv)
@@ -382,6 +516,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
         Nq, Nk = q.shape[2], k.shape[2]
         group = q.shape[1] // k.shape[1]
         scale, dropout_scale = reals[0], reals[1]
+        bm, oi, oj = INT(b), dropout[4], dropout[5]  # what the mods see (and h + dropout[3])
         j_start = cuda.blockIdx.x * BLOCK_N
         j_stop = min(Nk, j_start + BLOCK_N)
         j = j_start + t
@@ -398,7 +533,13 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
         for g in range(group):  # GQA: kv head h_kv served query heads h_kv*group .. +group
             h = h_kv * group + g
             b_bias, h_bias = bias_index(bias, b, h)
+            hm = h + dropout[3]
             for i0 in range((i_lo // BLOCK_M) * BLOCK_M, i_hi, BLOCK_M):
+                cls = 2  # mask_mod's class of the tile: 0 skipped (the same for the whole block)
+                if HAS_MASK_MOD:
+                    cls = tile_class(blocks, CHUNKS, b, h, i0, min(Nq, i0 + BLOCK_M), j_start, j_stop)
+                    if cls == 0:
+                        continue
                 cuda.syncthreads()  # every thread is done with the previous tile
                 for e in range(t, BLOCK_M * D, BLOCK_N):  # q pre-scaled, as in the forward
                     r, c = e // D, e % D
@@ -422,15 +563,19 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
 
                 for ii in range(BLOCK_M):
                     i = i0 + ii
-                    if not (i < Nq and in_band(band, i, j)):
+                    if not (i < Nq and in_band(band, i, j)
+                            and (cls == 2 or mask_mod(bm, hm, i + oi, j + oj))):
                         continue
-                    # forward: s = cap(x) + alibi + bias, x = (scale * q) @ k^T
+                    # forward: s = score_mod(cap(x)) + alibi + bias, x = (scale * q) @ k^T
                     s = ZERO
                     for d in range(D):
                         s += q_tile[ii, d] * k_row[d]
                     slope = ONE
                     if HAS_SOFTCAP:
                         s, slope = cap_and_slope(reals, s)
+                    if HAS_SCORE_MOD:  # slope: d score_mod(cap(x)) / dx
+                        slope *= CAST(score_mod_grad(s, bm, hm, i + oi, j + oj))
+                        s = CAST(score_mod(s, bm, hm, i + oi, j + oj))
                     if HAS_ALIBI:
                         s += alibi_bias(alibi, band, b, h, i, j)
                     if HAS_BIAS:
@@ -456,8 +601,9 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                         dv_acc[d] += p_drop * do_tile[ii, d]
                     # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta)
                     ds = p * (dp - delta_tile[ii])
-                    # 4. forward: s = cap(x) + alibi + bias  ->  dx = ds * cap'(x)
-                    if HAS_SOFTCAP:
+                    # 4. forward: s = score_mod(cap(x)) + alibi + bias
+                    #    ->  dx = ds * score_mod_grad(cap(x)) * cap'(x)
+                    if HAS_SOFTCAP or HAS_SCORE_MOD:
                         ds *= slope
                     # 5. forward: x = (scale * q) @ k^T  ->  dk = dx^T @ (scale * q)
                     for d in range(D):
@@ -469,7 +615,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
             for d in range(DV):
                 dv[b, h_kv, j, d] = dv_acc[d]
 
-    def _attn_bwd_dq(q, k, v, dout, stats, delta, dq, bias, band, dropout, reals, alibi):
+    def _attn_bwd_dq(q, k, v, dout, stats, delta, dq, bias, band, dropout, reals, alibi, blocks):
         BLOCK_M, BLOCK_N = RESIDENT, STAGED
         k_tile = cuda.shared.array((BLOCK_N, D), dtype)  # (BLOCK_N, D)
         v_tile = cuda.shared.array((BLOCK_N, DV), dtype)  # (BLOCK_N, Dv)
@@ -484,6 +630,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
         h_kv = h // (q.shape[1] // k.shape[1])
         b_bias, h_bias = bias_index(bias, b, h)
         scale, dropout_scale = reals[0], reals[1]
+        bm, hm, oi, oj = INT(b), h + dropout[3], dropout[4], dropout[5]  # what the mods see
         i_start = cuda.blockIdx.x * BLOCK_M
         i_stop = min(Nq, i_start + BLOCK_M)
         i = i_start + t
@@ -503,6 +650,11 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
 
         j_lo, j_hi = key_range(band, i_start, i_stop, Nk)
         for j0 in range((j_lo // BLOCK_N) * BLOCK_N, j_hi, BLOCK_N):
+            cls = 2  # mask_mod's class of the tile: 0 skipped (the same for the whole block)
+            if HAS_MASK_MOD:
+                cls = tile_class(blocks, CHUNKS, b, h, i_start, i_stop, j0, min(Nk, j0 + BLOCK_N))
+                if cls == 0:
+                    continue
             cuda.syncthreads()  # every thread is done with the previous tile
             for e in range(t, BLOCK_N * D, BLOCK_M):
                 r, c = e // D, e % D
@@ -516,15 +668,19 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
 
             for jj in range(BLOCK_N):
                 j = j0 + jj
-                if not (j < Nk and in_band(band, i, j)):
+                if not (j < Nk and in_band(band, i, j)
+                        and (cls == 2 or mask_mod(bm, hm, i + oi, j + oj))):
                     continue
-                # forward: s = cap(x) + alibi + bias, x = (scale * q) @ k^T
+                # forward: s = score_mod(cap(x)) + alibi + bias, x = (scale * q) @ k^T
                 s = ZERO
                 for d in range(D):
                     s += q_row[d] * k_tile[jj, d]
                 slope = ONE
                 if HAS_SOFTCAP:
                     s, slope = cap_and_slope(reals, s)
+                if HAS_SCORE_MOD:  # slope: d score_mod(cap(x)) / dx
+                    slope *= CAST(score_mod_grad(s, bm, hm, i + oi, j + oj))
+                    s = CAST(score_mod(s, bm, hm, i + oi, j + oj))
                 if HAS_ALIBI:
                     s += alibi_bias(alibi, band, b, h, i, j)
                 if HAS_BIAS:
@@ -545,8 +701,9 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                         dp = ZERO
                 # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta)
                 ds = p * (dp - delta_i)
-                # 4. forward: s = cap(x) + alibi + bias  ->  dx = ds * cap'(x)
-                if HAS_SOFTCAP:
+                # 4. forward: s = score_mod(cap(x)) + alibi + bias
+                #    ->  dx = ds * score_mod_grad(cap(x)) * cap'(x)
+                if HAS_SOFTCAP or HAS_SCORE_MOD:
                     ds *= slope
                 # 5. forward: x = (scale * q) @ k^T  ->  dq = scale * dx @ k (scale at the end)
                 for d in range(D):
@@ -569,14 +726,15 @@ def kernel_signatures(dtype_name: str) -> dict[str, str]:
 
     The spec's records (``spec.pack()``) travel as tuples: a Python tuple of ints is a
     ``UniTuple(int64, n)`` to numba, a tuple of the dtype's scalars a ``UniTuple(dtype, 3)``;
-    the bias and alibi records are arrays.
+    the bias and alibi records are arrays, and so is the block mask of a mask_mod (int8).
     """
     if dtype_name not in ("float32", "float64"):
         raise ValueError(f"the cuda kernels take float32 or float64, got {dtype_name!r}")
     f = dtype_name
     a3, a4 = f"{f}[:, :, ::1]", f"{f}[:, :, :, ::1]"
-    # bias, band, dropout, reals, alibi
-    packed = f"{a4}, UniTuple(int64, 3), UniTuple(int64, 6), UniTuple({f}, 3), {f}[:, ::1]"
+    # bias, band, dropout, reals, alibi, blocks
+    packed = (f"{a4}, UniTuple(int64, 3), UniTuple(int64, 6), UniTuple({f}, 3), {f}[:, ::1], "
+              "int8[:, :, :, ::1]")
     return {
         "_attn_fwd": f"void({a4}, {a4}, {a4}, {a4}, {a4}, {packed})",
         "_attn_bwd_preprocess": f"void({a4}, {a4}, {a3}, {a3})",
@@ -587,11 +745,13 @@ def kernel_signatures(dtype_name: str) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=None)
 def _kernels(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: bool,
-             has_dropout: bool, has_softcap: bool = False, has_alibi: bool = False) -> dict:
-    """cuda.jit kernels for one (dtype, D, Dv, tiles, bias?, dropout?, softcap?, alibi?),
-    compiled at first launch."""
+             has_dropout: bool, has_softcap: bool = False, has_alibi: bool = False,
+             mods: tuple = NO_MODS) -> dict:
+    """cuda.jit kernels for one (dtype, D, Dv, tiles, bias?, dropout?, softcap?, alibi?,
+    (mask_mod, score_mod, score_mod_grad)), compiled at first launch."""
     functions = kernel_functions(dtype_name, D, Dv, tiles, has_bias, has_dropout,
-                                 has_softcap=has_softcap, has_alibi=has_alibi)
+                                 has_softcap=has_softcap, has_alibi=has_alibi,
+                                 mods=_shared_device_mods(*mods))
     return {name: cuda.jit(fn) for name, fn in functions.items()}
 
 
@@ -601,10 +761,10 @@ def _kernels(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: bool,
 class _Launch(NamedTuple):
     kernels: dict
     tiles: Tiles
-    packed: tuple  # (bias on the device, band, dropout, reals, alibi): spec.pack() as kernels take it
+    packed: tuple  # (bias on the device, band, dropout, reals, alibi, blocks): as kernels take them
 
 
-def _prepare(spec: AttentionSpec) -> _Launch:
+def _prepare(spec: AttentionSpec, backward: bool = False) -> _Launch:
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the cuda attention backend is unavailable: {reason}")
@@ -613,18 +773,21 @@ def _prepare(spec: AttentionSpec) -> _Launch:
     packed = spec.pack()  # bias: (Bm, Hm, Nq, Nk), or (1, 1, 0, 0) for none
     kernels = _kernels(dtype.name, spec.D, spec.Dv, tiles, bool(masking.has_bias(packed.bias)),
                        bool(masking.has_dropout(packed.dropout)),
-                       bool(masking.has_softcap(packed.reals)), bool(masking.has_alibi(packed.alibi)))
-    return _Launch(kernels, tiles, device_records(spec))
+                       bool(masking.has_softcap(packed.reals)), bool(masking.has_alibi(packed.alibi)),
+                       mods_key(spec, backward))
+    return _Launch(kernels, tiles, device_records(spec, mod_chunks(tiles)))
 
 
-def device_records(spec: AttentionSpec) -> tuple:
+def device_records(spec: AttentionSpec, chunks: tuple) -> tuple:
     """``spec.pack()`` as every CUDA rung's kernels take it: the bias and alibi records on the
     device, the band and dropout records as plain ints (``UniTuple(int64, 3)``, ``(int64,
-    6)``), the reals in the dtype."""
+    6)``), the reals in the dtype; then the block mask of a mask_mod for the rung's ``chunks``
+    (``block_mask_record``), on the device."""
     dtype = np.dtype(spec.dtype)
     bias, band, dropout, reals, alibi = spec.pack()
+    blocks = cuda.to_device(block_mask_record(spec, chunks))
     return (as_device(bias, dtype), tuple(int(x) for x in band), tuple(int(x) for x in dropout),
-            tuple(dtype.type(x) for x in reals), as_device(alibi, dtype))
+            tuple(dtype.type(x) for x in reals), as_device(alibi, dtype), blocks)
 
 
 def as_device(x, dtype):
@@ -653,8 +816,9 @@ def forward(q, k, v, spec: AttentionSpec):
 def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv); deterministic, no atomics.
     ``dlse`` (B, Hq, Nq) or None: the gradient reaching lse, folded into delta."""
+    backward_mods_check(spec)
     on_device = is_device_array(q)
-    launch = _prepare(spec)
+    launch = _prepare(spec, backward=True)
     dtype = np.dtype(spec.dtype)
     q_d, k_d, v_d, out_d, stats_d, dout_d, dlse_d = (
         as_device(x, dtype) for x in (q, k, v, out, stats, dout, dlse_or_empty(dlse, dtype)))

@@ -62,7 +62,11 @@ element. The test is outside the FMA loops either way, so those loops are the sa
 paths. A pair's score is ``score_at``: the product ``x = (scale q) . k``, capped
 (``cap_and_slope``, softcap), plus ``alibi_bias`` and the bias (``has_bias`` /
 ``bias_index``, ``-inf`` forbids); the backward computes it inside its p loop and multiplies
-dS by the cap's slope there. Dropout through ``keep``. Empty rows: ``out = 0``, ``m = -inf``, ``l = 0``, zero gradients. The backward
+dS by the cap's slope there. User mods (``flash.py``, "user mods") enter ``score_at`` too:
+``score_mod`` on the capped score (its ``score_mod_grad`` into the slope), ``mask_mod`` beside
+the band test, skipped on tiles whose block-mask class (``masking.tile_class``, read once per
+tile by the whole block) says every pair is allowed; a tile it says none is allowed is
+skipped like a tile outside the band. Dropout through ``keep``. Empty rows: ``out = 0``, ``m = -inf``, ``l = 0``, zero gradients. The backward
 recomputes ``p = exp(s - shift) * (1 / norm)`` with ``(shift, norm) = row_shift(m, l)``:
 exact where ``exp(s - lse)`` is not (a row masked by -1e9), zero on empty rows.
 
@@ -100,7 +104,20 @@ from ..compile import compile_rules
 from ..protocol import dlse_or_empty
 from ..spec import AttentionSpec
 from .flash import (  # noqa: F401  (to_device, to_host, unavailable_reason: this module's hooks too)
-    SHARED_MEMORY_BUDGET, as_device, device_records, is_device_array, simulated, to_device, to_host,
+    NO_MODS,
+    SHARED_MEMORY_BUDGET,
+    SUPPORTS_MODS,
+    DeviceMods,
+    _shared_device_mods,
+    as_device,
+    backward_mods_check,
+    device_records,
+    is_device_array,
+    mods_defaults,
+    mods_key,
+    simulated,
+    to_device,
+    to_host,
     unavailable_reason,
 )
 
@@ -181,6 +198,14 @@ def tiling_for(dtype, D: int, Dv: int) -> Tilings:
     if simulated():
         return Tilings(SIM_TILING, SIM_TILING)
     return gpu_tilings(dtype, D, Dv)
+
+
+def mod_chunks(tilings: Tilings) -> tuple[int, int]:
+    """(chunk_q, chunk_k) of the block mask of a mask_mod (``flash.block_mask_record``): every
+    tile of every kernel is a whole number of chunks (queries: the forward's and dQ's rows,
+    dK/dV's cols; keys the other way round)."""
+    main, dkdv = tilings
+    return math.gcd(main.rows, dkdv.cols), math.gcd(main.cols, dkdv.rows)
 
 
 def padded(n: int, tiling: Tiling) -> int:
@@ -346,16 +371,21 @@ def _install_simulated_shuffle() -> None:
 # -- the kernels ------------------------------------------------------------------------------
 
 
-def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=None) -> dict:
+def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=None,
+                     mods: DeviceMods | None = None, chunks: tuple | None = None) -> dict:
     """The four kernels as plain Python functions, every size a compile-time constant.
 
     ``cuda.jit`` turns them into kernels (``_kernels``); ``cuda.compile_ptx`` compiles them
     with ``kernel_signatures`` (benchmarks/cuda_resources.py, the PTX tests), passing their
-    own ``rules`` (``compile_rules(cuda.jit(device=True))``) compiled for their target.
+    own ``rules`` (``compile_rules(cuda.jit(device=True))``) and ``mods``
+    (``flash.device_mods``) compiled for their target. ``mods``: the user's mask_mod /
+    score_mod / score_mod_grad as device functions (None: none); ``chunks``: the block mask's
+    (``mod_chunks``; default: this tiling's, for every kernel).
     """
     check_tiling(tiling)
     sim = simulated()
     rules = rules or _shared_rules()
+    tile_class = rules.tile_class
     in_band, key_range, query_range, tile_in_band = (
         rules.in_band, rules.key_range, rules.query_range, rules.tile_in_band)
     has_bias, bias_index, keep, has_dropout, row_shift = (
@@ -372,6 +402,18 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
     dtype = numba.from_dtype(np.dtype(dtype_name))
     np_type = np.dtype(dtype_name).type
     ZERO, ONE, NEG_INF = np_type(0), np_type(1), np_type(-np.inf)
+    # the user's mods (flash.py, "user mods"): compiled in behind these flags
+    mask_mod, score_mod, score_mod_grad = mods_defaults(cuda.jit(device=True), ONE)
+    HAS_MASK_MOD = mods is not None and mods.mask_mod is not None
+    HAS_SCORE_MOD = mods is not None and mods.score_mod is not None
+    if HAS_MASK_MOD:
+        mask_mod = mods.mask_mod
+    if HAS_SCORE_MOD:
+        score_mod = mods.score_mod
+        if mods.score_mod_grad is not None:
+            score_mod_grad = mods.score_mod_grad
+    CHUNKS = chunks or mod_chunks(Tilings(tiling, tiling))
+    CAST, INT = dtype, numba.int64  # a mod's score back to the tile dtype; the batch index as int64
     R, C, K = tiling.rows, tiling.cols, tiling.chunk
     TY, TX, NT = tiling.threads_rows, tiling.threads_cols, tiling.threads
     DV, DP, DVP = Dv, padded(D, tiling), padded(Dv, tiling)
@@ -521,14 +563,30 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         return i0 + rows_q <= Nq and j0 + rows_k <= Nk and tile_in_band(band, i0, rows_q, j0, rows_k)
 
     @device
-    def score_at(x, full, bias, band, reals, alibi, b, h, i, j, Nq, Nk):
-        """(s, slope) of pair (i, j) from its product ``x = (scale q) . k``: ``s = cap(x) +
-        alibi + bias`` (each where the spec has it), -inf outside the band and the
-        sequences, and the softcap's slope ``d s / d x`` (1 without softcap)."""
+    def tile_class_of(blocks, b, h, i0, rows_q, j0, rows_k, Nq, Nk):
+        """mask_mod's class of the tile (``masking.tile_class``): 0 none allowed (skip it), 1
+        some, 2 all; 2 without a mask_mod. The same for every thread of the block."""
+        if not HAS_MASK_MOD:
+            return 2
+        b, h, i0, j0 = opaque(b), opaque(h), opaque(i0), opaque(j0)  # nothing hoisted, see opaque
+        return tile_class(blocks, CHUNKS, b, h, i0, min(Nq, i0 + rows_q), j0, min(Nk, j0 + rows_k))
+
+    @device
+    def score_at(x, full, cls, bias, band, dropout, reals, alibi, b, h, i, j, Nq, Nk):
+        """(s, slope) of pair (i, j) from its product ``x = (scale q) . k``: ``s =
+        score_mod(cap(x)) + alibi + bias`` (each where the spec has it), -inf outside the band
+        and the sequences and where mask_mod forbids (tested unless the tile's class ``cls``
+        is 2), and the slope ``d s / d x``: the softcap's times score_mod_grad (1 without
+        either). The mods see the call's indices plus its origin (the dropout record's)."""
         slope = ONE
-        if full or (i < Nq and j < Nk and in_band(band, i, j)):
+        if (full or (i < Nq and j < Nk and in_band(band, i, j))) and (
+                cls == 2 or mask_mod(INT(b), h + dropout[3], i + dropout[4], j + dropout[5])):
             if has_softcap(reals):
                 x, slope = cap_and_slope(reals, x)
+            if HAS_SCORE_MOD:  # on the capped score, before ALiBi and the bias
+                hm, im, jm = h + dropout[3], i + dropout[4], j + dropout[5]
+                slope *= CAST(score_mod_grad(x, INT(b), hm, im, jm))
+                x = CAST(score_mod(x, INT(b), hm, im, jm))
             if has_alibi(alibi):
                 x += alibi_bias(alibi, band, b, h, i, j)
             if has_bias(bias):
@@ -539,7 +597,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         return x, slope
 
     @device
-    def scores(acc, bias, band, reals, alibi, b, h, i0, j0, Nq, Nk):
+    def scores(acc, cls, bias, band, dropout, reals, alibi, b, h, i0, j0, Nq, Nk):
         """acc (``(scale q) . k``, queries x keys) -> the scores (``score_at``): capped, plus
         ALiBi and bias, -inf where the pair is forbidden. The forward's; the backward calls
         ``score_at`` inside its p loop, where it also needs the slope.
@@ -556,12 +614,12 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         for r in range(RT):
             i = i0 + row_of(r, ty)
             for c in range(CT):
-                acc[r, c], _ = score_at(acc[r, c], full, bias, band, reals, alibi, b, h, i,
-                                        j0 + col_of(c, tx), Nq, Nk)
+                acc[r, c], _ = score_at(acc[r, c], full, cls, bias, band, dropout, reals, alibi,
+                                        b, h, i, j0 + col_of(c, tx), Nq, Nk)
 
     # -- forward -------------------------------------------------------------------------------
 
-    def _attn_fwd(q, k, v, bias, band, dropout, reals, alibi, out, stats):
+    def _attn_fwd(q, k, v, bias, band, dropout, reals, alibi, blocks, out, stats):
         q_chunk = cuda.shared.array((K, RP), dtype, alignment=ALIGN)  # Q^T rows d0..d0+K
         k_chunk = cuda.shared.array((K, CP), dtype, alignment=ALIGN)  # K^T rows d0..d0+K
         p_tile = cuda.shared.array((C, RP), dtype, alignment=ALIGN)  # P^T (keys x queries)
@@ -589,6 +647,9 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
 
         j_lo, j_hi = key_range(band, i0, min(Nq, i0 + R), Nk)
         for j0 in range((j_lo // C) * C, j_hi, C):
+            cls = tile_class_of(blocks, b, h, i0, R, j0, C, Nq, Nk)
+            if cls == 0:  # mask_mod allows no pair of the tile
+                continue
             # 1. S = Q K^T, head dims in chunks of K
             zero(s_acc, CT)
             for d0 in range(0, DP, K):
@@ -597,7 +658,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                 stage_transposed(k_chunk, k, b, h_kv, j0, Nk, D, d0, t, ONE)
                 cuda.syncthreads()
                 mma_s(s_acc, q_chunk, 0, k_chunk, 0, ty, tx)
-            scores(s_acc, bias, band, reals, alibi, b, h, i0, j0, Nq, Nk)
+            scores(s_acc, cls, bias, band, dropout, reals, alibi, b, h, i0, j0, Nq, Nk)
 
             # 2. online softmax: m_new = max(m_i, max_j s_ij), alpha = exp(m_i - m_new)
             for r in range(RT):
@@ -675,7 +736,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
             rows[1, b, h, i] = ONE / norm  # 0 on an empty row (norm = +inf)
             rows[2, b, h, i] = total
 
-    def _attn_bwd_dkdv(q, k, v, bias, band, dropout, reals, alibi, dout, rows, dk, dv):
+    def _attn_bwd_dkdv(q, k, v, bias, band, dropout, reals, alibi, blocks, dout, rows, dk, dv):
         k_chunk = cuda.shared.array((K, RP), dtype, alignment=ALIGN)  # K^T or V^T chunk (keys)
         q_chunk = cuda.shared.array((K, CP), dtype, alignment=ALIGN)  # Q^T or dO^T chunk (queries)
         p_tile = cuda.shared.array((C, RP), dtype, alignment=ALIGN)  # dP, P_drop, dS (queries x keys)
@@ -699,6 +760,9 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         for g in range(group):  # GQA: kv head h_kv served query heads h_kv*group .. +group
             h = h_kv * group + g
             for i0 in range((i_lo // C) * C, i_hi, C):
+                cls = tile_class_of(blocks, b, h, i0, C, j0, R, Nq, Nk)
+                if cls == 0:  # mask_mod allows no pair of the tile: no gradient
+                    continue
                 # 1. forward: out = p_drop @ v  ->  dp_drop^T = v @ dout^T, parked in p_tile
                 #    (one tile of registers instead of two: dK and dV hold the rest)
                 zero(acc, CT)
@@ -728,9 +792,9 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                     if i < Nq:
                         row_shift_i, inv_norm, delta = rows[0, b, h, i], rows[1, b, h, i], rows[2, b, h, i]
                     for r in range(RT):
-                        # forward: s = cap(x) + alibi + bias (score_at; keys x queries here)
-                        s, slope = score_at(acc[r, c], full, bias, band, reals, alibi, b, h, i,
-                                            j0 + row_of(r, ty), Nq, Nk)
+                        # forward: s = score_mod(cap(x)) + alibi + bias (score_at; keys x queries)
+                        s, slope = score_at(acc[r, c], full, cls, bias, band, dropout, reals,
+                                            alibi, b, h, i, j0 + row_of(r, ty), Nq, Nk)
                         # forward: p = exp(s - m) / l, recomputed (masking.row_shift)
                         p = math.exp(s - row_shift_i) * inv_norm
                         dp = p_tile[col_of(c, tx), row_of(r, ty)]  # this thread's own element
@@ -745,7 +809,8 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                                 dp = ZERO
                         p_tile[col_of(c, tx), row_of(r, ty)] = p_drop
                         # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta)
-                        # 4. forward: s = cap(x) + alibi + bias  ->  dx = ds * cap'(x)
+                        # 4. forward: s = score_mod(cap(x)) + alibi + bias
+                        #    ->  dx = ds * score_mod_grad(cap(x)) * cap'(x)
                         acc[r, c] = ZERO if p == ZERO else p * (dp - delta) * slope
                 # 5. forward: out = p_drop @ v  ->  dv += p_drop^T @ dout, queries in chunks of K
                 for ic in range(0, C, K):
@@ -778,7 +843,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                     if d < DV:
                         dv[b, h_kv, j, d] = dv_acc[r, e]
 
-    def _attn_bwd_dq(q, k, v, bias, band, dropout, reals, alibi, dout, rows, dq):
+    def _attn_bwd_dq(q, k, v, bias, band, dropout, reals, alibi, blocks, dout, rows, dq):
         q_chunk = cuda.shared.array((K, RP), dtype, alignment=ALIGN)  # Q^T or dO^T chunk (queries)
         k_chunk = cuda.shared.array((K, CP), dtype, alignment=ALIGN)  # K^T or V^T chunk (keys)
         ds_tile = cuda.shared.array((C, RP), dtype, alignment=ALIGN)  # dP^T, then dS^T (keys x queries)
@@ -807,6 +872,9 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
 
         j_lo, j_hi = key_range(band, i0, min(Nq, i0 + R), Nk)
         for j0 in range((j_lo // C) * C, j_hi, C):
+            cls = tile_class_of(blocks, b, h, i0, R, j0, C, Nq, Nk)
+            if cls == 0:  # mask_mod allows no pair of the tile: no gradient
+                continue
             # 1. forward: out = p_drop @ v  ->  dp_drop = dout @ v^T, parked in ds_tile
             zero(acc, CT)
             for d0 in range(0, DVP, K):
@@ -832,9 +900,9 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
             for r in range(RT):
                 i = i0 + row_of(r, ty)
                 for c in range(CT):
-                    # forward: s = cap(x) + alibi + bias (score_at)
-                    s, slope = score_at(acc[r, c], full, bias, band, reals, alibi, b, h, i,
-                                        j0 + col_of(c, tx), Nq, Nk)
+                    # forward: s = score_mod(cap(x)) + alibi + bias (score_at)
+                    s, slope = score_at(acc[r, c], full, cls, bias, band, dropout, reals, alibi,
+                                        b, h, i, j0 + col_of(c, tx), Nq, Nk)
                     # forward: p = exp(s - m) / l
                     p = math.exp(s - row_shift_i[r]) * inv_norm[r]
                     dp = ds_tile[col_of(c, tx), row_of(r, ty)]  # this thread's own element
@@ -842,7 +910,8 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                     if with_dropout:
                         dp = dp * dropout_scale if keep(dropout, b, h, i, j0 + col_of(c, tx)) else ZERO
                     # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta)
-                    # 4. forward: s = cap(x) + alibi + bias  ->  dx = ds * cap'(x)
+                    # 4. forward: s = score_mod(cap(x)) + alibi + bias
+                    #    ->  dx = ds * score_mod_grad(cap(x)) * cap'(x)
                     ds_tile[col_of(c, tx), row_of(r, ty)] = ZERO if p == ZERO else p * (dp - delta[r]) * slope
             # 5. forward: x = scale * q @ k^T  ->  dq += dx @ k (scale at the end), keys in chunks
             for jc in range(0, C, K):
@@ -889,8 +958,9 @@ def kernel_signatures(dtype_name: str) -> dict[str, str]:
         raise ValueError(f"the cuda kernels take float32 or float64, got {dtype_name!r}")
     f = dtype_name
     a3, a4 = f"{f}[:, :, ::1]", f"{f}[:, :, :, ::1]"
-    # bias, band, dropout, reals, alibi
-    records = f"{a4}, UniTuple(int64, 3), UniTuple(int64, 6), UniTuple({f}, 3), {f}[:, ::1]"
+    # bias, band, dropout, reals, alibi, blocks (the block mask of a mask_mod)
+    records = (f"{a4}, UniTuple(int64, 3), UniTuple(int64, 6), UniTuple({f}, 3), {f}[:, ::1], "
+               "int8[:, :, :, ::1]")
     return {
         "_attn_fwd": f"void({a4}, {a4}, {a4}, {records}, {a4}, {a4})",
         "_attn_bwd_preprocess": f"void({a4}, {a4}, {a4}, {a3}, {a4})",
@@ -905,10 +975,13 @@ def _shared_rules():
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(dtype_name: str, D: int, Dv: int, tilings: Tilings) -> dict:
-    """cuda.jit kernels for one (dtype, D, Dv, tilings), compiled at first launch."""
-    functions = kernel_functions(dtype_name, D, Dv, tilings.main)
-    functions["_attn_bwd_dkdv"] = kernel_functions(dtype_name, D, Dv, tilings.dkdv)["_attn_bwd_dkdv"]
+def _kernels(dtype_name: str, D: int, Dv: int, tilings: Tilings, mods: tuple = NO_MODS) -> dict:
+    """cuda.jit kernels for one (dtype, D, Dv, tilings, (mask_mod, score_mod,
+    score_mod_grad)), compiled at first launch."""
+    device_mods, chunks = _shared_device_mods(*mods), mod_chunks(tilings)
+    functions = kernel_functions(dtype_name, D, Dv, tilings.main, mods=device_mods, chunks=chunks)
+    functions["_attn_bwd_dkdv"] = kernel_functions(dtype_name, D, Dv, tilings.dkdv, mods=device_mods,
+                                                   chunks=chunks)["_attn_bwd_dkdv"]
     if simulated():
         return {name: cuda.jit(fn) for name, fn in functions.items()}
     return {name: cuda.jit(fn, launch_bounds=launch_bounds(
@@ -919,7 +992,7 @@ def _kernels(dtype_name: str, D: int, Dv: int, tilings: Tilings) -> dict:
 # -- host side ------------------------------------------------------------------------------
 
 
-def _prepare(spec: AttentionSpec):
+def _prepare(spec: AttentionSpec, backward: bool = False):
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the cuda attention backend is unavailable: {reason}")
@@ -930,7 +1003,8 @@ def _prepare(spec: AttentionSpec):
         raise ValueError(f"tiles {tiling} need {max(shared.values())} bytes of shared memory for "
                          f"{dtype.name}, D={spec.D}, Dv={spec.Dv}: over the {SHARED_MEMORY_BUDGET} "
                          "bytes of static shared memory a block may use")
-    return _kernels(dtype.name, spec.D, spec.Dv, tiling), tiling, device_records(spec)
+    return (_kernels(dtype.name, spec.D, spec.Dv, tiling, mods_key(spec, backward)), tiling,
+            device_records(spec, mod_chunks(tiling)))
 
 
 def forward(q, k, v, spec: AttentionSpec):
@@ -952,8 +1026,9 @@ def forward(q, k, v, spec: AttentionSpec):
 def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     """dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv); deterministic, no atomics.
     ``dlse`` (B, Hq, Nq) or None: the gradient reaching lse, folded into delta."""
+    backward_mods_check(spec)
     on_device = is_device_array(q)
-    kernels, tiling, records = _prepare(spec)
+    kernels, tiling, records = _prepare(spec, backward=True)
     dtype = np.dtype(spec.dtype)
     q_d, k_d, v_d, out_d, stats_d, dout_d, dlse_d = (
         as_device(x, dtype) for x in (q, k, v, out, stats, dout, dlse_or_empty(dlse, dtype)))

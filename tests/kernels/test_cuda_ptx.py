@@ -11,8 +11,8 @@ installs the extra: see tests/conftest.py).
 * the shared memory each kernel declares is what ``flash.shared_memory_bytes`` says and fits
   the 48 KiB static budget;
 * the records of ``spec.pack()`` (band: ``UniTuple(int64, 3)``, dropout: ``(int64, 6)``;
-  reals: ``UniTuple(dtype, 3)``; bias and alibi arrays) are kernel arguments, and no kernel
-  takes more than 13;
+  reals: ``UniTuple(dtype, 3)``; bias and alibi arrays) and the int8 block mask of a mask_mod
+  are kernel arguments, and no kernel takes more than 14;
 * a specialisation without bias, dropout, softcap or ALiBi compiles no dropout hash and no
   tanh.
 """
@@ -144,8 +144,8 @@ def test_softcap_compiles_only_where_asked(ptx):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernels_take_the_packed_spec(dtype):
     """Each attention kernel's signature (the one the PTX is compiled with) takes the records
-    of spec.pack() last, as numba types Python tuples; no kernel takes more than 13 arguments
-    (8 arrays and the 5 records)."""
+    of spec.pack() and the block mask last, as numba types Python tuples; no kernel takes more
+    than 14 arguments (8 arrays, the 5 records and the block mask)."""
     from numba import typeof, types
     from numba.cuda.core import sigutils
 
@@ -158,12 +158,13 @@ def test_kernels_take_the_packed_spec(dtype):
     assert tuple(typeof(x) for x in packed[1:4]) == (band, dropout, reals)  # what a launch passes
     for name, signature in flash.kernel_signatures(dtype).items():
         arguments, _ = sigutils.normalize_signature(signature)
-        assert len(arguments) <= 13, name
+        assert len(arguments) <= 14, name
         if name != "_attn_bwd_preprocess":
-            bias, alibi = arguments[-5], arguments[-1]
+            bias, alibi, blocks = arguments[-6], arguments[-2], arguments[-1]
             assert (bias.ndim, bias.dtype) == (4, getattr(types, dtype)), name
             assert (alibi.ndim, alibi.dtype) == (2, getattr(types, dtype)), name
-            assert tuple(arguments[-4:-1]) == (band, dropout, reals), name
+            assert (blocks.ndim, blocks.dtype) == (4, types.int8), name
+            assert tuple(arguments[-5:-2]) == (band, dropout, reals), name
 
 
 # -- host-side arithmetic (no compiler needed) ------------------------------------------------

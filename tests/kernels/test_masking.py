@@ -177,3 +177,50 @@ def test_cpu_fast_tanh():
     np.testing.assert_allclose(got[finite], _compile._fast_tanh_meaning(x[finite]), rtol=2.0**-22,
                                atol=1e-45)
     assert _compile.fast_tanh(0.5) == np.tanh(0.5)  # float64 (and plain Python): libm's
+
+
+@pytest.mark.parametrize("rules", list(RULES))
+def test_tile_class_never_skips_an_allowed_pair_nor_trusts_a_forbidden_one(rules):
+    """tile_class over the block mask of mods.block_mask, against the pairs themselves: 0 only
+    where the tile allows nothing, 2 only where it allows everything, exact on tiles made of
+    whole chunks; plus the worked example."""
+    import dataclasses
+
+    from microattn.kernels import mods
+    from microattn.kernels.spec import make_attention_spec
+
+    tile_class = masking.tile_class if rules == "python" else _compile.rules.tile_class
+    rng = np.random.default_rng(7)
+    Nq, Nk, chunks = 21, 18, (4, 6)
+    allowed = rng.random((2, Nq, Nk)) < 0.5
+    allowed[:, :8] = True  # whole chunks of each class
+    allowed[:, 12:16, :12] = False
+
+    def lookup(b, h, i, j):
+        return allowed[h, i, j]
+
+    spec = make_attention_spec((1, 2, Nq, 4), (1, 2, Nk, 4), (1, 2, Nk, 4), (np.float64,) * 3,
+                               mask_mod=lookup)
+    blocks = mods.block_mask(spec, *chunks)
+    seen = set()
+    for _ in range(300):
+        h = int(rng.integers(2))
+        i0, j0 = int(rng.integers(Nq)), int(rng.integers(Nk))
+        i1, j1 = int(rng.integers(i0 + 1, Nq + 1)), int(rng.integers(j0 + 1, Nk + 1))
+        if rng.random() < 0.5:  # whole chunks
+            i0, j0 = i0 // 4 * 4, j0 // 6 * 6
+            i1, j1 = min(Nq, -(-i1 // 4) * 4), min(Nk, -(-j1 // 6) * 6)
+        cls = int(tile_class(blocks, chunks, 0, h, i0, i1, j0, j1))
+        tile = allowed[h, i0:i1, j0:j1]
+        assert cls != 0 or not tile.any()
+        assert cls != 2 or tile.all()
+        if i0 % 4 == 0 and j0 % 6 == 0 and (i1 % 4 == 0 or i1 == Nq) and (j1 % 6 == 0 or j1 == Nk):
+            assert cls == (0 if not tile.any() else 2 if tile.all() else 1)
+        seen.add(cls)
+    assert seen == {0, 1, 2}
+
+    causal = dataclasses.replace(spec, Nq=8, Nk=8, mask_mod=lambda b, h, i, j: j <= i)
+    example = mods.block_mask(causal, 4, 4)  # the docstring's worked example
+    np.testing.assert_array_equal(example[0, 0], [[1, 0], [2, 1]])
+    assert [int(tile_class(example, (4, 4), 0, 0, *t)) for t in
+            ((4, 8, 0, 4), (0, 4, 4, 8), (2, 6, 0, 4))] == [2, 0, 1]
