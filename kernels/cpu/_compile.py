@@ -325,6 +325,7 @@ cap = rules.cap  # (reals, s) -> c * tanh(s / c)
 cap_and_slope = rules.cap_and_slope  # (reals, s) -> (cap, d cap / d s)
 has_alibi = rules.has_alibi  # (alibi): the record holds ALiBi slopes
 alibi_bias = rules.alibi_bias  # (alibi, band, b, h, i, j) -> -slope * |i + offset - j|
+tile_class = rules.tile_class  # (blocks, chunks, b, h, i0, i1, j0, j1): 0 skip, 1 some, 2 all
 
 
 @helper

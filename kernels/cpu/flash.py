@@ -109,6 +109,7 @@ from ._compile import (
     has_alibi, has_bias, has_dropout, has_softcap, helper, in_band, keep, kernel, key_range, numba,
     prange, query_range, row_shift, tile_in_band,
 )
+from ._compile import tile_class as _chunk_classes
 from .microkernel import matmul, matmul_exp
 
 BLOCK_M = 128  # queries per tile (a runtime argument of the kernels: tests also run tiny tiles)
@@ -280,16 +281,7 @@ def tile_class(bmask, b, h, i0, i1, j0, j1):
     pairs (test each), 2 every pair (or no mask_mod)."""
     if not HAS_MASK_MOD:
         return 2
-    lo = 2
-    hi = 0
-    for r in range(i0 // MOD_CHUNK, (i1 - 1) // MOD_CHUNK + 1):
-        for c in range(j0 // MOD_CHUNK, (j1 - 1) // MOD_CHUNK + 1):
-            x = bmask[b, h, r, c]
-            lo = min(lo, x)
-            hi = max(hi, x)
-    if hi == 0:
-        return 0
-    return 2 if lo == 2 else 1
+    return _chunk_classes(bmask, (MOD_CHUNK, MOD_CHUNK), b, h, i0, i1, j0, j1)  # masking.tile_class
 
 
 _NO_BLOCK_MASK = np.zeros((1, 1, 1, 1), dtype=np.int8)
