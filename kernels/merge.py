@@ -20,6 +20,8 @@ Users of the formula:
   for an empty part, :func:`merge_lse`);
 * ``sinks.py``: a sink is a key of value 0, i.e. a part with ``(m, l) = (sink, 1)`` and
   ``out = 0``;
+* ring attention (``distributed/ring.py``: ``ring_step`` merges each step's block into a
+  query chunk's running state);
 * the split-KV decode (``cpu/decode.py`` merges its splits the same way; it may call
   :func:`merge_rows` from numba: the function is written with the NumPy calls numba
   compiles, on arrays, with no ``np.errstate``).

@@ -106,9 +106,10 @@ def forward(q, k, v, spec: AttentionSpec, splits: int | None = None):
 def merge_partials(m_part, l_part, acc_part):
     """out (B, Hq, Nq, Dv), stats (2, B, Hq, Nq) from partial results over disjoint key sets:
     m_part, l_part (parts, B, Hq, Nq) each part's shift and sum, acc_part (parts, B, Hq,
-    Nq, Dv) its *unnormalised* sum of exp(s - m) v. Split-KV decoding and ring attention
-    (``microattn.distributed``) both end here; the formula is ``merge.merge_rows``, folded
-    over the parts in order. A part that saw no key: (-inf, 0, 0)."""
+    Nq, Dv) its *unnormalised* sum of exp(s - m) v. Split-KV decoding ends here (ring
+    attention folds the same ``merge.merge_rows`` one step at a time: ``distributed/ring.py``,
+    ``ring_step``); the formula is folded over the parts in order. A part that saw no key:
+    (-inf, 0, 0)."""
     def normalised(part):
         l = l_part[part]
         return acc_part[part] / np.where(l == 0, np.ones_like(l), l)[..., None]

@@ -240,13 +240,52 @@ def to_host(x):
 # -- the kernels ------------------------------------------------------------------------------
 
 
+def online_softmax_step(s_row, acc, m_i, l_i):
+    """One thread's online-softmax step over one tile of its query row's scores.
+
+    Shape legend: s_row (BLOCK_N,), acc (Dv,) (local arrays of the thread); m_i, l_i scalars::
+
+        m_new = max(m_i, max_j s_j)          alpha = exp(m_i - m_new)
+        p_j   = exp(s_j - m_new)             written over s_j in s_row
+        l_new = alpha * l_i + sum_j p_j      acc *= alpha (the caller adds p_j v_j)
+
+    s_row: the tile's scores, ``-inf`` for a masked key (or one past Nk). acc: sum_j p_j v_j
+    of the earlier tiles against m_i, rescaled in place. Returns (m_new, l_new). While no key
+    has been allowed (m_new = -inf) nothing changes and p = exp(-inf) = 0: never
+    exp(-inf - -inf) = NaN. A NaN score sticks (NaN in, NaN out). Written once, plain Python:
+    the forward kernel calls it compiled with ``cuda.jit(device=True)`` (:func:`device_rules`),
+    and exercise 7 (``microattn exercise start 7 DIR``) has a learner write it.
+    """
+    m_new = m_i
+    for jj in range(s_row.shape[0]):
+        s = s_row[jj]
+        if s > m_new or s != s:  # max, but a NaN score sticks
+            m_new = s
+    if m_new == -math.inf:  # nothing allowed so far: l_i and acc stay 0
+        for jj in range(s_row.shape[0]):
+            s_row[jj] = math.exp(s_row[jj])  # every s is -inf: p = 0
+        return m_new, l_i
+    alpha = math.exp(m_i - m_new)  # exp(-inf) = 0 on the first allowed tile
+    l_new = l_i * alpha
+    for d in range(acc.shape[0]):
+        acc[d] *= alpha
+    for jj in range(s_row.shape[0]):
+        p = math.exp(s_row[jj] - m_new)
+        s_row[jj] = p
+        l_new += p  # l is summed before dropout
+    return m_new, l_new
+
+
 def device_rules():
-    """Every rule of ``masking.py`` compiled as a CUDA device function (``compile.compile_rules``).
+    """Every rule of ``masking.py`` compiled as a CUDA device function (``compile.compile_rules``),
+    and :func:`online_softmax_step`.
 
     Compiled fresh on each call; launches share one set (``_shared_device_rules``), and the PTX
     checks compile their own under a patched "current device" (tests/kernels/test_cuda_ptx.py).
     """
-    return compile_rules(cuda.jit(device=True))
+    rules = compile_rules(cuda.jit(device=True))
+    rules.online_softmax_step = cuda.jit(device=True)(online_softmax_step)
+    return rules
 
 
 _shared_device_rules = functools.lru_cache(maxsize=None)(device_rules)
@@ -365,6 +404,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
     score_mod_grad as device functions, compiled in (None: none).
     """
     rules = rules or _shared_device_rules()
+    online_softmax_step = rules.online_softmax_step
     in_band, key_range, query_range = rules.in_band, rules.key_range, rules.query_range
     bias_index, keep, row_shift = rules.bias_index, rules.keep, rules.row_shift
     cap, cap_and_slope, alibi_bias = rules.cap, rules.cap_and_slope, rules.alibi_bias
@@ -434,7 +474,6 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
             if not row_valid:
                 continue
 
-            m_tile = NEG_INF
             for jj in range(BLOCK_N):
                 j = j0 + jj
                 s = NEG_INF
@@ -451,27 +490,18 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                     if HAS_BIAS:
                         s += bias[b_bias, h_bias, i, j]
                 s_row[jj] = s
-                if s > m_tile or s != s:  # max, but a NaN score sticks (NaN in, NaN out)
-                    m_tile = s
-            m_new = m_tile if (m_tile > m_i or m_tile != m_tile) else m_i
-            if m_new == NEG_INF:
-                continue  # nothing allowed so far: acc and l_i stay zero
-            alpha = math.exp(m_i - m_new)  # exp(-inf) = 0 on the first allowed tile
-            l_i *= alpha
-            for d in range(DV):
-                acc[d] *= alpha
+            # m_i, l_i, acc rescaled by alpha; s_row now holds p_j = exp(s_j - m_new)
+            m_i, l_i = online_softmax_step(s_row, acc, m_i, l_i)
             for jj in range(BLOCK_N):
-                p = math.exp(s_row[jj] - m_new)
+                p = s_row[jj]
                 if p == ZERO:
-                    continue
-                l_i += p  # l is summed before dropout
-                if HAS_DROPOUT:
+                    continue  # masked, past Nk, or nothing allowed so far
+                if HAS_DROPOUT:  # l was summed before dropout
                     if not keep(dropout, b, h, i, j0 + jj):
                         continue
                     p *= dropout_scale
                 for d in range(DV):
                     acc[d] += p * v_tile[jj, d]
-            m_i = m_new
 
         if row_valid:
             # out = acc / l; a row that allowed no key (m = -inf, l = 0) gets norm = +inf,

@@ -14,10 +14,18 @@ Each (query chunk, key chunk) pair is an ordinary kernel call on a spec that kno
 the pair lies in the whole (``origin`` for dropout's indices, ``band_offset`` for causal
 and windows, the mask's rows and columns sliced): the results are the exact rows of the
 one-process attention restricted to those keys. Pairs the band excludes entirely (causal:
-keys after every query of the chunk) are not computed. The partial results (out, m, l)
-per key block are merged once at the end by ``decode.merge_partials``, the split-KV merge:
+keys after every query of the chunk) are not computed. Each step's partial result (out, m,
+l) is merged at once into the chunk's running state by :func:`ring_step` (the one step of
+the ring, also exercise 10: ``microattn exercise start 10 DIR``), with ``merge.merge_rows``,
+the formula of the split-KV merge::
 
-    m = max_t m_t,   l = sum_t l_t exp(m_t - m),   out = sum_t l_t exp(m_t - m) out_t / l
+    m = max(m_a, m_b),   l = l_a e^(m_a - m) + l_b e^(m_b - m),   out = (l_a e^(m_a - m) out_a
+                                                                        + l_b e^(m_b - m) out_b) / l
+
+Causal (and windows) by *global* position: local query i of a chunk starting at row
+``q_start`` may see local key j of a block starting at ``k_start`` iff ``j <= i + offset``
+with ``offset = global_offset(q_start, k_start) = q_start - k_start`` (plus the whole's own
+bottom-right offset): the pair's spec gets it as ``band_offset``.
 
 Backward: the kernels' backward takes the *final* out and row statistics (m, l), so each
 pair recomputes its share of the global probabilities ``p = exp(s - m) / l`` and delta =
@@ -40,7 +48,7 @@ import numpy as np
 from .. import backends
 from ..autograd import Function
 from ..kernels import masking
-from ..kernels.cpu import decode
+from ..kernels.merge import merge_rows
 from ..kernels.protocol import lse_of
 from ..kernels.spec import make_attention_spec
 from .sharding import local_operands, positions
@@ -48,6 +56,49 @@ from .sharding import local_operands, positions
 
 def _identity(x):
     return x
+
+
+def global_offset(q_start: int, k_start: int) -> int:
+    """The band offset of a (query chunk, key block) pair taken from the whole sequence.
+
+    Local query i is global row ``q_start + i``, local key j global row ``k_start + j``;
+    causal in the whole (``k_start + j <= q_start + i``) is ``j <= i + (q_start - k_start)``
+    locally. (The whole's own offset, ``Nk - Nq`` bottom-right, is added by the spec.)
+    """
+    return q_start - k_start
+
+
+def empty_state(shape, Dv: int, dtype):
+    """The running state of query rows that have seen no key yet: out 0, m = -inf, l = 0.
+
+    shape: the rows (B, H, n) -> (out (B, H, n, Dv), m (B, H, n), l (B, H, n))."""
+    return (np.zeros((*shape, Dv), dtype=dtype), np.full(shape, -np.inf, dtype=dtype),
+            np.zeros(shape, dtype=dtype))
+
+
+def ring_step(state, q, k, v, q_start: int, k_start: int, attend):
+    """One step of ring attention for one query chunk: attend it to the K/V block held now
+    and merge the result into the chunk's running state.
+
+    state   (out, m, l): the chunk's attention over the blocks seen so far: out (B, H, n, Dv)
+            normalised, m and l (B, H, n) its row statistics (shift, sum of exp(s - m));
+            :func:`empty_state` before the first block
+    q       (B, H, n, D)     the chunk's queries: global rows q_start .. q_start + n
+    k, v    (B, Hkv, c, D), (B, Hkv, c, Dv): the block held: global rows k_start .. k_start + c
+    attend  attend(q, k, v, offset) -> (out, stats) or None: the kernel on this pair, local
+            query i seeing local key j iff ``j <= i + offset`` under the whole's causal mask
+            (or window); out (B, H, n, Dv), stats (2, B, H, n) = (m, l); None when the band
+            allows no pair (nothing to merge)
+    returns the new state (out, m, l)
+    """
+    part = attend(q, k, v, global_offset(q_start, k_start))
+    if part is None:
+        return state
+    out_b, (m_b, l_b) = part
+    out_a, m_a, l_a = state
+    # merge.merge_rows: m = max, each part's l rescaled by exp(m_x - m), weights l_x' / l
+    m, l, w_a, w_b = merge_rows(m_a, l_a, m_b, l_b)
+    return w_a[..., None] * out_a + w_b[..., None] * out_b, m, l
 
 
 class Ring:
@@ -69,10 +120,11 @@ class Ring:
         stops = np.concatenate([breaks, [len(rows)]])
         return [(int(rows[a]), int(b - a), int(a)) for a, b in zip(starts, stops)]
 
-    def pair_spec(self, qa, qlen, ka, klen):
+    def pair_spec(self, qa, qlen, ka, klen, offset):
         """The spec of queries [qa, qa + qlen) against keys [ka, ka + klen) of the whole, or
-        None when the band allows no pair (nothing to compute)."""
-        key = (qa, ka)
+        None when the band allows no pair (nothing to compute). ``offset``: the pair's
+        :func:`global_offset`, ``qa - ka``."""
+        key = (qa, ka, offset)
         if key not in self._specs:
             w = self.whole
             bias = None if w.bias is None else w.bias[:, :, qa:qa + qlen, ka:ka + klen]
@@ -82,7 +134,7 @@ class Ring:
                 (self.B, self.Hkv, klen, self.Dv), (w.dtype,) * 3, attn_mask=bias,
                 dropout_p=w.dropout_p, is_causal=w.causal, scale=w.scale,
                 window=None if w.causal and window == (-1, 0) else window, seed=w.seed)
-            spec = dataclasses.replace(spec, origin=(0, qa, ka), band_offset=w.offset + qa - ka)
+            spec = dataclasses.replace(spec, origin=(0, qa, ka), band_offset=w.offset + offset)
             j_start, j_stop = masking.key_range(spec.band, 0, qlen, klen)
             self._specs[key] = spec if j_start < j_stop else None
         return self._specs[key]
@@ -91,7 +143,7 @@ class Ring:
         """(query chunk, key chunk, spec) for every pair with work against owner's block."""
         for qa, qlen, qoff in self.chunks(self.comm.rank):
             for ka, klen, koff in self.chunks(owner):
-                spec = self.pair_spec(qa, qlen, ka, klen)
+                spec = self.pair_spec(qa, qlen, ka, klen, global_offset(qa, ka))
                 if spec is not None:
                     yield slice(qoff, qoff + qlen), slice(koff, koff + klen), spec
 
@@ -118,33 +170,41 @@ class Ring:
 
         return finish
 
+    def attend(self, qa, qlen, ka, klen):
+        """``ring_step``'s ``attend`` for queries [qa, qa + qlen) and keys [ka, ka + klen)."""
+        def attend(q, k, v, offset):
+            spec = self.pair_spec(qa, qlen, ka, klen, offset)
+            if spec is None:
+                return None
+            started = time.perf_counter()
+            out, stats = self.kernel.forward(q, k, v, spec)
+            out, stats = self.to_host(out), self.to_host(stats)
+            self.seconds["kernel"] += time.perf_counter() - started
+            return out, stats
+        return attend
+
     def forward(self, q, k, v):
         P, rank = self.comm.size, self.comm.rank
-        parts = {qoff: [] for _, _, qoff in self.chunks(rank)}
+        mine = self.chunks(rank)
+        states = {qoff: empty_state((self.B, self.H, qlen), self.Dv, q.dtype) for _, qlen, qoff in mine}
         held = [np.ascontiguousarray(k), np.ascontiguousarray(v)]
         for t in range(P):
             owner = (rank - t) % P
             finish = self.shift(held) if t < P - 1 else None  # the next block, meanwhile
-            started = time.perf_counter()
-            for rows, cols, spec in self.pairs(owner):
-                out, stats = self.kernel.forward(q[:, :, rows], held[0][:, :, cols], held[1][:, :, cols], spec)
-                parts[rows.start].append((self.to_host(out), self.to_host(stats)))
-            self.seconds["kernel"] += time.perf_counter() - started
+            for qa, qlen, qoff in mine:
+                rows = slice(qoff, qoff + qlen)
+                for ka, klen, koff in self.chunks(owner):
+                    cols = slice(koff, koff + klen)
+                    states[qoff] = ring_step(states[qoff], q[:, :, rows], held[0][:, :, cols],
+                                             held[1][:, :, cols], qa, ka, self.attend(qa, qlen, ka, klen))
             if finish is not None:
                 held = finish()
         n, dtype = q.shape[2], q.dtype
-        out = np.zeros((self.B, self.H, n, self.Dv), dtype=dtype)
-        stats = np.zeros((2, self.B, self.H, n), dtype=dtype)
-        stats[0] = -np.inf
-        for (_, qlen, qoff) in self.chunks(rank):
-            found = parts[qoff]
-            if not found:
-                continue  # no key at all: out 0, (m, l) = (-inf, 0)
-            m_part = np.stack([st[0] for _, st in found])
-            l_part = np.stack([st[1] for _, st in found])
-            acc_part = np.stack([o * st[1][..., None] for o, st in found])  # unnormalised
-            rows = slice(qoff, qoff + qlen)
-            out[:, :, rows], stats[:, :, :, rows] = decode.merge_partials(m_part, l_part, acc_part)
+        out = np.empty((self.B, self.H, n, self.Dv), dtype=dtype)
+        stats = np.empty((2, self.B, self.H, n), dtype=dtype)
+        for qoff, (o, m, l) in states.items():  # a chunk that saw no key: out 0, (m, l) = (-inf, 0)
+            rows = slice(qoff, qoff + o.shape[2])
+            out[:, :, rows], stats[0, :, :, rows], stats[1, :, :, rows] = o, m, l
         return out, stats
 
     def backward(self, q, k, v, out, stats, dout, dlse=None):

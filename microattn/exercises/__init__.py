@@ -41,7 +41,10 @@ ORDER = [
     "ex04_attention_backward",
     "ex05_online_softmax",
     "ex06_flash_tile_loop",
+    "ex07_cuda_row_forward",
     "ex08_lse_merge",
+    "ex09_linear_prefix_sums",
+    "ex10_ring_step",
 ]
 
 STUBS = Path(__file__).parent / "stubs"

@@ -83,7 +83,7 @@ def _solution_file(ex) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize("ex", ON_THIS_PROCESS[:1], ids=ids)
+@pytest.mark.parametrize("ex", ON_THIS_PROCESS, ids=ids)
 def test_cli_start_fail_fix_pass(ex, tmp_path, capsys):
     assert main(["exercise", "list"]) == 0
     assert ex.TITLE in capsys.readouterr().out
