@@ -74,6 +74,8 @@ def start(number, directory, *, force: bool = False) -> Path:
     """Copy exercise ``number``'s stub into ``directory``; refuses to overwrite work unless ``force``."""
     ex = exercise(number)
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is a file: give a directory to put {ex.FILE} in")
     target = directory / ex.FILE
     if target.exists() and not force:
         raise FileExistsError(f"{target} exists already (your work?): check it, or pass --force to start over")

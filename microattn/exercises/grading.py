@@ -37,6 +37,9 @@ def load(path) -> types.ModuleType:
         spec.loader.exec_module(module)
     except SyntaxError as error:
         raise Failure(f"{path.name} does not parse: line {error.lineno}: {error.msg}") from None
+    except SystemExit as error:
+        raise Failure(f"importing {path.name} called sys.exit({error.code!r}): keep scripts under "
+                      "`if __name__ == \"__main__\":`") from None
     except Exception as error:  # noqa: BLE001 - any error importing the learner's file is reported
         raise Failure(f"importing {path.name} failed: {_last_frame(error)}") from None
     return module
@@ -59,6 +62,8 @@ def call(ns, name: str, *args, **kwargs):
     except NotImplementedError:
         raise Failure(f"`{name}` is not written yet: it still raises NotImplementedError. Replace the "
                       f"`raise NotImplementedError` line with your code (`microattn exercise hint` helps)") from None
+    except SystemExit as error:  # a learner's sys.exit() must not end the grader quietly
+        raise Failure(f"`{name}` called sys.exit({error.code!r}): return a value instead") from None
     except Exception as error:  # noqa: BLE001 - the learner's exception is the message
         raise Failure(f"`{name}` raised {_last_frame(error)}") from None
 

@@ -72,6 +72,12 @@ def test_learner_errors_become_failures(tmp_path):
         grading.call(module, "f", [1])
     with pytest.raises(grading.Failure, match="your file defines no `g`"):
         grading.call(module, "g")
+    (tmp_path / "exits.py").write_text("import sys\ndef f():\n    sys.exit(3)\n")
+    with pytest.raises(grading.Failure, match=r"`f` called sys.exit\(3\): return a value instead"):
+        grading.call(grading.load(tmp_path / "exits.py"), "f")
+    (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(0)\n")
+    with pytest.raises(grading.Failure, match="importing exits_on_import.py called sys.exit"):
+        grading.load(tmp_path / "exits_on_import.py")
 
 
 def _solution_file(ex) -> str:
@@ -98,6 +104,12 @@ def test_cli_start_fail_fix_pass(ex, tmp_path, capsys):
     assert "passed" in capsys.readouterr().out
     assert main(["exercise", "hint", str(ex.NUMBER)]) == 0
     assert ex.HINTS[0] in capsys.readouterr().out
+
+
+def test_cli_start_into_a_file(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["exercise", "start", "1", str(tmp_path / "afile")]) == 1
+    assert "afile is a file: give a directory" in capsys.readouterr().err
 
 
 def test_cli_bad_numbers(tmp_path, capsys):
