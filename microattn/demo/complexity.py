@@ -10,12 +10,18 @@ beside the textbook column (``CLAIMS``).
 
 What is measured, exactly:
 
-* **time**: the median over ``repeats`` calls (at least 3, more while a call is short), after
-  a warm-up call at a tiny size that compiles the numba kernels (compilation is excluded
-  and reported apart) and one untimed call at the size itself (first touch of its pages).
-  numba runs on **one thread** and BLAS too (``numba.set_num_threads(1)``,
-  ``blas.single_threaded``): the exponent is that of the work, not of how well small and
-  large problems spread over the cores of a shared machine.
+* **time**: CPU seconds of this process (``time.process_time``), the fastest of
+  ``repeats`` calls (at least 3, more while a call is short), after a warm-up call at a tiny
+  size that compiles the numba kernels (compilation is excluded and reported apart) and one
+  untimed call at the size itself (first touch of its pages). numba runs on **one thread**
+  and BLAS too (``numba.set_num_threads(1)``, ``blas.single_threaded``): the exponent is
+  that of the work, not of how well small and large problems spread over the cores. On one
+  thread CPU time is the wall time of an idle machine; on a busy one it leaves out the time
+  spent waiting for a core, which wall time would add at random (a shared 2-core VM: one
+  wall-clock point 20x off its neighbours, an exponent off by 0.3). The fastest call, not
+  the median: other jobs only ever add (to CPU time too, through the shared caches and
+  memory bus: a median of 3 put full attention's exponent at 2.39 once), so the fastest
+  is the best estimate of what the call itself costs.
 * **memory**: the peak of ``tracemalloc`` over the call, q, k, v and dout made beforehand
   (so not counted), the outputs counted. tracemalloc sees NumPy's allocations and, with
   this numba (checked at run time by :func:`numba_allocations_traced`), the arrays numba
@@ -25,7 +31,11 @@ What is measured, exactly:
 * **the fit**: least squares of ``log cost`` on ``log N`` over the last ``FIT_POINTS``
   sizes (small sizes are dominated by per-call overhead, so they are shown, not fitted).
 
-Shapes: float32, B=1, Hq=4 (GQA: Hkv=1), D=Dv=32, causal (every variant), window w=128.
+Shapes: float32, B=1, Hq=4 (GQA: Hkv=1), D=Dv=32. Masks (``MASKS``): full, flash and GQA
+unmasked, every query seeing every key, the textbook N^2 (a causal mask halves the work
+but adds the O(N) diagonal tiles, which bend flash's exponent at these sizes to ~1.8);
+the window causal, each query seeing itself and the w - 1 = 127 keys before it; linear
+attention causal (the prefix-state scan a language model runs).
 """
 
 from __future__ import annotations
@@ -46,10 +56,11 @@ TOLERANCE = 0.25  # a fitted exponent "agrees" with the claim within this
 SHAPE = {"B": 1, "H": 4, "D": 32}  # batch, query heads, head dimension
 GQA_KV_HEADS = 1  # key/value heads of the gqa variant (4 query heads share each)
 WINDOW = 128  # keys each query sees in the window variant (itself and the 127 before)
+MASKS = f"full, flash, gqa: no mask; window: causal band of w={WINDOW}; linear: causal"
 START = 512  # the first N; every next one doubles
 MAX_N = 16384  # no N beyond this (16 times the smallest fitted size is plenty of range)
 BUDGET = 120.0  # seconds of measuring by default (compilation excluded)
-QUICK = {"budget": 12.0, "max_n": 8192, "min_time": 0.05}
+QUICK = {"budget": 20.0, "max_n": 8192, "min_time": 0.05}
 MIN_TIME = 0.2  # seconds of timed calls per size, at least (small N: more repeats)
 MIN_REPEATS, MAX_REPEATS = 3, 25
 
@@ -73,7 +84,12 @@ CLAIMS = {
     "linear": Claim("O(n)", "O(n)", 1, 1, "a running (D, Dv) state per head instead of scores"),
 }
 VARIANT_NAMES = list(CLAIMS)  # full first: the table's order
-MEASURE_ORDER = ["linear", "window", "gqa", "flash", "full"]  # cheap first: leftovers go to the costly
+# full first (its FIT_POINTS sizes are taken whatever they cost), then the cheap ones: what
+# they leave of their shares goes to flash, whose exponent needs the largest sizes
+MEASURE_ORDER = ["full", "linear", "window", "gqa", "flash"]
+# The window's cost is O(N * w) only once N >> w: at N = 4 w the band still covers a
+# quarter of the causal triangle's tiles. It always runs up to 32 w (while max_n allows).
+MIN_TOP = {"window": 32 * WINDOW}
 
 
 # ----------------------------------------------------------------------------- the variants
@@ -109,9 +125,9 @@ class Variant:
         if name == "linear":
             self.kernel, self.spec = _linear(), make_linear_spec(*shapes, dtypes, causal=True)
         else:
-            window = (WINDOW - 1, 0) if name == "window" else None
+            window = (WINDOW - 1, 0) if name == "window" else None  # a causal band
             self.kernel = reference if name == "full" else _flash()
-            self.spec = make_attention_spec(*shapes, dtypes, is_causal=True, window=window)
+            self.spec = make_attention_spec(*shapes, dtypes, is_causal=name == "window", window=window)
         self.saved = None
 
     def forward(self):
@@ -135,8 +151,8 @@ def kv_cache_bytes(n: int, kv_heads: int, itemsize: int = 4) -> int:
 @dataclass
 class Point:
     n: int
-    fwd_s: float  # median seconds of a forward pass
-    fwdbwd_s: float  # median seconds of forward + backward
+    fwd_s: float  # CPU seconds of a forward pass, the fastest of `repeats`
+    fwdbwd_s: float  # ... of forward + backward
     fwd_bytes: int  # tracemalloc peak of a forward pass
     fwdbwd_bytes: int  # ... of forward + backward (the forward's outputs held through it)
     repeats: int
@@ -192,15 +208,15 @@ def measure_point(variant: Variant, min_time: float = MIN_TIME) -> Point:
     variant.saved = None
     fwd, both = [], []
     while len(fwd) < MAX_REPEATS and (len(fwd) < MIN_REPEATS or sum(both) < min_time):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         variant.forward()
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         variant.backward()
-        t2 = time.perf_counter()
+        t2 = time.process_time()
         variant.saved = None
         fwd.append(t1 - t0)
         both.append(t2 - t0)
-    return Point(variant.q.shape[2], float(np.median(fwd)), float(np.median(both)), fwd_bytes, fwdbwd_bytes,
+    return Point(variant.q.shape[2], min(fwd), min(both), fwd_bytes, fwdbwd_bytes,
                  len(fwd), time.perf_counter() - started)
 
 
@@ -245,11 +261,12 @@ def measure(budget: float, *, start: int = START, max_n: int = MAX_N, min_time: 
             variants=None, progress=None) -> list[Series]:
     """Measure every variant at N = start, 2 start, ... (see the module's docstring).
 
-    ``budget`` seconds (compilation excluded) are shared by the variants, cheapest first; a
+    ``budget`` seconds (compilation excluded) are shared by the variants in
+    ``MEASURE_ORDER``, each taking an equal share of what is left when its turn comes; a
     variant takes the next size while its projected cost (this size's, times how much the
     last doubling cost, at least 2x and at most 8x) fits its share of what is left, and
-    always takes at least ``FIT_POINTS`` sizes (up to ``max_n``), so every exponent has its
-    points. Also stops where the projected memory would pass a quarter of what is free.
+    always takes at least ``FIT_POINTS`` sizes and the sizes up to ``MIN_TOP`` (up to
+    ``max_n``), so every exponent has its points. Also stops where the projected memory would pass a quarter of what is free.
     ``progress(series, point)`` is called after each point. Returns the series in the
     table's order.
     """
@@ -288,7 +305,7 @@ def measure(budget: float, *, start: int = START, max_n: int = MAX_N, min_time: 
                     break
                 if free is not None and point.fwdbwd_bytes * memory_growth > free / 4:
                     break
-                needed = len(series.points) < FIT_POINTS
+                needed = len(series.points) < FIT_POINTS or n <= MIN_TOP.get(name, 0)
                 if not needed and time.perf_counter() + point.cost_s * growth > share_end:
                     break
             results[name] = series
@@ -342,7 +359,7 @@ def format_report(results: list[Series]) -> str:
     ns = sorted({p.n for s in results for p in s.points})
     lines = []
     for title, claim_of, columns, show in (
-            ("time (median wall seconds, one thread)", lambda c: c.time,
+            ("time (CPU seconds, the fastest of 3 or more calls, one thread)", lambda c: c.time,
              (("fwd", "fwd_s"), ("fwd+bwd", "fwdbwd_s")), _seconds),
             ("peak memory (tracemalloc over the call; inputs not counted)", lambda c: c.memory,
              (("fwd", "fwd_bytes"), ("fwd+bwd", "fwdbwd_bytes")), _bytes)):
@@ -379,7 +396,7 @@ def format_report(results: list[Series]) -> str:
                  + "".join(f"\n  OFF: {name} {label} {value:.2f} (seed {claimed})"
                            for name, label, value, claimed in fitted if abs(value - claimed) > TOLERANCE))
     lines.append(f"fit: least squares on log-log over the largest {FIT_POINTS} sizes of each variant; "
-                 f"float32, B={SHAPE['B']}, Hq={SHAPE['H']}, D={SHAPE['D']}, causal, window w={WINDOW}")
+                 f"float32, B={SHAPE['B']}, Hq={SHAPE['H']}, D={SHAPE['D']}; {MASKS}")
     lines.append("compile (excluded from the times): "
                  + ", ".join(f"{s.name} {s.compile_s:.1f} s" for s in results))
     lines.append("why: " + "; ".join(f"{s.name}: {s.claim.why}" for s in results))
@@ -397,7 +414,7 @@ def save_plot(results: list[Series], path) -> str | None:
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, pair, unit, scale) in zip(axes, (
-            ("time", ("fwd_s", "fwdbwd_s"), "seconds", 1.0),
+            ("time", ("fwd_s", "fwdbwd_s"), "CPU seconds (one thread)", 1.0),
             ("peak memory", ("fwd_bytes", "fwdbwd_bytes"), "MiB", 2.0**-20))):
         for colour, series in zip(colours, results):
             for what, style in zip(pair, ("--", "-")):
@@ -417,7 +434,7 @@ def save_plot(results: list[Series], path) -> str | None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, ncol=2)
     figure.suptitle(f"attention cost on this CPU, one thread: float32, B={SHAPE['B']}, H={SHAPE['H']}, "
-                    f"D={SHAPE['D']}, causal, window {WINDOW}; exponents fitted over the largest {FIT_POINTS} sizes")
+                    f"D={SHAPE['D']}; {MASKS}\nexponents fitted over the largest {FIT_POINTS} sizes", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
