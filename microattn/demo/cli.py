@@ -907,8 +907,8 @@ def cmd_complexity(args) -> int:
             print(f"  {series.name:<6} N={point.n:<6} fwd+bwd {point.fwdbwd_s * 1e3:9.2f} ms", file=sys.stderr,
                   flush=True)
 
-    results = complexity.measure(settings["budget"], max_n=settings["max_n"], min_time=settings["min_time"],
-                                 variants=args.variants, progress=progress)
+    results = complexity.measure(settings["budget"], start=complexity.START, max_n=settings["max_n"],
+                                 min_time=settings["min_time"], variants=args.variants, progress=progress)
     print(complexity.format_report(results))
     note = complexity.save_plot(results, args.out)
     print(note or f"log-log picture: {args.out}")
