@@ -83,10 +83,7 @@ CLAIMS = {
     "window": Claim("O(n*w)", "O(n)", 1, 1, f"flash skipping the tiles outside a band of w={WINDOW} keys"),
     "linear": Claim("O(n)", "O(n)", 1, 1, "a running (D, Dv) state per head instead of scores"),
 }
-VARIANT_NAMES = list(CLAIMS)  # full first: the table's order
-# full first (its FIT_POINTS sizes are taken whatever they cost), then the cheap ones: what
-# they leave of their shares goes to flash, whose exponent needs the largest sizes
-MEASURE_ORDER = ["full", "linear", "window", "gqa", "flash"]
+VARIANT_NAMES = list(CLAIMS)  # the table's order
 # The window's cost is O(N * w) only once N >> w: at N = 4 w the band still covers a
 # quarter of the causal triangle's tiles. It always runs up to 32 w (while max_n allows).
 MIN_TOP = {"window": 32 * WINDOW}
@@ -261,16 +258,17 @@ def measure(budget: float, *, start: int = START, max_n: int = MAX_N, min_time: 
             variants=None, progress=None) -> list[Series]:
     """Measure every variant at N = start, 2 start, ... (see the module's docstring).
 
-    ``budget`` seconds (compilation excluded) are shared by the variants in
-    ``MEASURE_ORDER``, each taking an equal share of what is left when its turn comes; a
-    variant takes the next size while its projected cost (this size's, times how much the
-    last doubling cost, at least 2x and at most 8x) fits its share of what is left, and
-    always takes at least ``FIT_POINTS`` sizes and the sizes up to ``MIN_TOP`` (up to
-    ``max_n``), so every exponent has its points. Also stops where the projected memory would pass a quarter of what is free.
+    First every variant takes the sizes its fit needs, whatever they cost: ``FIT_POINTS``
+    sizes, and those up to ``MIN_TOP``. Then, while ``budget`` seconds (wall time,
+    compilation excluded) last, the variant whose next size is projected to cost least
+    takes it, if that cost fits in what is left: cheap variants go far, the reference as
+    far as the budget allows. A projection is the last size's cost times the growth of the
+    last doubling (at least 2x, at most 8x; 4x after one size). Never past ``max_n``, nor
+    where the projected memory would pass a quarter of what is free.
     ``progress(series, point)`` is called after each point. Returns the series in the
     table's order.
     """
-    names = [name for name in MEASURE_ORDER if variants is None or name in variants]
+    names = [name for name in VARIANT_NAMES if variants is None or name in variants]
     if not names:
         raise ValueError("no variants to measure")
     if not (math.isfinite(budget) and budget > 0):
@@ -279,37 +277,51 @@ def measure(budget: float, *, start: int = START, max_n: int = MAX_N, min_time: 
         raise ValueError(f"sizes must satisfy 16 <= start <= max_n, got start={start}, max_n={max_n}")
     rng = np.random.default_rng(0)
     free = available_memory()
-    deadline = time.perf_counter() + budget
-    results = {}
+    results = {name: Series(name) for name in names}
+
+    def next_n(series):
+        return 2 * series.points[-1].n if series.points else start
+
+    def growth(series, what):
+        points = series.points
+        if len(points) < 2:
+            return 4.0
+        return min(8.0, max(2.0, getattr(points[-1], what) / getattr(points[-2], what)))
+
+    def projected_seconds(series):
+        return series.points[-1].cost_s * growth(series, "cost_s") if series.points else 0.0
+
+    def can_grow(series):
+        if next_n(series) > max_n:
+            return False
+        return free is None or not series.points or (
+            series.points[-1].fwdbwd_bytes * growth(series, "fwdbwd_bytes") <= free / 4)
+
+    def take(series):
+        point = measure_point(Variant(series.name, next_n(series), rng), min_time)
+        series.points.append(point)
+        if progress is not None:
+            progress(series, point)
+
     with one_thread():
-        for index, name in enumerate(names):
-            series = Series(name)
+        for series in results.values():  # compile before the clock starts
             started = time.perf_counter()
-            warm = Variant(name, 64, rng)  # compile before the clock starts
+            warm = Variant(series.name, 64, rng)
             warm.forward()
             warm.backward()
             series.compile_s = time.perf_counter() - started
-            deadline += series.compile_s  # compilation is not the budget's
-            share_end = time.perf_counter() + (deadline - time.perf_counter()) / (len(names) - index)
-            n, previous = start, None
-            while True:
-                point = measure_point(Variant(name, n, rng), min_time)
-                series.points.append(point)
-                if progress is not None:
-                    progress(series, point)
-                growth = 4.0 if previous is None else min(8.0, max(2.0, point.cost_s / previous.cost_s))
-                memory_growth = 4.0 if previous is None else min(8.0, max(2.0, point.fwdbwd_bytes
-                                                                         / previous.fwdbwd_bytes))
-                previous, n = point, 2 * n
-                if n > max_n:
-                    break
-                if free is not None and point.fwdbwd_bytes * memory_growth > free / 4:
-                    break
-                needed = len(series.points) < FIT_POINTS or n <= MIN_TOP.get(name, 0)
-                if not needed and time.perf_counter() + point.cost_s * growth > share_end:
-                    break
-            results[name] = series
-    return [results[name] for name in VARIANT_NAMES if name in results]
+        deadline = time.perf_counter() + budget
+        for series in results.values():
+            while can_grow(series) and (len(series.points) < FIT_POINTS
+                                        or next_n(series) <= MIN_TOP.get(series.name, 0)):
+                take(series)
+        while True:
+            left = deadline - time.perf_counter()
+            affordable = [s for s in results.values() if can_grow(s) and projected_seconds(s) <= left]
+            if not affordable:
+                break
+            take(min(affordable, key=projected_seconds))
+    return list(results.values())
 
 
 # ----------------------------------------------------------------------------- the report
