@@ -423,7 +423,7 @@ def save_plot(results: list[Series], path) -> str | None:
     plt = plots.pyplot()
     if plt is None:
         return f"matplotlib is not installed, so no picture ({plots.PLOT_EXTRA})"
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    figure, axes = plt.subplots(1, 2, figsize=(12, 6.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, pair, unit, scale) in zip(axes, (
             ("time", ("fwd_s", "fwdbwd_s"), "CPU seconds (one thread)", 1.0),
@@ -444,7 +444,7 @@ def save_plot(results: list[Series], path) -> str | None:
         ax.set_xticks(ns, [str(int(n)) for n in ns])
         ax.minorticks_off()
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     figure.suptitle(f"attention cost on this CPU, one thread: float32, B={SHAPE['B']}, H={SHAPE['H']}, "
                     f"D={SHAPE['D']}; {MASKS}\nexponents fitted over the largest {FIT_POINTS} sizes", fontsize=10)
     figure.tight_layout()
