@@ -288,8 +288,9 @@ def build_parser() -> ArgumentParser:
 
     cost = commands.add_parser("complexity", help="time and peak memory of full, flash, GQA, window and linear "
                                                   "attention against N, with fitted exponents and a log-log PNG")
-    cost.add_argument("--budget", type=positive_float, default=complexity.BUDGET,
-                      help=f"seconds of measuring, compilation excluded (default {complexity.BUDGET:g})")
+    cost.add_argument("--budget", type=positive_float,
+                      help=f"seconds of measuring, compilation excluded (default {complexity.BUDGET:g}; "
+                           f"--quick: {complexity.QUICK['budget']:g})")
     cost.add_argument("--quick", action="store_true",
                       help=f"budget {complexity.QUICK['budget']:g} s, N up to {complexity.QUICK['max_n']}: "
                            "under a minute, compilation included")
@@ -888,9 +889,11 @@ def check_png_path(out: Path, flag: str) -> None:
 
 def cmd_complexity(args) -> int:
     check_png_path(args.out, "--out")
-    settings = {"budget": args.budget, "max_n": complexity.MAX_N, "min_time": complexity.MIN_TIME}
+    settings = {"budget": complexity.BUDGET, "max_n": complexity.MAX_N, "min_time": complexity.MIN_TIME}
     if args.quick:
         settings.update(complexity.QUICK)
+    if args.budget is not None:
+        settings["budget"] = args.budget
     if args.max_n is not None:
         if args.max_n < complexity.START:
             raise CLIError(f"--max-n {args.max_n} is below the first size, {complexity.START}")
