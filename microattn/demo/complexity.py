@@ -4,7 +4,7 @@ For full attention (the NumPy reference, which materialises the (N, N) scores), 
 attention (the numba kernel), grouped-query attention (the same kernel with one key/value
 head for four query heads), a causal sliding window of ``w`` keys (the numba kernel's
 band-skipping path) and causal linear attention (the numba chunked kernel), at N = 512,
-1024, 2048, ...: the wall time and the peak memory of a forward pass and of a forward plus
+1024, 2048, ...: the time and the peak memory of a forward pass and of a forward plus
 backward pass, and the exponent ``a`` of ``cost ~ N^a`` fitted to the largest sizes, printed
 beside the textbook column (``CLAIMS``).
 
@@ -58,7 +58,7 @@ GQA_KV_HEADS = 1  # key/value heads of the gqa variant (4 query heads share each
 WINDOW = 128  # keys each query sees in the window variant (itself and the 127 before)
 MASKS = f"full, flash, gqa: no mask; window: causal band of w={WINDOW}; linear: causal"
 START = 512  # the first N; every next one doubles
-MAX_N = 16384  # no N beyond this (16 times the smallest fitted size is plenty of range)
+MAX_N = 16384  # no N beyond this by default (32x the first: range enough for every fit)
 BUDGET = 120.0  # seconds of measuring by default (compilation excluded)
 QUICK = {"budget": 20.0, "max_n": 8192, "min_time": 0.05}
 MIN_TIME = 0.2  # seconds of timed calls per size, at least (small N: more repeats)
@@ -84,8 +84,8 @@ CLAIMS = {
     "linear": Claim("O(n)", "O(n)", 1, 1, "a running (D, Dv) state per head instead of scores"),
 }
 VARIANT_NAMES = list(CLAIMS)  # the table's order
-# The window's cost is O(N * w) only once N >> w: at N = 4 w the band still covers a
-# quarter of the causal triangle's tiles. It always runs up to 32 w (while max_n allows).
+# The window's cost is O(N * w) only once N >> w: at N = 4 w the band still holds nearly
+# half of the causal triangle's pairs. It always runs up to 32 w (while max_n allows).
 MIN_TOP = {"window": 32 * WINDOW}
 
 

@@ -58,6 +58,11 @@ def test_the_reference_memory_grows_with_the_square_of_n():
     assert 3.3 < large.fwdbwd_bytes / small.fwdbwd_bytes < 4.4
 
 
+def test_tracemalloc_sees_what_numba_kernels_allocate():
+    """The memory columns count the flash kernels' own buffers (docs/complexity.md says so)."""
+    assert complexity.numba_allocations_traced()
+
+
 def test_kv_cache_bytes():
     assert complexity.kv_cache_bytes(1024, 4) == 2 * 1 * 4 * 1024 * 32 * 4
     assert complexity.kv_cache_bytes(1024, 4) == 4 * complexity.kv_cache_bytes(1024, 1)
