@@ -1,4 +1,5 @@
-"""The ``microattn`` command: demo, train, eval, sample, attention-map, generate, finetune.
+"""The ``microattn`` command: demo, train, eval, sample, attention-map, generate, finetune,
+exercise, complexity, niah.
 
     microattn demo                       # train every attention variant, print the table
     microattn train --task recall --attention window --steps 300 --out runs/w
@@ -12,6 +13,8 @@
     microattn finetune --model DIR --text book.txt --out DIR2
     microattn exercise list                                  # graded exercises: list, start,
     microattn exercise start 1 work/ && microattn exercise check 1 work/   # check, hint
+    microattn complexity --quick                              # time and memory against N, fitted exponents
+    microattn niah --train runs/niah                          # needle in a haystack, a heatmap per variant
 
 Every command returns an exit status from :func:`main` (0 success, 1 an error, 2 bad
 arguments, 130 interrupted, 141 stdout closed by its reader); errors print one line,
@@ -36,7 +39,7 @@ import numpy as np
 from ..autograd import no_grad
 from ..kernels import blas
 from ..nn.transformer import sample_next_token
-from . import inspection, plots
+from . import complexity, inspection, niah, plots
 from .checkpoint import CHECKPOINT_NAME
 from .loop import (
     VARIANTS,
@@ -299,7 +302,51 @@ def build_parser() -> ArgumentParser:
     grade.add_argument("directory", type=path, metavar="DIR")
     hint = actions.add_parser("hint", help="the hints for exercise N, gentlest first")
     hint.add_argument("number", type=positive_int, metavar="N")
+    cost = commands.add_parser("complexity", help="time and peak memory of full, flash, GQA, window and linear "
+                                                  "attention against N, with fitted exponents and a log-log PNG")
+    cost.add_argument("--budget", type=positive_float,
+                      help=f"seconds of measuring, compilation excluded (default {complexity.BUDGET:g}; "
+                           f"--quick: {complexity.QUICK['budget']:g})")
+    cost.add_argument("--quick", action="store_true",
+                      help=f"budget {complexity.QUICK['budget']:g} s, N up to {complexity.QUICK['max_n']}: "
+                           "under a minute, compilation included")
+    cost.add_argument("--max-n", type=positive_int, help=f"largest N (default {complexity.MAX_N})")
+    cost.add_argument("--variants", type=name_list(list(complexity.CLAIMS)),
+                      help=f"which to measure (default all: {', '.join(complexity.CLAIMS)})")
+    cost.add_argument("--out", type=path, default=Path("complexity.png"), help="the PNG (default complexity.png)")
+
+    haystack = commands.add_parser("niah", help="needle in a haystack: accuracy of needle models over needle "
+                                                "depth x context length, a PNG heatmap per model")
+    haystack.add_argument("--checkpoint", type=path, nargs="+", metavar="DIR",
+                          help="needle runs (microattn train --task needle) to evaluate")
+    haystack.add_argument("--train", type=path, metavar="DIR",
+                          help="train the demo's needle model per attention variant into DIR/<variant>, or reuse "
+                               "them from there (default niah-models, when no --checkpoint is given)")
+    haystack.add_argument("--variants", type=name_list(list(VARIANTS)),
+                          help=f"with --train: the variants (default {','.join(niah.VARIANTS)})")
+    haystack.add_argument("--depths", type=number_list(non_negative_float), metavar="D,D,...",
+                          help="needle depths in [0, 1] (default 0,0.1,...,1)")
+    haystack.add_argument("--lengths", type=number_list(positive_int), metavar="N,N,...",
+                          help=f"context lengths (default {','.join(map(str, niah.LENGTHS))})")
+    haystack.add_argument("--examples", type=positive_int, default=niah.EXAMPLES,
+                          help=f"sequences per cell (default {niah.EXAMPLES})")
+    haystack.add_argument("--seed", type=non_negative_int, default=0, help="picks the sequences (default 0)")
+    haystack.add_argument("--out-dir", type=path, default=Path("."),
+                          help="where the heatmaps niah-<variant>.png go (default .)")
+    haystack.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     return parser
+
+
+def number_list(kind):
+    """A comma-separated list of numbers, each parsed by ``kind``: "0,0.5,1"."""
+
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, got {text!r}")
+        return [kind(item) for item in items]
+
+    return parse
 
 
 def add_filter_options(parser) -> None:
@@ -314,7 +361,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)  # exits with status 2 on bad arguments
     handlers = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
                 "attention-map": cmd_attention_map, "generate": cmd_generate, "finetune": cmd_finetune,
-                "exercise": cmd_exercise}
+                "exercise": cmd_exercise,
+                "complexity": cmd_complexity, "niah": cmd_niah}
     # The demo's products are tiny: BLAS threads cost more than they save. A pretrained
     # model's are not: generate and finetune keep BLAS's own threads.
     pin = contextlib.nullcontext() if args.command in ("generate", "finetune") else blas.single_threaded()
@@ -881,4 +929,83 @@ def cmd_finetune(args) -> int:
         shutil.copyfile(args.model / name, args.out / name)
     print(f"saved to {args.out}: config.json, model.safetensors" + "".join(f", {name}" for name in copied))
     print(f"try it: microattn generate --model {args.out} --prompt \"...\"")
+    return 0
+
+
+# ----------------------------------------------------------------------------- complexity, niah
+
+
+def check_png_path(out: Path, flag: str) -> None:
+    if out.is_dir():
+        raise CLIError(f"{flag} {out} is a directory; expected the name of the PNG file to write")
+    if not out.absolute().parent.is_dir():
+        raise CLIError(f"{flag} {out}: {out.parent} is not an existing folder")
+
+
+def cmd_complexity(args) -> int:
+    check_png_path(args.out, "--out")
+    settings = {"budget": complexity.BUDGET, "max_n": complexity.MAX_N, "min_time": complexity.MIN_TIME}
+    if args.quick:
+        settings.update(complexity.QUICK)
+    if args.budget is not None:
+        settings["budget"] = args.budget
+    if args.max_n is not None:
+        if args.max_n < complexity.START:
+            raise CLIError(f"--max-n {args.max_n} is below the first size, {complexity.START}")
+        settings["max_n"] = args.max_n
+    started = time.perf_counter()
+    print(f"microattn complexity: N = {complexity.START}, {2 * complexity.START}, ... up to {settings['max_n']}, "
+          f"about {settings['budget']:g} s of measuring (compilation excluded), one thread", flush=True)
+    if not complexity.numba_allocations_traced():
+        print("note: tracemalloc does not see numba's allocations with this numba: the flash and linear "
+              "memory columns count only what NumPy allocates")
+
+    def progress(series, point):
+        if not args.quick:
+            print(f"  {series.name:<6} N={point.n:<6} fwd+bwd {point.fwdbwd_s * 1e3:9.2f} ms", file=sys.stderr,
+                  flush=True)
+
+    results = complexity.measure(settings["budget"], start=complexity.START, max_n=settings["max_n"],
+                                 min_time=settings["min_time"], variants=args.variants, progress=progress)
+    print(complexity.format_report(results))
+    note = complexity.save_plot(results, args.out)
+    print(note or f"log-log picture: {args.out}")
+    print(f"total wall time {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def cmd_niah(args) -> int:
+    if args.checkpoint and args.train is not None:
+        raise CLIError("give --checkpoint DIR ... (runs to evaluate) or --train DIR (train the demo's needle "
+                       "models there), not both")
+    if args.variants and args.checkpoint:
+        raise CLIError("--variants picks the models --train trains; with --checkpoint the runs are given")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise CLIError(f"--out-dir {args.out_dir} is a file; expected a directory for the heatmaps")
+    depths = tuple(args.depths) if args.depths else niah.DEPTHS
+    lengths = tuple(args.lengths) if args.lengths else niah.LENGTHS
+    niah.check_grid(depths, lengths, args.examples)
+    started = time.perf_counter()
+    if args.checkpoint:
+        directories = {}
+        for directory in args.checkpoint:
+            run = Run.load(directory)
+            niah.check_needle_run(run, directory)
+            name = run.config.attention if run.config.attention not in directories else f"{run.config.attention}-{directory.name}"
+            directories[name] = directory
+    else:
+        out = args.train if args.train is not None else Path("niah-models")
+        print(f"the demo's needle models ({DEMO_STEPS['needle']} steps of {DEMO_SETTINGS['batch_size']} sequences, "
+              f"needles at every distance) in {out}", flush=True)
+        directories = niah.train_models(out, args.variants or niah.VARIANTS, steps=DEMO_STEPS["needle"],
+                                        batch_size=DEMO_SETTINGS["batch_size"], progress=not args.no_progress)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for name, directory in directories.items():
+        grid = niah.evaluate_grid(Run.load(directory), name, depths, lengths, args.examples, args.seed)
+        print()
+        print(niah.format_grid(grid))
+        picture = args.out_dir / f"niah-{name}.png"
+        note = niah.save_heatmap(grid, picture)
+        print(f"  {note or f'heatmap: {picture}'}", flush=True)
+    print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
     return 0

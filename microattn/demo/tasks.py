@@ -82,7 +82,11 @@ class Task:
         raise NotImplementedError
 
     def batch(self, rng: np.random.Generator, batch_size: int) -> Batch:
-        sequences, is_answer = self._generate(rng, batch_size)  # (B, N + 1)
+        return self._as_batch(*self._generate(rng, batch_size))
+
+    @staticmethod
+    def _as_batch(sequences: np.ndarray, is_answer: np.ndarray) -> Batch:
+        """Inputs and targets from full sequences (B, N + 1) and their answer mask."""
         inputs = sequences[:, :-1]
         targets = np.where(is_answer[:, 1:], sequences[:, 1:], IGNORE)
         return Batch(np.ascontiguousarray(inputs, dtype=np.int64), targets.astype(np.int64))
@@ -281,12 +285,15 @@ class Needle(Task):
         self.token_names = list(string.ascii_lowercase[:num_fillers]) + list("0123456789"[:num_values]) + ["!", "?"]
         self.summary = f"recall a digit seen {min_distance}+ tokens earlier"
 
-    def _generate(self, rng, batch_size):
-        N = self.seq_len
+    def _generate(self, rng, batch_size, seq_len=None, marker_at=None):
+        """As Task._generate; ``seq_len`` (default the task's) and ``marker_at`` (B,) (default
+        drawn as the layout says) let :meth:`batch_at` place the needle."""
+        N = self.seq_len if seq_len is None else seq_len
         sequences = rng.integers(0, self.num_fillers, size=(batch_size, N + 1))
         rows = np.arange(batch_size)
         # the needle value sits at marker + 1 <= N - 1 - min_distance, the query at N - 1
-        marker_at = rng.integers(0, N - 1 - self.min_distance, size=batch_size)
+        if marker_at is None:
+            marker_at = rng.integers(0, N - 1 - self.min_distance, size=batch_size)
         needle = self.num_fillers + rng.integers(0, self.num_values, size=batch_size)
         sequences[rows, marker_at] = self.marker
         sequences[rows, marker_at + 1] = needle
@@ -295,6 +302,26 @@ class Needle(Task):
         is_answer = np.zeros(sequences.shape, dtype=bool)
         is_answer[:, N] = True
         return sequences, is_answer
+
+    def needle_position(self, depth: float, seq_len: int | None = None) -> int:
+        """Where :meth:`batch_at` puts the needle digit for ``depth`` in [0, 1]: position
+        ``1 + round(depth * (N - 3))`` of N inputs, from right after a marker at the very
+        start (0) to right before the "?" (1): ``N - 1 - position`` tokens before the "?"."""
+        N = self.seq_len if seq_len is None else seq_len
+        if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or N < 3:
+            raise ValueError(f"a needle sequence needs at least 3 tokens (marker, needle, \"?\"), got {N!r}")
+        if not (isinstance(depth, (int, float, np.integer, np.floating)) and 0 <= depth <= 1):
+            raise ValueError(f"needle depth must be a number in [0, 1], got {depth!r}")
+        return 1 + round(float(depth) * (N - 3))
+
+    def batch_at(self, rng: np.random.Generator, batch_size: int, depth: float, seq_len: int | None = None) -> Batch:
+        """A batch of ``seq_len`` inputs (default the task's) with every needle at ``depth``
+        (:meth:`needle_position`): the needle-in-a-haystack grid. Depths and lengths the
+        task's own layout never draws (closer than ``min_distance``, longer sequences) are
+        allowed: that is what the grid asks."""
+        N = self.seq_len if seq_len is None else seq_len
+        at = self.needle_position(depth, N)
+        return self._as_batch(*self._generate(rng, batch_size, N, np.full(batch_size, at - 1)))
 
     def solve(self, inputs):
         answers = np.full(inputs.shape, IGNORE, dtype=np.int64)
