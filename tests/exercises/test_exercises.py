@@ -3,6 +3,7 @@ says what to do. Exercises that need the CUDA simulator are graded in tests/cuda
 
 import inspect
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,6 +45,16 @@ def test_stub_defines_what_the_solution_names(ex):
     stub = grading.load(exercises.stub_path(ex))
     for name in vars(ex.solution()):
         assert hasattr(stub, name), f"stub {ex.FILE} lacks {name}"
+
+
+def test_the_learners_path_has_every_exercise_and_picture():
+    root = Path(__file__).resolve().parents[2]
+    path = (root / "docs" / "learn.md").read_text()
+    for ex in exercises.all_exercises():
+        assert f"**Exercise {ex.NUMBER}**" in path, ex.SLUG
+        assert f"$ microattn exercise check {ex.NUMBER} " in path, f"no transcript of exercise {ex.NUMBER}"
+    for picture in (root / "docs" / "pictures").glob("*.png"):
+        assert f"(pictures/{picture.name})" in path, picture.name
 
 
 def test_compare_names_the_worst_element_and_the_usual_cause():
