@@ -392,6 +392,22 @@ def mods_defaults(device, ONE):
     return allow_all, same_score, unit_slope
 
 
+def kernel_mods(mods, ONE):
+    """What a kernel factory compiles in for ``mods`` (None, or :func:`device_mods`' record):
+    (mask_mod, score_mod, score_mod_grad, has_mask_mod, has_score_mod), the user's device
+    functions where given and ``mods_defaults``' stand-ins elsewhere."""
+    mask_mod, score_mod, score_mod_grad = mods_defaults(cuda.jit(device=True), ONE)
+    has_mask_mod = mods is not None and mods.mask_mod is not None
+    has_score_mod = mods is not None and mods.score_mod is not None
+    if has_mask_mod:
+        mask_mod = mods.mask_mod
+    if has_score_mod:
+        score_mod = mods.score_mod
+        if mods.score_mod_grad is not None:
+            score_mod_grad = mods.score_mod_grad
+    return mask_mod, score_mod, score_mod_grad, has_mask_mod, has_score_mod
+
+
 def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: bool,
                      has_dropout: bool, rules=None, *, has_softcap: bool = False,
                      has_alibi: bool = False, mods: DeviceMods | None = None) -> dict:
@@ -413,15 +429,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
     np_type = np.dtype(dtype_name).type
     ZERO, ONE, NEG_INF = np_type(0), np_type(1), np_type(-np.inf)
     HAS_BIAS, HAS_DROPOUT, HAS_SOFTCAP, HAS_ALIBI = has_bias, has_dropout, has_softcap, has_alibi
-    mask_mod, score_mod, score_mod_grad = mods_defaults(cuda.jit(device=True), ONE)
-    HAS_MASK_MOD = mods is not None and mods.mask_mod is not None
-    HAS_SCORE_MOD = mods is not None and mods.score_mod is not None
-    if HAS_MASK_MOD:
-        mask_mod = mods.mask_mod
-    if HAS_SCORE_MOD:
-        score_mod = mods.score_mod
-        if mods.score_mod_grad is not None:
-            score_mod_grad = mods.score_mod_grad
+    mask_mod, score_mod, score_mod_grad, HAS_MASK_MOD, HAS_SCORE_MOD = kernel_mods(mods, ONE)
     CHUNKS = mod_chunks(tiles)
     CAST, INT = dtype, numba.int64  # a mod's score back to the tile dtype; the batch index as int64
     DV = Dv

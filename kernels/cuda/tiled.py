@@ -113,7 +113,7 @@ from .flash import (  # noqa: F401  (to_device, to_host, unavailable_reason: thi
     backward_mods_check,
     device_records,
     is_device_array,
-    mods_defaults,
+    kernel_mods,
     mods_key,
     simulated,
     to_device,
@@ -403,15 +403,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
     np_type = np.dtype(dtype_name).type
     ZERO, ONE, NEG_INF = np_type(0), np_type(1), np_type(-np.inf)
     # the user's mods (flash.py, "user mods"): compiled in behind these flags
-    mask_mod, score_mod, score_mod_grad = mods_defaults(cuda.jit(device=True), ONE)
-    HAS_MASK_MOD = mods is not None and mods.mask_mod is not None
-    HAS_SCORE_MOD = mods is not None and mods.score_mod is not None
-    if HAS_MASK_MOD:
-        mask_mod = mods.mask_mod
-    if HAS_SCORE_MOD:
-        score_mod = mods.score_mod
-        if mods.score_mod_grad is not None:
-            score_mod_grad = mods.score_mod_grad
+    mask_mod, score_mod, score_mod_grad, HAS_MASK_MOD, HAS_SCORE_MOD = kernel_mods(mods, ONE)
     CHUNKS = chunks or mod_chunks(Tilings(tiling, tiling))
     CAST, INT = dtype, numba.int64  # a mod's score back to the tile dtype; the batch index as int64
     R, C, K = tiling.rows, tiling.cols, tiling.chunk

@@ -649,6 +649,15 @@ PICTURES = {
     "cuda_rung2_ownership.png": cuda_rung2_ownership,
     "ring_layouts.png": ring_layouts,
 }
+# Pictures of measurements, not of code: written by the commands that measure
+# (docs/complexity.md says how), so build_all does not redraw them.
+MEASURED = {
+    "complexity.png": "microattn complexity --out docs/pictures/complexity.png",
+    "niah-exact.png": "microattn niah --train /tmp/niah-models --out-dir docs/pictures",
+    "niah-gqa.png": "microattn niah --train /tmp/niah-models --out-dir docs/pictures",
+    "niah-linear.png": "microattn niah --train /tmp/niah-models --out-dir docs/pictures",
+    "niah-window.png": "microattn niah --train /tmp/niah-models --out-dir docs/pictures",
+}
 
 
 def build_all(out_dir) -> list[Path]:

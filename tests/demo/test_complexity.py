@@ -5,19 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from microattn.demo import cli, complexity, plots
-
-
-def run_cli(*argv):
-    return cli.main([str(arg) for arg in argv])
-
-
-def status_of(*argv):
-    """The exit status, also of a usage error (argparse exits with 2)."""
-    try:
-        return run_cli(*argv)
-    except SystemExit as exit_info:
-        return exit_info.code
+from microattn.demo import complexity, plots
+from tests.demo.command import run_cli, status_of
 
 
 def test_fit_recovers_the_exponent_of_a_power_law():

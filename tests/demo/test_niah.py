@@ -3,23 +3,12 @@
 import numpy as np
 import pytest
 
-from microattn.demo import cli, niah, plots
+from microattn.demo import niah, plots
 from microattn.demo.loop import Run, TrainConfig
 from microattn.demo.tasks import make_task
+from tests.demo.command import run_cli, status_of
 
 TINY = ["--embed-dim", "16", "--heads", "2", "--batch-size", "4", "--backend", "reference"]
-
-
-def run_cli(*argv):
-    return cli.main([str(arg) for arg in argv])
-
-
-def status_of(*argv):
-    """The exit status, also of a usage error (argparse exits with 2)."""
-    try:
-        return run_cli(*argv)
-    except SystemExit as exit_info:
-        return exit_info.code
 
 
 @pytest.fixture(scope="module")
