@@ -178,11 +178,10 @@ def compile_ptx(rung: int, dtype: str, D: int, Dv: int, cc, mods: tuple | None =
     (mask_mod, score_mod, score_mod_grad) plain functions compiled in (None: none)."""
     from numba import cuda
 
-    from microattn.kernels.compile import compile_rules
     from microattn.kernels.cuda import flash
 
     with target(cc):
-        rules = compile_rules(cuda.jit(device=True))  # fresh: compiled for this target
+        rules = flash.device_rules()  # fresh: compiled for this target
         device_mods = None if mods is None else flash.device_mods(*mods)  # fresh too
         functions, signatures, threads, bounds = kernel_sources(rung, dtype, D, Dv, rules, device_mods)
         return {name: cuda.compile_ptx(fn, signatures[name], cc=cc, launch_bounds=bounds[name])[0]
@@ -293,7 +292,9 @@ def hot_loop(sass: str) -> dict:
     that a tile product NVVM unrolled completely (on sm_80 it does, for some kernels) is
     counted in the loop around it. The hot loop is the loop with the most FMAs of its own
     among those whose own instructions are at least half FMAs (a tile product), else among
-    all loops. The "half" rule keeps float64's exp out: libdevice's exp is a DFMA polynomial,
+    all loops; in both, only loops that load from shared memory count where there are any
+    (a tile product reads its tiles there: rung 1's per-row softmax loop, unrolled, could
+    otherwise hold more FMAs). The "half" rule keeps float64's exp out: libdevice's exp is a DFMA polynomial,
     so the per-element softmax loop holds ~100 DFMAs in ~500 instructions, once per
     element, while the tile product's loop runs ``chunk`` times per staged chunk."""
     listing, _ = instructions(sass)
@@ -307,8 +308,10 @@ def hot_loop(sass: str) -> dict:
         candidates.append({"fma": fma, "shared_loads": sum(map(is_shared_load, own)),
                            "instructions": len(own), "span": (first, last),
                            "dense": 2 * fma >= len(own)})
-    dense = [c for c in candidates if c["dense"] and c["fma"]]
-    pool = dense or [c for c in candidates if c["fma"]]
+    # a tile product reads an operand from shared memory: among loops that do, if any
+    reading = [c for c in candidates if c["shared_loads"]] or candidates
+    dense = [c for c in reading if c["dense"] and c["fma"]]
+    pool = dense or [c for c in reading if c["fma"]]
     if not pool:
         return {"fma": 0, "shared_loads": 0, "instructions": 0, "span": None}
     best = max(pool, key=lambda c: c["fma"])

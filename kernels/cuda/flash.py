@@ -261,16 +261,16 @@ def online_softmax_step(s_row, acc, m_i, l_i):
         s = s_row[jj]
         if s > m_new or s != s:  # max, but a NaN score sticks
             m_new = s
-    if m_new == -math.inf:  # nothing allowed so far: l_i and acc stay 0
-        for jj in range(s_row.shape[0]):
-            s_row[jj] = math.exp(s_row[jj])  # every s is -inf: p = 0
-        return m_new, l_i
-    alpha = math.exp(m_i - m_new)  # exp(-inf) = 0 on the first allowed tile
+    # While nothing is allowed (m_new = -inf) shift by 0, the rule of masking.row_shift:
+    # p = exp(-inf) = 0 and never exp(-inf - -inf) = NaN. l_i is that 0 (no key allowed yet),
+    # in the kernel's dtype: a literal 0.0 would make a float32 kernel compute in float64.
+    shift = m_new if m_new != -math.inf else l_i
+    alpha = math.exp(m_i - shift)  # exp(-inf) = 0 on the first allowed tile
     l_new = l_i * alpha
     for d in range(acc.shape[0]):
         acc[d] *= alpha
     for jj in range(s_row.shape[0]):
-        p = math.exp(s_row[jj] - m_new)
+        p = math.exp(s_row[jj] - shift)
         s_row[jj] = p
         l_new += p  # l is summed before dropout
     return m_new, l_new
@@ -284,7 +284,7 @@ def device_rules():
     checks compile their own under a patched "current device" (tests/kernels/test_cuda_ptx.py).
     """
     rules = compile_rules(cuda.jit(device=True))
-    rules.online_softmax_step = cuda.jit(device=True)(online_softmax_step)
+    rules.online_softmax_step = cuda.jit(device=True, inline="always")(online_softmax_step)
     return rules
 
 
