@@ -170,6 +170,17 @@ def grid(sizes=SIZES, unequal=UNEQUAL, max_n=None) -> list[Case]:
     return cases + [case for case in SCORE_TERMS + FEATURES if (case.Nq, case.Nk) in pairs]
 
 
+def unsupported(case: Case, module) -> str | None:
+    """Why kernel ``module`` cannot run ``case`` at kernel level (None: it can). The one
+    exclusion: the user's mods on a module without ``SUPPORTS_MODS`` (the ladder's teaching
+    rungs, cpu/decode.py), which would ignore them; ``functional.attend`` never gives such a
+    module mods (it runs numba's flash or the reference instead). Sinks and packed sequences
+    run on every module (``run_kernel``)."""
+    if case.mods and not getattr(module, "SUPPORTS_MODS", False):
+        return f"{getattr(module, '__name__', module)} has no mask_mod / score_mod (no SUPPORTS_MODS)"
+    return None
+
+
 def make_inputs(case: Case, dtype=np.float64, seed=0):
     """q, k, v, dout arrays and the sdpa keyword arguments for one case."""
     rng = np.random.default_rng(seed)
@@ -257,7 +268,10 @@ def make_inputs(case: Case, dtype=np.float64, seed=0):
 #   no common truth; the float32 reference (the same rule: p = exp(s - m) / l) is the
 #   oracle, within 2e-5;
 # * lse: -inf exactly where the reference's is; empty rows give out 0 and dq 0; nothing is
-#   NaN (the NaN-input tests below are the only place NaN is expected).
+#   NaN (the NaN-input tests below are the only place NaN is expected);
+# * the expected values are the ``oracle``'s: the reference kernel, on the dense call with
+#   the block-diagonal mask for packed sequences, and a sink column of the scores in plain
+#   maths for sinks (whose gradient, dsinks, is judged like the others).
 
 NAMES = ("out", "lse", "dq", "dk", "dv")
 SINK_NAMES = NAMES + ("dsinks",)  # with sinks: their gradient (Hq,) too
@@ -445,6 +459,7 @@ DLSE_CASES = [
     Case(37, 7, 4, 4, 8, 8, masking="empty_rows"),
     Case(37, 37, 4, 2, 8, 5, masking="dropout+causal"),
     Case(37, 37, 4, 4, 8, 8, masking="huge_mask"),
+    Case(37, 37, 4, 2, 8, 5, masking="causal", sinks=True),  # dlse reaches dsinks too
 ]
 
 
