@@ -123,8 +123,9 @@ SCORE_TERMS = (
 
 # sinks, packed sequences and the user's mods, each beside GQA/MQA, causal, windows, bool and
 # float masks (huge finite values too), dropout, empty rows and the odd lengths 1, 7, 37 (the
-# lengths the CUDA simulator runs), and together. A dozen: CI time is budgeted, and every mods
-# case uses the one set of mods (one numba compile).
+# lengths the CUDA simulator runs), and together. A dozen, small where the simulator paid most
+# (it runs each on both rungs in both dtypes): CI time is budgeted, and every mods case uses
+# the one set of mods (one numba compile, shared with tests/test_mods.py).
 FEATURES = (
     Case(7, 37, 4, 2, 8, 5, masking="dropout+causal", sinks=True),
     Case(37, 7, 4, 1, masking="huge_mask", sinks=True),
