@@ -5,12 +5,21 @@ A ``Case`` names a shape and a masking regime, and optionally the score terms (`
 ``make_inputs`` turns it into arrays and keyword arguments for
 ``scaled_dot_product_attention`` (or ``make_attention_spec``). Sizes are odd on purpose
 (1, 7, 37, 113, 203) so no tile ever divides them evenly. ``SCORE_TERMS`` puts softcap and
-ALiBi beside GQA, causal, windows, masks, dropout, empty rows and large logits; ``grid()``
-includes them, so every backend runs them.
+ALiBi beside GQA, causal, windows, masks, dropout, empty rows and large logits; ``FEATURES``
+does the same for the features beside the kernels' own maths: ``sinks`` (one logit per query
+head, ``kernels/sinks.py``), packed sequences (``varlen``: ``cu_seqlens_q/k``,
+``kernels/varlen.py``) and the user's mods (``mods``: ``mask_mod`` / ``score_mod`` /
+``score_mod_grad``, ``kernels/mods.py``). ``grid()`` includes both, so every backend runs them.
+
+A kernel module runs sinks and packed sequences the way ``functional.Attention`` does
+(``run_kernel``: the module wrapped in ``varlen.Varlen``, the sinks folded in after its
+forward); the oracle (``oracle``) computes them another way: packed sequences as the dense
+call with the block-diagonal mask, sinks as one more column of the scores.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -27,6 +36,37 @@ MASKINGS = (
 )
 HUGE = (-1e9, "finfo.min", -1e30)  # finite "forbid" values users put in float masks
 
+# -- the user's mods of the grid (kernels/mods.py) --------------------------------------------
+#
+# One set, also tests/test_mods.py's NUMBA_SET: numba compiles its kernels once per set of mods
+# (keyed by the functions themselves, 14-24 s), so every mods case and test_mods share one
+# compile. Written with NumPy operators: the reference evaluates them on whole index arrays,
+# numba and numba.cuda compile them as they are.
+
+MOD_PREFIX, MOD_SHIFT, MOD_CAP = 4, 2, 2.0
+
+
+def prefix_lm_holes(b, h, i, j):
+    """prefix-LM: keys 0..3 for every query, causal (diagonal shifted by 2) after them; query
+    1 + h of batch row 1 sees no key at all (rows that mask_mod alone leaves empty)."""
+    return ((j < MOD_PREFIX) | (j <= i + MOD_SHIFT)) & ~((b == 1) & (i == 1 + h))
+
+
+def capped_relative(score, b, h, i, j):
+    """A relative-distance bias, capped: 2 tanh((s - 0.1 |i - j|) / 2)."""
+    return MOD_CAP * np.tanh((score - 0.1 * np.abs(i - j)) / MOD_CAP)
+
+
+def capped_relative_grad(score, b, h, i, j):
+    """d capped_relative / d score."""
+    return 1.0 - np.tanh((score - 0.1 * np.abs(i - j)) / MOD_CAP) ** 2
+
+
+MODS = {  # Case.mods -> the sdpa keywords
+    "prefix_relative": dict(mask_mod=prefix_lm_holes, score_mod=capped_relative,
+                            score_mod_grad=capped_relative_grad),
+}
+
 
 @dataclass(frozen=True)
 class Case:
@@ -42,13 +82,28 @@ class Case:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
     softcap: float | None = None  # scaled scores become softcap * tanh(s / softcap)
     alibi: str | None = None  # ALiBi slopes: "heads" (Hq,) or "batch" (B, Hq)
+    sinks: bool = False  # one sink logit per query head, (Hq,), one of them -inf (no sink)
+    # packed sequences: (query lengths, key lengths), summing to Nq and Nk, with B = 1
+    varlen: tuple | None = None
+    mods: str | None = None  # a key of MODS: the mask_mod / score_mod / score_mod_grad
+
+    def __post_init__(self):
+        if self.varlen is not None:
+            q_lengths, k_lengths = self.varlen
+            if (sum(q_lengths), sum(k_lengths), self.B) != (self.Nq, self.Nk, 1):
+                raise ValueError(f"varlen {self.varlen} must sum to Nq={self.Nq}, Nk={self.Nk}, with B=1")
+        if self.mods is not None and self.mods not in MODS:
+            raise ValueError(f"mods {self.mods!r} is not one of {sorted(MODS)}")
 
     @property
     def id(self) -> str:
         w = f"-w{self.window[0]}_{self.window[1]}" if self.window else ""
         terms = (f"-cap{self.softcap:g}" if self.softcap else "") + (
             f"-alibi_{self.alibi}" if self.alibi else "")
-        return (f"{self.masking}{w}{terms}-Nq{self.Nq}-Nk{self.Nk}-H{self.Hq}_{self.Hkv}"
+        features = ("-sinks" if self.sinks else "") + (
+            "-varlen" + "_".join(map(str, self.varlen[0])) + "x" + "_".join(map(str, self.varlen[1]))
+            if self.varlen else "") + (f"-mods_{self.mods}" if self.mods else "")
+        return (f"{self.masking}{w}{terms}{features}-Nq{self.Nq}-Nk{self.Nk}-H{self.Hq}_{self.Hkv}"
                 f"-D{self.D}_{self.Dv}")
 
 
@@ -66,10 +121,38 @@ SCORE_TERMS = (
     Case(113, 113, 4, 4, 3, 16, masking="large_logits", softcap=30.0),
 )
 
+# sinks, packed sequences and the user's mods, each beside GQA/MQA, causal, windows, bool and
+# float masks (huge finite values too), dropout, empty rows and the odd lengths 1, 7, 37 (the
+# lengths the CUDA simulator runs), and together. A dozen, small where the simulator paid most
+# (it runs each on both rungs in both dtypes): CI time is budgeted, and every mods case uses
+# the one set of mods (one numba compile, shared with tests/test_mods.py).
+FEATURES = (
+    Case(7, 37, 4, 2, 8, 5, masking="dropout+causal", sinks=True),
+    Case(37, 7, 4, 1, masking="huge_mask", sinks=True),
+    # rows with no key: out 0 and lse = the sink (-inf on the head without one)
+    Case(37, 7, 4, 4, 3, 16, masking="empty_rows", sinks=True),
+    # a KV prefix, a sequence of keys only, one of a query and no key, one with Nq > Nk
+    Case(37, 37, 4, 2, B=1, masking="causal+window", window=(3, 0),
+         varlen=((5, 0, 13, 1, 18), (7, 3, 13, 0, 14))),
+    Case(7, 37, 4, 1, 8, 5, B=1, masking="dropout", varlen=((1, 2, 4), (12, 1, 24))),
+    Case(37, 7, 4, 2, B=1, masking="huge_mask", varlen=((20, 17), (3, 4))),
+    Case(37, 37, 2, 1, 8, 5, masking="bool_mask", mods="prefix_relative"),
+    # the mods see packed positions: rows of the last sequence that mask_mod leaves empty
+    Case(37, 37, 2, 1, B=1, masking="float_mask", varlen=((9, 0, 28), (9, 6, 22)),
+         mods="prefix_relative"),
+    # queries 0..13 see no key (the window lies left of key 0): out 0, lse = the sink
+    Case(37, 7, 4, 1, masking="window", window=(16, 16), sinks=True, mods="prefix_relative"),
+    # score_mod sees the capped score; ALiBi is added after it
+    Case(7, 7, 4, 2, 3, 16, masking="causal", softcap=2.0, alibi="heads", mods="prefix_relative"),
+    Case(37, 37, 4, 2, B=1, masking="causal", softcap=1.5, alibi="batch", sinks=True,
+         varlen=((13, 24), (13, 24))),
+    Case(1, 1, 4, 2, B=1, sinks=True, varlen=((1,), (1,)), mods="prefix_relative"),
+)
+
 
 def grid(sizes=SIZES, unequal=UNEQUAL, max_n=None) -> list[Case]:
     """The full grid: every length pair meets every masking regime and every window, and
-    the ``SCORE_TERMS`` cases whose lengths are among the pairs.
+    the ``SCORE_TERMS`` and ``FEATURES`` cases whose lengths are among the pairs.
 
     Heads, D/Dv and windows rotate through their values so the grid stays a few hundred
     cases while every value meets every other axis somewhere.
@@ -86,7 +169,18 @@ def grid(sizes=SIZES, unequal=UNEQUAL, max_n=None) -> list[Case]:
             hq, hkv = next(heads)
             d, dv = next(dims)
             cases.append(Case(nq, nk, hq, hkv, d, dv, masking=masking, window=window))
-    return cases + [case for case in SCORE_TERMS if (case.Nq, case.Nk) in pairs]
+    return cases + [case for case in SCORE_TERMS + FEATURES if (case.Nq, case.Nk) in pairs]
+
+
+def unsupported(case: Case, module) -> str | None:
+    """Why kernel ``module`` cannot run ``case`` at kernel level (None: it can). The one
+    exclusion: the user's mods on a module without ``SUPPORTS_MODS`` (the ladder's teaching
+    rungs, cpu/decode.py), which would ignore them; ``functional.attend`` never gives such a
+    module mods (it runs numba's flash or the reference instead). Sinks and packed sequences
+    run on every module (``run_kernel``)."""
+    if case.mods and not getattr(module, "SUPPORTS_MODS", False):
+        return f"{getattr(module, '__name__', module)} has no mask_mod / score_mod (no SUPPORTS_MODS)"
+    return None
 
 
 def make_inputs(case: Case, dtype=np.float64, seed=0):
@@ -148,6 +242,15 @@ def make_inputs(case: Case, dtype=np.float64, seed=0):
         if case.alibi == "batch":
             slopes[-1, -1] = -0.1
         kwargs["alibi_slopes"] = slopes.astype(dtype)
+    if case.sinks:
+        sinks = rng.standard_normal(Hq)  # of the size of the scores: p_sink is neither 0 nor 1
+        sinks[min(1, Hq - 1)] = -np.inf  # that head has no sink
+        kwargs["sinks"] = sinks.astype(dtype)
+    if case.varlen:
+        kwargs["cu_seqlens_q"], kwargs["cu_seqlens_k"] = (
+            np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64) for lengths in case.varlen)
+    if case.mods:
+        kwargs.update(MODS[case.mods])
     cast = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
     return cast(q), cast(k), cast(v), cast(dout), kwargs
 
@@ -167,9 +270,13 @@ def make_inputs(case: Case, dtype=np.float64, seed=0):
 #   no common truth; the float32 reference (the same rule: p = exp(s - m) / l) is the
 #   oracle, within 2e-5;
 # * lse: -inf exactly where the reference's is; empty rows give out 0 and dq 0; nothing is
-#   NaN (the NaN-input tests below are the only place NaN is expected).
+#   NaN (the NaN-input tests below are the only place NaN is expected);
+# * the expected values are the ``oracle``'s: the reference kernel, on the dense call with
+#   the block-diagonal mask for packed sequences, and a sink column of the scores in plain
+#   maths for sinks (whose gradient, dsinks, is judged like the others).
 
 NAMES = ("out", "lse", "dq", "dk", "dv")
+SINK_NAMES = NAMES + ("dsinks",)  # with sinks: their gradient (Hq,) too
 
 
 def build(case: Case, dtype, seed=0):
@@ -183,14 +290,104 @@ def build(case: Case, dtype, seed=0):
 def run_kernel(module, q, k, v, dout, spec, dlse=None) -> dict:
     """out, lse, dq, dk, dv of one kernel module (the protocol of kernels/protocol.py); its
     backward sees its own forward's out and stats, and ``dlse`` (B, Hq, Nq) or None, the
-    gradient reaching lse. Device arrays come back as NumPy."""
+    gradient reaching lse. Device arrays come back as NumPy.
+
+    As ``functional.attend`` and ``functional.Attention`` run it: packed sequences
+    (``spec.cu_seqlens_q``) through ``varlen.Varlen(module)``, sinks folded into the
+    forward's out and stats on the host (``sinks.fold``), and then also ``dsinks`` (Hq,)
+    (``sinks.grad``)."""
+    from microattn.kernels import sinks, varlen
     from microattn.kernels.protocol import lse_of
 
-    host = getattr(module, "to_host", lambda x: x)
-    out, stats = module.forward(q, k, v, spec)
-    grads = module.backward(q, k, v, out, stats, dout, spec, dlse=dlse)
+    kernel = varlen.Varlen(module) if spec.cu_seqlens_q is not None else module
+    host = getattr(kernel, "to_host", lambda x: x)
+    out, stats = kernel.forward(q, k, v, spec)
+    if spec.sinks is not None:  # forward: out', stats' = fold(out, stats, sinks)
+        out, stats, p_sink = sinks.fold(host(out), host(stats), spec.sinks)
+        device = getattr(kernel, "to_device", lambda x: x)
+        grads = kernel.backward(q, k, v, device(out), device(stats), dout, spec, dlse=dlse)
+        dsinks = sinks.grad(out, dout, dlse, p_sink)
+        return dict(zip(SINK_NAMES, (out, lse_of(stats)) + tuple(host(g) for g in grads) + (dsinks,)))
+    grads = kernel.backward(q, k, v, out, stats, dout, spec, dlse=dlse)
     out, stats = host(out), host(stats)
     return dict(zip(NAMES, (out, lse_of(stats)) + tuple(host(g) for g in grads)))
+
+
+def oracle(q, k, v, dout, spec, dlse=None) -> dict:
+    """What ``run_kernel`` must give, computed another way: the NumPy reference on the
+    equivalent dense call (packed sequences: :func:`dense_spec`), and with sinks the plain
+    maths of a sink column (:func:`sink_maths`) instead of ``sinks.fold`` / ``sinks.grad``.
+    The user's mods are the reference's own (evaluated on arrays, ``kernels/mods.py``)."""
+    from microattn.kernels import reference
+
+    if spec.cu_seqlens_q is not None:
+        spec = dense_spec(spec)
+    if spec.sinks is not None:
+        return sink_maths(q, k, v, dout, spec, dlse)
+    return run_kernel(reference, q, k, v, dout, spec, dlse)
+
+
+def dense_spec(spec):
+    """The dense call a packed one equals (tests/test_varlen.py's oracle): no cu_seqlens,
+    every pair of different sequences forbidden, causal and the window bottom-right aligned
+    per sequence, and ALiBi's distance each sequence's own -- all in the bias. Dropout and
+    the mods see packed positions either way."""
+    from microattn.kernels.masking import alibi_bias, in_band
+
+    cu_q, cu_k = spec.cu_seqlens_q, spec.cu_seqlens_k
+    terms = np.full((1, spec.Hq, spec.Nq, spec.Nk), -np.inf, dtype=spec.dtype)
+    for s in range(len(cu_q) - 1):
+        rows, cols = slice(cu_q[s], cu_q[s + 1]), slice(cu_k[s], cu_k[s + 1])
+        nq, nk = cu_q[s + 1] - cu_q[s], cu_k[s + 1] - cu_k[s]
+        band = (nk - nq, spec.window_left, spec.window_right)  # bottom-right in the sequence
+        i, j = np.arange(nq)[:, None], np.arange(nk)[None, :]
+        block = np.where(in_band(band, i, j), 0.0, -np.inf)  # (nq, nk)
+        if spec.has_alibi:
+            h = np.arange(spec.Hq)[:, None, None]
+            block = block + alibi_bias(spec.alibi, band, 0, h, i, j)  # (Hq, nq, nk)
+        terms[0, :, rows, cols] = block
+    bias = terms if spec.bias is None else spec.bias + terms  # -inf + a finite value: -inf
+    return dataclasses.replace(spec, bias=bias.astype(spec.dtype), causal=False, window_left=-1,
+                               window_right=-1, alibi=None, cu_seqlens_q=None, cu_seqlens_k=None)
+
+
+def sink_maths(q, k, v, dout, spec, dlse=None) -> dict:
+    """out, lse, dq, dk, dv and dsinks with each head's sink one more column of the scores
+    (value 0): a plain softmax over Nk + 1 columns and its backward written out; the scores
+    and their slopes are the reference's (``reference.score_terms``), nothing of sinks.py."""
+    from microattn.kernels.reference import dropout_multiplier, expand_kv, reduce_kv, score_terms
+
+    s, slope = score_terms(q, k, spec)  # (B, Hq, Nq, Nk), -inf where forbidden
+    sink = np.broadcast_to(spec.sinks[None, :, None, None], s.shape[:3] + (1,))
+    scores = np.concatenate([s, sink], axis=-1)  # (B, Hq, Nq, Nk + 1)
+    m = scores.max(axis=-1, keepdims=True)
+    m = np.where(np.isneginf(m), 0, m)  # nothing at all in the row: subtract 0
+    e = np.exp(scores - m)
+    total = e.sum(axis=-1, keepdims=True)
+    probs = e / np.where(total == 0, 1, total)  # (B, Hq, Nq, Nk + 1); an empty row: 0
+    with np.errstate(divide="ignore"):
+        lse = (m + np.log(total))[..., 0]  # -inf where the row has no key and no sink
+    p, p_sink = probs[..., :-1], probs[..., -1]
+    z = dropout_multiplier(spec)
+    p_drop = p if z is None else p * z
+    k_all, v_all = expand_kv(k, spec.group), expand_kv(v, spec.group)
+    out = np.einsum("bhij,bhjd->bhid", p_drop, v_all)
+    # backward: dv = p_drop^T dout; dp = (dout v^T) z; ds = p (dp - delta + dlse) on every
+    # column, the sink's dp being 0 (its value is 0)
+    dv = np.einsum("bhij,bhid->bhjd", p_drop, dout)
+    dp = np.einsum("bhid,bhjd->bhij", dout, v_all)
+    if z is not None:
+        dp = dp * z
+    delta = np.einsum("bhid,bhid->bhi", out, dout) - (0 if dlse is None else dlse)
+    ds = p * (dp - delta[..., None])
+    dsinks = (p_sink * -delta).sum(axis=(0, 2))
+    if slope is not None:
+        ds = ds * slope
+    scale = spec.dtype.type(spec.scale)
+    dq = np.einsum("bhij,bhjd->bhid", ds, k_all) * scale
+    dk = np.einsum("bhij,bhid->bhjd", ds, q) * scale
+    result = (out, lse, dq, reduce_kv(dk, spec.group), reduce_kv(dv, spec.group), dsinks)
+    return {name: x.astype(spec.dtype, copy=False) for name, x in zip(SINK_NAMES, result)}
 
 
 def natural_scales(q, k, v, dout, spec, dlse=None) -> dict:
@@ -204,13 +401,15 @@ def natural_scales(q, k, v, dout, spec, dlse=None) -> dict:
         "dq": spec.scale * ak * (drop * ado * av + adlse),
         "dk": spec.scale * aq * (drop * ado * av + adlse),
         "dv": drop * ado,
+        "dsinks": drop * ado * av + adlse,  # dsinks_h = sum p_sink (dlse - delta)
     }
 
 
 def errors(got: dict, want: dict, scales: dict) -> dict:
-    """Normalised max error per output; lse compared where finite, inf if -inf differs."""
+    """Normalised max error per output (dsinks too where ``got`` has it); lse compared
+    where finite, inf if -inf differs."""
     result = {}
-    for name in NAMES:
+    for name in SINK_NAMES if "dsinks" in got else NAMES:
         a = np.asarray(got[name], dtype=np.float64)
         e = np.asarray(want[name], dtype=np.float64)
         if np.isnan(a).any():
@@ -242,7 +441,10 @@ def spec_in_float64(spec):
                                dropout_p=spec.dropout_p, seed=spec.seed, scale=spec.scale,
                                window=window, softcap=spec.softcap or None,
                                alibi_slopes=None if alibi is None else alibi.astype(np.float64),
-                               sinks=None if spec.sinks is None else spec.sinks.astype(np.float64))
+                               sinks=None if spec.sinks is None else spec.sinks.astype(np.float64),
+                               cu_seqlens_q=spec.cu_seqlens_q, cu_seqlens_k=spec.cu_seqlens_k,
+                               mask_mod=spec.mask_mod, score_mod=spec.score_mod,
+                               score_mod_grad=spec.score_mod_grad)
 
 
 def random_dlse(spec, dtype, seed=0) -> np.ndarray:
@@ -259,40 +461,39 @@ DLSE_CASES = [
     Case(37, 7, 4, 4, 8, 8, masking="empty_rows"),
     Case(37, 37, 4, 2, 8, 5, masking="dropout+causal"),
     Case(37, 37, 4, 4, 8, 8, masking="huge_mask"),
+    Case(37, 37, 4, 2, 8, 5, masking="causal", sinks=True),  # dlse reaches dsinks too
 ]
 
 
 def check_against_reference(module, case: Case, dtype, seed=0, with_dlse=False) -> dict:
     """Run ``module`` on ``case`` and hold it to the yardstick above; returns its errors.
     ``with_dlse``: the backward also gets a random gradient reaching lse (both sides)."""
-    from microattn.kernels import reference
-
     q, k, v, dout, spec = build(case, dtype, seed)
     dlse = random_dlse(spec, dtype, seed) if with_dlse else None
     got = run_kernel(module, q, k, v, dout, spec, dlse)
-    for name in NAMES:
+    for name in got:
         assert got[name].dtype == np.dtype(dtype), f"{name} is {got[name].dtype}, not {np.dtype(dtype)}"
     empty = np.isneginf(got["lse"])
     assert (got["out"][empty] == 0).all() and (got["dq"][empty] == 0).all(), \
         "a row that allows no key must give out 0 and dq 0"
     if dtype == np.float64:
-        want = run_kernel(reference, q, k, v, dout, spec, dlse)
+        want = oracle(q, k, v, dout, spec, dlse)
         err = errors(got, want, natural_scales(q, k, v, dout, spec, dlse))
         assert max(err.values()) <= 1e-9, err
         return err
     if case.masking == "huge_mask":
-        want = run_kernel(reference, q, k, v, dout, spec, dlse)
+        want = oracle(q, k, v, dout, spec, dlse)
         err = errors(got, want, natural_scales(q, k, v, dout, spec, dlse))
         assert max(err.values()) <= 2e-5, err
         return err
     q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, dout))
     dlse64 = None if dlse is None else dlse.astype(np.float64)
     spec64 = spec_in_float64(spec)
-    truth = run_kernel(reference, q64, k64, v64, do64, spec64, dlse64)
+    truth = oracle(q64, k64, v64, do64, spec64, dlse64)
     scales = natural_scales(q64, k64, v64, do64, spec64, dlse64)
     ours = errors(got, truth, scales)
-    ref32 = errors(run_kernel(reference, q, k, v, dout, spec, dlse), truth, scales)
-    for name in NAMES:
+    ref32 = errors(oracle(q, k, v, dout, spec, dlse), truth, scales)
+    for name in ours:
         assert ours[name] <= 4 * max(ref32[name], 1e-6), (name, ours, ref32)
     return ours
 

@@ -22,12 +22,18 @@ GRID = grid()
 
 
 def run(backend, case, dtype, seed=0) -> dict:
-    """out, lse, dq, dk, dv for one case through the functional API."""
+    """out, lse, dq, dk, dv for one case through the functional API (and dsinks, the sinks
+    a Tensor that gets its gradient, for a case with sinks)."""
     q, k, v, dout, kwargs = make_inputs(case, dtype, seed)
     q, k, v = (ma.tensor(x, requires_grad=True) for x in (q, k, v))
+    if case.sinks:
+        kwargs["sinks"] = ma.tensor(kwargs["sinks"], requires_grad=True)
     out, lse = F.scaled_dot_product_attention(q, k, v, backend=backend, return_lse=True, **kwargs)
     out.backward(dout)
-    return dict(zip(NAMES, (out.data, lse.data, q.grad, k.grad, v.grad)))
+    got = dict(zip(NAMES, (out.data, lse.data, q.grad, k.grad, v.grad)))
+    if case.sinks:
+        got["dsinks"] = kwargs["sinks"].grad
+    return got
 
 
 def scales(case):
@@ -56,7 +62,8 @@ def test_float64_matches_composed(backend, case, composed64):
     assert reason is None, reason  # a required backend missing is a failure, not a skip
     got = run(backend, case, np.float64)
     want = composed64(case)
-    for name in NAMES:
+    assert got.keys() == want.keys()
+    for name in got:
         assert np.isfinite(got[name][np.isfinite(want[name])]).all(), f"{name} has non-finite values"
     err = errors(got, want, scales(case))
     assert max(err.values()) <= 1e-9, err
@@ -79,7 +86,7 @@ def test_float32_within_float32_error(backend, case, composed64):
     oracle there, within 2e-5.
     """
     got = run(backend, case, np.float32)
-    for name in NAMES:
+    for name in got:
         assert got[name].dtype == np.float32, name
     if case.masking == "huge_mask":
         err = errors(got, run("composed", case, np.float32), scales(case))
@@ -89,7 +96,7 @@ def test_float32_within_float32_error(backend, case, composed64):
     oracles = [errors(run(name, case, np.float32), want, scales(case))
                for name in ("composed", "reference") if name != backend]
     ours = errors(got, want, scales(case))
-    for name in NAMES:
+    for name in ours:
         budget = 4 * max(max(o[name] for o in oracles), 1e-6)
         assert ours[name] <= budget, f"{name}: {ours[name]:.3g} > {budget:.3g}"
 
@@ -103,6 +110,12 @@ GRADCHECK_CASES = [
     Case(4, 6, 2, 1, 3, 2, masking="bool_mask"), Case(5, 4, 2, 2, 3, 3, masking="float_mask"),
     Case(6, 3, 2, 1, 2, 2, masking="empty_rows"), Case(5, 6, 4, 2, 3, 2, masking="dropout"),
     Case(4, 4, 2, 2, 3, 3, masking="large_logits"),
+    # the features of tests/grid.py's FEATURES: the sinks are an input too (their gradient)
+    Case(5, 6, 4, 2, 3, 2, masking="causal", sinks=True),
+    Case(6, 3, 2, 1, 2, 2, masking="empty_rows", sinks=True),
+    Case(6, 7, 2, 1, 3, 2, B=1, masking="causal+window", window=(1, 0), varlen=((2, 0, 1, 3), (3, 2, 0, 2))),
+    Case(5, 6, 4, 2, 3, 2, masking="bool_mask", softcap=2.0, mods="prefix_relative"),
+    Case(5, 5, 2, 1, 3, 2, B=1, masking="dropout", sinks=True, varlen=((2, 3), (2, 3)), mods="prefix_relative"),
 ]
 
 
@@ -112,9 +125,15 @@ def test_gradcheck(backend, case):
     q, k, v, _, kwargs = make_inputs(case, np.float64)
     if case.masking == "large_logits":
         q = q / 300.0 * 3.0  # finite differences need a smooth neighbourhood: logits ~ 3 sqrt(D)
-    q, k, v = (ma.tensor(x, requires_grad=True) for x in (q, k, v))
-    fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)  # noqa: E731
-    assert ma.gradcheck(fn, [q, k, v], atol=1e-7, rtol=1e-6)
+    inputs = [ma.tensor(x, requires_grad=True) for x in (q, k, v)]
+    if case.sinks:  # the sink gradient too: (Hq,) logits, one of them -inf (no sink)
+        inputs.append(ma.tensor(kwargs.pop("sinks"), requires_grad=True))
+
+    def fn(q, k, v, *sinks):
+        return F.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs,
+                                              **({"sinks": sinks[0]} if sinks else {}))
+
+    assert ma.gradcheck(fn, inputs, atol=1e-7, rtol=1e-6)
 
 
 # -- closed forms ----------------------------------------------------------------------------

@@ -17,6 +17,9 @@ import microattn as ma
 from microattn import functional as F
 from microattn.kernels import reference
 from microattn.kernels.spec import make_attention_spec
+from tests.grid import (
+    MOD_CAP, MOD_PREFIX, MOD_SHIFT, capped_relative, capped_relative_grad, prefix_lm_holes,
+)
 
 BACKENDS = ["reference", "composed", "numba"]
 B, HQ, HKV, NQ, NK, D, DV = 2, 4, 2, 9, 11, 5, 3  # GQA; Nk > Nq: bottom-right offsets matter
@@ -39,16 +42,10 @@ def odd_heads_none(b, h, i, j):  # head 1 of batch row 1 and query 0 see no key 
     return ~((b == 1) & (h == 1)) & (i != 0)
 
 
-def prefix_lm_holes(b, h, i, j):  # prefix-LM, and query 1 + h of batch row 1 sees nothing
-    return ((j < PREFIX) | (j <= i + (NK - NQ))) & ~((b == 1) & (i == 1 + h))
-
-
-def capped_relative(score, b, h, i, j):
-    return CAP * np.tanh((score - 0.1 * np.abs(i - j)) / CAP)
-
-
-def capped_relative_grad(score, b, h, i, j):
-    return 1.0 - np.tanh((score - 0.1 * np.abs(i - j)) / CAP) ** 2
+# prefix_lm_holes (prefix-LM, and query 1 + h of batch row 1 sees nothing), capped_relative
+# and capped_relative_grad: the grid's set (tests/grid.py, MODS), the very functions, so
+# that numba compiles its kernels for them once for both
+assert (MOD_PREFIX, MOD_SHIFT) == (PREFIX, NK - NQ)
 
 
 def capped_relative_torch(score, b, h, i, j):
@@ -68,6 +65,7 @@ def one(score, b, h, i, j):
 
 
 CAP = 2.0
+assert MOD_CAP == CAP  # capped_relative's cap
 
 
 def tanh_cap(score, b, h, i, j):
