@@ -8,6 +8,7 @@ import pytest
 from microattn import exercises
 from microattn.exercises import ex07_cuda_row_forward as EX07
 from microattn.exercises import grading
+from tests.exercises.learner import filled_stub
 
 STEP = """\
     m_new = m_i
@@ -30,12 +31,6 @@ STEP = """\
 """
 
 
-def learner_file(tmp_path, body: str):
-    text = exercises.stub_path(EX07).read_text()
-    blank = next(line for line in text.splitlines(keepends=True) if line.lstrip().startswith("raise NotImplementedError"))
-    path = tmp_path / EX07.FILE
-    path.write_text(text.replace(blank, body))
-    return grading.load(path)
 
 
 def test_solution_passes():
@@ -49,7 +44,7 @@ def test_blank_stub_fails_saying_what_to_do():
 
 
 def test_a_written_step_passes_in_the_kernel(tmp_path):
-    assert EX07.check(learner_file(tmp_path, STEP))[-1].startswith("the kernel on")
+    assert EX07.check(filled_stub(tmp_path, EX07, STEP))[-1].startswith("the kernel on")
 
 
 @pytest.mark.parametrize(("body", "diagnosis"), [
@@ -59,4 +54,4 @@ def test_a_written_step_passes_in_the_kernel(tmp_path):
 ], ids=["acc-not-rescaled", "no-max-subtracted"])
 def test_mistakes_are_named(tmp_path, body, diagnosis):
     with pytest.raises(grading.Failure, match=diagnosis):
-        EX07.check(learner_file(tmp_path, body))
+        EX07.check(filled_stub(tmp_path, EX07, body))

@@ -5,33 +5,15 @@ library) passes, so the stubs are fillable as designed."""
 import pytest
 
 from microattn import exercises
-from microattn.exercises import grading
+from tests.exercises.learner import fails_saying, filled_stub
 
 SOFTMAX = exercises.exercise(2)
 FUNCTION = exercises.exercise(3)
 ATTENTION = exercises.exercise(4)
 
 
-def fill(tmp_path, ex, *bodies):
-    """The stub with its i-th ``raise NotImplementedError`` line replaced by ``bodies[i]``
-    (one line each, indented like the line it replaces; ';' separates statements)."""
-    text = exercises.stub_path(ex).read_text()
-    lines = text.split("\n")
-    blanks = [i for i, line in enumerate(lines) if line.strip().startswith("raise NotImplementedError")]
-    assert len(blanks) == len(bodies)
-    for i, body in zip(blanks, bodies):
-        indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
-        lines[i] = "\n".join(indent + part.strip() for part in body.split(";"))
-    path = tmp_path / ex.FILE
-    path.write_text("\n".join(lines))
-    return grading.load(path)
 
 
-def fails_with(ex, module, *fragments):
-    with pytest.raises(grading.Failure) as failure:
-        ex.check(module)
-    for fragment in fragments:
-        assert fragment in str(failure.value), str(failure.value)
 
 
 # ----------------------------------------------------------------------------- 2, softmax backward
@@ -40,7 +22,7 @@ SOFTMAX_RIGHT = "return p * (dy - np.sum(p * dy, axis=axis, keepdims=True))"
 
 
 def test_softmax_backward_by_hand_passes(tmp_path):
-    assert SOFTMAX.check(fill(tmp_path, SOFTMAX, SOFTMAX_RIGHT))
+    assert SOFTMAX.check(filled_stub(tmp_path, SOFTMAX, SOFTMAX_RIGHT))
 
 
 @pytest.mark.parametrize("body, diagnosis", [
@@ -50,7 +32,7 @@ def test_softmax_backward_by_hand_passes(tmp_path):
     ("return dy - np.sum(p * dy, axis=axis, keepdims=True)", "you forgot the leading factor p"),
 ])
 def test_softmax_backward_mistakes(tmp_path, body, diagnosis):
-    fails_with(SOFTMAX, fill(tmp_path, SOFTMAX, body), "What this usually means: ", diagnosis)
+    fails_saying(SOFTMAX, filled_stub(tmp_path, SOFTMAX, body), "What this usually means: ", diagnosis)
 
 
 # ----------------------------------------------------------------------------- 3, a new Function
@@ -60,7 +42,7 @@ BACKWARD = "(out,) = ctx.saved_tensors; return grad * out * (1 - out)"
 
 
 def test_new_function_by_hand_passes(tmp_path):
-    assert FUNCTION.check(fill(tmp_path, FUNCTION, FORWARD, BACKWARD))
+    assert FUNCTION.check(filled_stub(tmp_path, FUNCTION, FORWARD, BACKWARD))
 
 
 @pytest.mark.parametrize("forward, backward, fragments", [
@@ -75,7 +57,7 @@ def test_new_function_by_hand_passes(tmp_path):
     (FORWARD, "raise NotImplementedError", ["`Sigmoid.backward` is not written yet"]),
 ])
 def test_new_function_mistakes(tmp_path, forward, backward, fragments):
-    fails_with(FUNCTION, fill(tmp_path, FUNCTION, forward, backward), *fragments)
+    fails_saying(FUNCTION, filled_stub(tmp_path, FUNCTION, forward, backward), *fragments)
 
 
 # ----------------------------------------------------------------------------- 4, the attention backward
@@ -89,7 +71,7 @@ STEPS = {
 
 
 def attention(tmp_path, **wrong):
-    return fill(tmp_path, ATTENTION, *({**STEPS, **wrong}[name] for name in STEPS))
+    return filled_stub(tmp_path, ATTENTION, *({**STEPS, **wrong}[name] for name in STEPS))
 
 
 def test_attention_backward_by_hand_passes(tmp_path):
@@ -108,7 +90,7 @@ def test_attention_backward_by_hand_passes(tmp_path):
     ({"row_delta": "return (out * dout).sum(axis=-1, keepdims=True)"}, ["delta (", "sum without keepdims"]),
 ])
 def test_attention_backward_mistakes(tmp_path, wrong, fragments):
-    fails_with(ATTENTION, attention(tmp_path, **wrong), *fragments)
+    fails_saying(ATTENTION, attention(tmp_path, **wrong), *fragments)
 
 
 def test_attention_stub_runs_as_a_script_once_filled(tmp_path):

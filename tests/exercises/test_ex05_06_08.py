@@ -1,31 +1,20 @@
 """Exercises 5 (online softmax), 6 (the flash tile loop in numba) and 8 (the lse merge): the
 common mistakes, written as a learner would, fail with the diagnosis that names them."""
 
-import textwrap
-
 import pytest
 
 from microattn.exercises import (
     ex05_online_softmax,
     ex06_flash_tile_loop,
     ex08_lse_merge,
-    grading,
 )
+from tests.exercises.learner import fails_saying, whole_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the learners' overflows are the point
 
 
-def learner(tmp_path, ex, code):
-    path = tmp_path / ex.FILE
-    path.write_text(textwrap.dedent(code))
-    return grading.load(path)
 
 
-def fails_saying(ex, module, *phrases):
-    with pytest.raises(grading.Failure) as failure:
-        ex.check(module)
-    for phrase in phrases:
-        assert phrase in str(failure.value), str(failure.value)
 
 
 # -- 5: online softmax -------------------------------------------------------------------
@@ -44,7 +33,7 @@ RIGHT_SHIFT = "np.where(m_new == -np.inf, 0.0, m_new)"
 
 
 def test_05_a_learners_own_update_passes(tmp_path):
-    module = learner(tmp_path, ex05_online_softmax, UPDATE.format(shift=RIGHT_SHIFT, acc="alpha[:, None] * acc"))
+    module = whole_file(tmp_path, ex05_online_softmax, UPDATE.format(shift=RIGHT_SHIFT, acc="alpha[:, None] * acc"))
     assert ex05_online_softmax.check(module)
 
 
@@ -53,12 +42,12 @@ def test_05_a_learners_own_update_passes(tmp_path):
     ("m_new", "alpha[:, None] * acc", ["l after keys 0:3", "NaN on a row whose keys so far are all masked"]),
 ], ids=["acc not rescaled", "no empty-row shift"])
 def test_05_mistakes_are_named(tmp_path, shift, acc, phrases):
-    fails_saying(ex05_online_softmax, learner(tmp_path, ex05_online_softmax, UPDATE.format(shift=shift, acc=acc)),
+    fails_saying(ex05_online_softmax, whole_file(tmp_path, ex05_online_softmax, UPDATE.format(shift=shift, acc=acc)),
                  *phrases)
 
 
 def test_05_exp_without_the_max_overflows_and_is_named(tmp_path):
-    module = learner(tmp_path, ex05_online_softmax, """
+    module = whole_file(tmp_path, ex05_online_softmax, """
         import numpy as np
 
         def online_softmax_update(m, l, acc, s, v):
@@ -107,12 +96,12 @@ def flash_forward_tiles(q, k, v, bias, band, dropout, reals, alibi, block_m, blo
 
 
 def test_06_not_compiled_is_named(tmp_path):
-    fails_saying(ex06_flash_tile_loop, learner(tmp_path, ex06_flash_tile_loop, TILE_LOOP.format(decorator="")),
+    fails_saying(ex06_flash_tile_loop, whole_file(tmp_path, ex06_flash_tile_loop, TILE_LOOP.format(decorator="")),
                  "`flash_forward_tiles` is not compiled by numba")
 
 
 def test_06_state_kept_across_query_blocks_is_named(tmp_path):
-    module = learner(tmp_path, ex06_flash_tile_loop, TILE_LOOP.format(decorator="@numba.njit"))
+    module = whole_file(tmp_path, ex06_flash_tile_loop, TILE_LOOP.format(decorator="@numba.njit"))
     fails_saying(ex06_flash_tile_loop, module, "(7 x 7, two heads; block_m 4, block_n 3)",
                  "start m, l, acc afresh")
 
@@ -128,7 +117,7 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
 
 
 def test_08_a_learners_own_merge_passes(tmp_path):
-    module = learner(tmp_path, ex08_lse_merge, MERGE.format(body="""
+    module = whole_file(tmp_path, ex08_lse_merge, MERGE.format(body="""
     m = np.maximum(lse_a, lse_b)
     shift = np.where(m == -np.inf, 0.0, m)
     a, b = np.exp(lse_a - shift), np.exp(lse_b - shift)
@@ -152,4 +141,4 @@ def test_08_a_learners_own_merge_passes(tmp_path):
      ["a row nothing (lse -inf)", "NaN where a part has no key"]),
 ], ids=["averaged", "no max shift", "NaN for an empty part"])
 def test_08_mistakes_are_named(tmp_path, body, phrases):
-    fails_saying(ex08_lse_merge, learner(tmp_path, ex08_lse_merge, MERGE.format(body=body)), *phrases)
+    fails_saying(ex08_lse_merge, whole_file(tmp_path, ex08_lse_merge, MERGE.format(body=body)), *phrases)

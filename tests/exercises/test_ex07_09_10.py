@@ -16,17 +16,9 @@ from microattn.exercises import ex07_cuda_row_forward as EX07
 from microattn.exercises import ex09_linear_prefix_sums as EX09
 from microattn.exercises import ex10_ring_step as EX10
 from microattn.exercises import grading
+from tests.exercises.learner import filled_stub
 
 
-def learner_file(tmp_path, ex, answers: list):
-    """The stub of ``ex`` with its ``raise NotImplementedError ...`` lines replaced, in order,
-    by the function bodies in ``answers``, loaded as the learner's module."""
-    lines, out, answer = exercises.stub_path(ex).read_text().splitlines(keepends=True), [], iter(answers)
-    for line in lines:
-        out.append(next(answer) if line.lstrip().startswith("raise NotImplementedError") else line)
-    path = tmp_path / ex.FILE
-    path.write_text("".join(out))
-    return grading.load(path)
 
 
 # -- exercise 9: linear attention's prefix sums -------------------------------------------------
@@ -50,7 +42,7 @@ RIGHT_SEEN = "keys_seen(spec) if spec.causal else np.full(spec.Nq, Nk)"
 
 
 def test_ex09_a_written_answer_passes(tmp_path):
-    ns = learner_file(tmp_path, EX09, [PREFIX.replace("SEEN", RIGHT_SEEN), LINEAR])
+    ns = filled_stub(tmp_path, EX09, PREFIX.replace("SEEN", RIGHT_SEEN), LINEAR)
     assert len(EX09.check(ns)) == len(EX09.CASES)
 
 
@@ -60,7 +52,7 @@ def test_ex09_a_written_answer_passes(tmp_path):
     (RIGHT_SEEN, LINEAR.replace("return num / (", "return num  # / ("), "you forgot the normaliser"),
 ], ids=["not-causal", "off-by-one", "no-normaliser"])
 def test_ex09_mistakes_are_named(tmp_path, seen, linear, diagnosis):
-    ns = learner_file(tmp_path, EX09, [PREFIX.replace("SEEN", seen), linear])
+    ns = filled_stub(tmp_path, EX09, PREFIX.replace("SEEN", seen), linear)
     with pytest.raises(grading.Failure, match=diagnosis):
         EX09.check(ns)
 
@@ -85,7 +77,7 @@ def ring_answer(offset="q_start - k_start", rescale=("np.exp(m_a - shift)", "np.
 
 
 def test_ex10_a_written_answer_passes(tmp_path):
-    done = EX10.check(learner_file(tmp_path, EX10, ring_answer()))
+    done = EX10.check(filled_stub(tmp_path, EX10, *ring_answer()))
     assert any("zigzag" in line for line in done) and any("contiguous" in line for line in done)
 
 
@@ -95,7 +87,7 @@ def test_ex10_a_written_answer_passes(tmp_path):
 ], ids=["local-positions", "no-rescale"])
 def test_ex10_mistakes_are_named(tmp_path, answer, diagnosis):
     with pytest.raises(grading.Failure, match=diagnosis):
-        EX10.check(learner_file(tmp_path, EX10, answer))
+        EX10.check(filled_stub(tmp_path, EX10, *answer))
 
 
 # -- exercise 7: graded by the CLI in a child process with the simulator -----------------------
