@@ -102,57 +102,31 @@ class ArgumentParser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------- argument types
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def number(convert, accept, expected: str, refused: str | None = None):
+    """An argparse type: ``convert(text)``, refused unless ``accept(value)``; the message
+    names what was expected (``refused``, where that is said differently for a value that
+    parsed)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {refused or expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0: "nan", "inf" and "1e999" (which overflows to inf) are refused."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+positive_int = number(int, lambda value: value >= 1, "a positive integer")
+non_negative_int = number(int, lambda value: value >= 0, "an integer >= 0")
+# finite: "nan", "inf" and "1e999" (which overflows to inf) are refused
+positive_float = number(float, lambda value: math.isfinite(value) and value > 0, "a positive number",
+                        "a finite positive number")
+non_negative_float = number(float, lambda value: math.isfinite(value) and value >= 0, "a number >= 0",
+                            "a finite number >= 0")
+probability = number(float, lambda value: 0 < value <= 1, "a number in (0, 1]")
 
 
 def path(text: str) -> Path:
