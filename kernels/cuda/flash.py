@@ -435,6 +435,23 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
     DV = Dv
     RESIDENT, STAGED = tiles.resident, tiles.staged  # plain ints: compile-time constants
 
+    @cuda.jit(device=True)
+    def score_and_slope(x, reals, alibi, band, bias, b_bias, h_bias, b, h, i, j, bm, hm, oi, oj):
+        """The backward kernels' score of the pair (i, j), and its slope d s / d x:
+        forward: s = score_mod(cap(x)) + alibi_ij + bias_ij, x = (scale * q_i) . k_j. The
+        mods see (bm, hm, i + oi, j + oj)."""
+        s, slope = x, ONE
+        if HAS_SOFTCAP:
+            s, slope = cap_and_slope(reals, s)
+        if HAS_SCORE_MOD:  # slope: d score_mod(cap(x)) / dx
+            slope *= CAST(score_mod_grad(s, bm, hm, i + oi, j + oj))
+            s = CAST(score_mod(s, bm, hm, i + oi, j + oj))
+        if HAS_ALIBI:
+            s += alibi_bias(alibi, band, b, h, i, j)
+        if HAS_BIAS:
+            s += bias[b_bias, h_bias, i, j]
+        return s, slope
+
     def _attn_fwd(q, k, v, out, stats, bias, band, dropout, reals, alibi, blocks):
         BLOCK_M, BLOCK_N = RESIDENT, STAGED
         k_tile = cuda.shared.array((BLOCK_N, D), dtype)  # (BLOCK_N, D)
@@ -604,20 +621,11 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                     if not (i < Nq and in_band(band, i, j)
                             and (cls == 2 or mask_mod(bm, hm, i + oi, j + oj))):
                         continue
-                    # forward: s = score_mod(cap(x)) + alibi + bias, x = (scale * q) @ k^T
-                    s = ZERO
+                    x = ZERO  # x = (scale * q) @ k^T
                     for d in range(D):
-                        s += q_tile[ii, d] * k_row[d]
-                    slope = ONE
-                    if HAS_SOFTCAP:
-                        s, slope = cap_and_slope(reals, s)
-                    if HAS_SCORE_MOD:  # slope: d score_mod(cap(x)) / dx
-                        slope *= CAST(score_mod_grad(s, bm, hm, i + oi, j + oj))
-                        s = CAST(score_mod(s, bm, hm, i + oi, j + oj))
-                    if HAS_ALIBI:
-                        s += alibi_bias(alibi, band, b, h, i, j)
-                    if HAS_BIAS:
-                        s += bias[b_bias, h_bias, i, j]
+                        x += q_tile[ii, d] * k_row[d]
+                    s, slope = score_and_slope(x, reals, alibi, band, bias, b_bias, h_bias, b, h, i, j,
+                                               bm, hm, oi, oj)
                     # forward: p = exp(s - m) / l, recomputed instead of stored
                     p = math.exp(s - shift_tile[ii]) * inv_norm_tile[ii]
                     if p == ZERO:
@@ -709,20 +717,11 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiles: Tiles, has_bias: b
                 if not (j < Nk and in_band(band, i, j)
                         and (cls == 2 or mask_mod(bm, hm, i + oi, j + oj))):
                     continue
-                # forward: s = score_mod(cap(x)) + alibi + bias, x = (scale * q) @ k^T
-                s = ZERO
+                x = ZERO  # x = (scale * q) @ k^T
                 for d in range(D):
-                    s += q_row[d] * k_tile[jj, d]
-                slope = ONE
-                if HAS_SOFTCAP:
-                    s, slope = cap_and_slope(reals, s)
-                if HAS_SCORE_MOD:  # slope: d score_mod(cap(x)) / dx
-                    slope *= CAST(score_mod_grad(s, bm, hm, i + oi, j + oj))
-                    s = CAST(score_mod(s, bm, hm, i + oi, j + oj))
-                if HAS_ALIBI:
-                    s += alibi_bias(alibi, band, b, h, i, j)
-                if HAS_BIAS:
-                    s += bias[b_bias, h_bias, i, j]
+                    x += q_row[d] * k_tile[jj, d]
+                s, slope = score_and_slope(x, reals, alibi, band, bias, b_bias, h_bias, b, h, i, j,
+                                           bm, hm, oi, oj)
                 # forward: p = exp(s - m) / l
                 p = math.exp(s - shift_i) * inv_norm_i
                 if p == ZERO:
