@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..nn import lean
 from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.layers import Embedding, LayerNorm, Linear, RMSNorm
 from ..nn.module import Module, ModuleList
@@ -76,6 +77,9 @@ class CausalLM(Module):
         arch = self.arch
         N = tokens.shape[1]
         start = kv_caches[0].length if kv_caches else 0
+        if lean.applies(self, tokens, kv_caches):  # one token per sequence: one compiled call
+            logits = self._lean_step(tokens, kv_caches, start)
+            return Tensor(logits[:, None])  # (B, 1, V)
         x = self.embed_tokens(tokens)  # (B, N, E)
         if arch.embed_scale is not None:
             x = x * arch.embed_scale  # a Python float: stays in x's dtype
@@ -90,6 +94,23 @@ class CausalLM(Module):
         logits = self.lm_head(self.norm(x))  # (B, N, V)
         if arch.final_softcap is not None:
             logits = (logits / arch.final_softcap).tanh() * arch.final_softcap
+        return logits
+
+    def _lean_step(self, tokens, kv_caches, start) -> np.ndarray:
+        """forward's maths for one token per sequence on ``nn.lean``'s compiled step:
+        logits (B, V)."""
+        arch = self.arch
+        x = self.embed_tokens.weight.data[self.embed_tokens.check_tokens(tokens)[:, 0]]  # (B, E)
+        if arch.embed_scale is not None:
+            x *= x.dtype.type(arch.embed_scale)
+        if self.position_embedding is not None:
+            if start + 1 > arch.max_positions:
+                raise ValueError(f"sequence length {start + 1} exceeds the {arch.max_positions} "
+                                 f"learned positions (n_positions)")
+            x += self.position_embedding.weight.data[start]
+        logits = lean.decode_step(self, x, kv_caches)
+        if arch.final_softcap is not None:
+            logits = np.tanh(logits / logits.dtype.type(arch.final_softcap)) * logits.dtype.type(arch.final_softcap)
         return logits
 
     def generate(self, prompt, max_new_tokens: int, *, temperature: float = 0.0,

@@ -73,17 +73,10 @@ class KVCache:
         the new ``k``, ``v`` only.
         """
         k_new, v_new = np.asarray(k.data), np.asarray(v.data)
-        if self._k is not None and (k_new.shape[:2] != self._k.shape[:2]
-                                    or k_new.shape[3] != self._k.shape[3]
-                                    or v_new.shape[3] != self._v.shape[3]):
-            raise ValueError(
-                f"KVCache holds keys of shape (B, Hkv, N, hd)={self.k.shape}; cannot append "
-                f"{k_new.shape}: reset() the cache for a new batch"
-            )
-        old_k, old_v, start = self.k, self.v, self.length
-        self._reserve(k_new, v_new, start + k_new.shape[2])
-        self._k[:, :, start : start + k_new.shape[2]] = k_new
-        self._v[:, :, start : start + v_new.shape[2]] = v_new
+        old_k, old_v = self.k, self.v
+        k_store, v_store, start = self.make_room(k_new.shape, v_new.shape, k_new.dtype)
+        k_store[:, :, start : start + k_new.shape[2]] = k_new
+        v_store[:, :, start : start + v_new.shape[2]] = v_new
         self.length = start + k_new.shape[2]
         if not (is_grad_enabled() and (k.requires_grad or v.requires_grad)):
             return Tensor(self.k), Tensor(self.v)
@@ -91,18 +84,30 @@ class KVCache:
             return k, v
         return concatenate([old_k, k], axis=2), concatenate([old_v, v], axis=2)
 
-    def _reserve(self, k_new: np.ndarray, v_new: np.ndarray, needed: int) -> None:
+    def make_room(self, k_shape, v_shape, dtype) -> tuple[np.ndarray, np.ndarray, int]:
+        """Room for new keys and values of shapes (B, Hkv, n, hd) and (B, Hkv, n, hdv):
+        the storage (B, Hkv, capacity, hd/hdv), grown if needed, and the position the new
+        rows go to (``length``). The caller writes them and then sets ``length``.
+        ValueError if the shapes do not match what the cache holds."""
+        if self._k is not None and (tuple(k_shape[:2]) != self._k.shape[:2]
+                                    or k_shape[3] != self._k.shape[3]
+                                    or v_shape[3] != self._v.shape[3]):
+            raise ValueError(
+                f"KVCache holds keys of shape (B, Hkv, N, hd)={self.k.shape}; cannot append "
+                f"{tuple(k_shape)}: reset() the cache for a new batch"
+            )
+        needed = self.length + k_shape[2]
         capacity = 0 if self._k is None else self._k.shape[2]
-        if needed <= capacity:
-            return
-        capacity = max(needed, 2 * capacity, self.capacity or 0)
-        B, Hkv, _, hd = k_new.shape
-        grown_k = np.empty((B, Hkv, capacity, hd), dtype=k_new.dtype)
-        grown_v = np.empty((B, Hkv, capacity, v_new.shape[3]), dtype=v_new.dtype)
-        if self.length:
-            grown_k[:, :, : self.length] = self.k
-            grown_v[:, :, : self.length] = self.v
-        self._k, self._v = grown_k, grown_v
+        if needed > capacity:
+            capacity = max(needed, 2 * capacity, self.capacity or 0)
+            B, Hkv, _, hd = k_shape
+            grown_k = np.empty((B, Hkv, capacity, hd), dtype=dtype)
+            grown_v = np.empty((B, Hkv, capacity, v_shape[3]), dtype=dtype)
+            if self.length:
+                grown_k[:, :, : self.length] = self.k
+                grown_v[:, :, : self.length] = self.v
+            self._k, self._v = grown_k, grown_v
+        return self._k, self._v, self.length
 
     def __repr__(self):
         shape = None if self._k is None else self.k.shape

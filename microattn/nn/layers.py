@@ -99,6 +99,10 @@ class Embedding(Module):
         self.weight = Parameter(_initial(lambda: std * rng.standard_normal(shape), shape, dtype))
 
     def forward(self, tokens) -> Tensor:
+        return fused.Embedding.apply(self.weight, tokens=self.check_tokens(tokens))  # (..., dim)
+
+    def check_tokens(self, tokens) -> np.ndarray:
+        """tokens as an integer array; TypeError or ValueError for ids this table lacks."""
         tokens = np.asarray(getattr(tokens, "data", tokens))
         if not np.issubdtype(tokens.dtype, np.integer):
             raise TypeError(f"Embedding needs integer tokens, got dtype {tokens.dtype}")
@@ -107,7 +111,7 @@ class Embedding(Module):
                 f"token ids must be in [0, {self.num_embeddings}), got values in "
                 f"[{tokens.min()}, {tokens.max()}]"
             )
-        return fused.Embedding.apply(self.weight, tokens=tokens)  # (..., dim)
+        return tokens
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.dim}"

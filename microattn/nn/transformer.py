@@ -10,6 +10,7 @@ import numpy as np
 from .. import fused
 from ..autograd import no_grad
 from ..tensor import Tensor
+from . import lean
 from .attention import KVCache, MultiHeadAttention
 from .layers import GELU, Dropout, Embedding, LayerNorm, Linear, ReLU, RMSNorm, SiLU
 from .module import Module, ModuleList
@@ -160,6 +161,11 @@ class DecoderLM(Module):
         start = kv_caches[0].length if kv_caches else 0
         if start + N > self.max_len:
             raise ValueError(f"sequence length {start + N} exceeds max_len {self.max_len}")
+        if lean.applies(self, tokens, kv_caches):  # one token per sequence: one compiled call per block
+            x = self.token_embedding.weight.data[self.token_embedding.check_tokens(tokens)[:, 0]]  # (B, E)
+            if self.position_embedding is not None:
+                x += self.position_embedding.weight.data[start]
+            return Tensor(lean.decode_step(self, x, kv_caches)[:, None])  # (B, 1, V)
         x = self.token_embedding(tokens)  # (B, N, E)
         if self.position_embedding is not None:
             x = x + self.position_embedding(np.arange(start, start + N))  # (N, E) broadcast

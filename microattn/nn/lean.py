@@ -1,0 +1,306 @@
+"""The lean decoding step: one new token through a transformer block as one compiled call.
+
+A decoding step through the modules is ~85 engine ops per token for the demo's 4-layer
+model (norms, projections, reshapes, the attention call, residual adds), each a Python
+call, a Tensor and often a NumPy temporary; at E = 256 that bookkeeping costs more than
+the arithmetic (the matrix-vector products read the 12.6 MB of weights in ~0.4 ms; the
+whole step took ~1.5 ms). Here one ``numba`` function runs a whole ``TransformerBlock``
+for one token per sequence, in place on the residual stream::
+
+    h = norm_1(x);  q, k, v = h Wq + bq, h Wk + bk, h Wv + bv;  rope(q, k)
+    cache[pos] = k, v;  a = attention(q, cache[:pos + 1]) Wo + bo   (kernels/cpu/decode.py)
+    x += post_norm_1(a);  x += post_norm_2(mlp(norm_2(x)))          (post norms: Gemma 2)
+
+reusing the library's own compiled pieces, so each rule is still written once: the norms
+and activations are ``fused.py``'s forward kernels, the attention is the decode kernel's
+``_decode`` with the spec's records (band, softcap, ...: ``masking.py``'s rules). What is
+new here is only the matrix-vector product (``_matvec``: each weight row read once for
+all the batch's rows) and the glue. The step runs on the calling thread: on these 2-core
+VMs waking numba's workers costs ~0.1 ms per parallel region, more than a product.
+
+When it runs (``applies``): ``DecoderLM`` and ``models.CausalLM`` take this path for a
+forward of one token per sequence with KV caches, no graph to record (``no_grad``), and
+blocks it understands (``block_reason``: the library's own ``TransformerBlock``,
+``MultiHeadAttention`` with "flash" or "window" attention, ``MLP``, ``LayerNorm`` /
+``RMSNorm``, no dropout in training mode, on the CPU kernels' backend). Anything else
+takes the modules' path, which computes the same thing (tests/test_lean.py compares
+the two on every option, and greedy tokens against PyTorch).
+
+Shape legend: B batch, E embed_dim, H query heads, Hkv kv heads, hd head dim, F the MLP's
+hidden width; the cache storage is (B, Hkv, capacity, hd) (``KVCache``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import fused
+from ..autograd import is_grad_enabled
+from ..kernels.cpu import decode
+from ..kernels.cpu._compile import FASTMATH, numba
+from ..kernels.spec import make_attention_spec
+from .attention import MultiHeadAttention, _runs_on_cpu_kernels
+from . import transformer  # the blocks' classes; transformer.py imports this module
+from .layers import GELU, LayerNorm, ReLU, RMSNorm, SiLU
+
+RELU = 2  # beside fused.SILU (0) and fused.GELU (1)
+ACTIVATION_KINDS = {SiLU: fused.SILU, GELU: fused.GELU, ReLU: RELU}
+GATED_KINDS = {fused.swiglu: fused.SILU, fused.geglu: fused.GELU}
+PAIRS = {"interleaved": 0, "halves": 1}  # RoPE's channel pairs (nn/rope.py)
+_EMPTY_1D = {}  # dtype -> a (0,) array standing for "absent" (a bias, a post norm, rope)
+# fused.py's forward kernels, their single-thread twins, as globals the compiled step calls
+_layer_norm, _rms_norm = fused._layer_norm_forward.serial, fused._rms_norm_forward.serial
+_activation, _gated = fused._activation_forward.serial, fused._gated_forward.serial
+_attention = decode._decode_serial
+
+
+# ----------------------------------------------------------------------------- when it applies
+
+
+def block_reason(block) -> str | None:
+    """None when ``block`` can take the lean step, else what stops it (for tests and docs)."""
+    if type(block) is not transformer.TransformerBlock:
+        return f"{type(block).__name__} is not a TransformerBlock"
+    attn, mlp = block.attn, block.mlp
+    if type(attn) is not MultiHeadAttention or attn.attention not in ("flash", "window"):
+        return "the attention is not MultiHeadAttention with flash or window attention"
+    if not _runs_on_cpu_kernels(attn.backend):
+        return f"backend {attn.backend!r} does not run on the CPU kernels"
+    if type(mlp) is not transformer.MLP or (mlp.gated is None and type(mlp.activation) not in ACTIVATION_KINDS):
+        return "the MLP is not nn.MLP with gelu, silu, relu, swiglu or geglu"
+    norms = (block.norm_1, block.norm_2, block.post_norm_1, block.post_norm_2)
+    if any(norm is not None and type(norm) not in (LayerNorm, RMSNorm) for norm in norms):
+        return "a norm is not nn.LayerNorm or nn.RMSNorm"
+    return None
+
+
+def applies(model, tokens: np.ndarray, kv_caches) -> bool:
+    """Whether ``model(tokens, kv_caches)`` takes the lean step: one token per sequence,
+    caches, no graph to record, no dropout (eval mode, or p = 0), every block understood."""
+    if kv_caches is None or tokens.shape[1] != 1 or is_grad_enabled():
+        return False
+    if model.training and _dropout_on(model):
+        return False
+    return all(block_reason(block) is None for block in model.blocks)
+
+
+def _dropout_on(model) -> bool:
+    """Whether a dropout of the model (embeddings) or of its blocks has p > 0."""
+    dropouts = [getattr(model, "dropout", None)]
+    dropouts += [d for block in model.blocks for d in (block.dropout, block.attn.attn_dropout)]
+    return any(d is not None and d.p > 0 for d in dropouts)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def decode_step(model, x: np.ndarray, caches) -> np.ndarray:
+    """Logits (B, V) for one token per sequence, its embedding x (B, E): ``model.blocks``
+    (extending ``caches``, one ``KVCache`` per block, all at the same length), then
+    ``model.lm_head(model.norm(x))``. One compiled call; x is overwritten."""
+    position = caches[0].length
+    dtype = x.dtype
+    specs = {}  # one spec per (scale, window, softcap): the layers usually share one
+    layers = []
+    for block, cache in zip(model.blocks, caches):
+        attn = block.attn
+        B = x.shape[0]
+        k_store, v_store, start = cache.make_room((B, attn.num_kv_heads, 1, attn.head_dim),
+                                                  (B, attn.num_kv_heads, 1, attn.head_dim), dtype)
+        if start != position:
+            raise ValueError(f"the KV caches hold different lengths ({position} and {start})")
+        key = (attn.scale, attn.window, attn.softcap)
+        if key not in specs:
+            q_shape = (B, attn.num_heads, 1, attn.head_dim)
+            k_shape = (B, attn.num_kv_heads, position + 1, attn.head_dim)
+            specs[key] = tuple(make_attention_spec(
+                q_shape, k_shape, k_shape, (dtype,) * 3, is_causal=True, scale=attn.scale,
+                window=attn._window(True), softcap=attn.softcap).pack())
+        layers.append(_records(block, dtype, position) + ((k_store, v_store),) + specs[key])
+    norm_weight, norm_bias, eps = _norm_record(model.norm, dtype)
+    final = (norm_weight, norm_bias, eps, model.lm_head.weight.data, _bias(model.lm_head.bias, dtype))
+    logits = _decode_step(x, tuple(layers), final)
+    for cache in caches:
+        cache.length = position + 1
+    return logits
+
+
+def _empty(dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if dtype not in _EMPTY_1D:
+        _EMPTY_1D[dtype] = np.empty(0, dtype=dtype)
+    return _EMPTY_1D[dtype]
+
+
+def _bias(parameter, dtype) -> np.ndarray:
+    return _empty(dtype) if parameter is None else parameter.data
+
+
+def _norm_record(norm, dtype):
+    """(weight, bias, eps): a LayerNorm's own; an RMSNorm's scale (offset + weight) and an
+    empty bias, which is how the kernel tells the two apart; no norm: two empty arrays."""
+    if norm is None:
+        return _empty(dtype), _empty(dtype), 0.0
+    if type(norm) is LayerNorm:
+        return norm.weight.data, norm.bias.data, float(norm.eps)
+    scale = norm.weight.data if norm.offset == 0.0 else norm.weight.data + dtype.type(norm.offset)
+    return scale, _empty(dtype), float(norm.eps)
+
+
+def _records(block, dtype, position):
+    """The block's arrays and numbers as ``_block_step`` takes them, after x: the norms,
+    the attention's and the MLP's weights and biases, rope's (cos, sin), the integers."""
+    attn, mlp = block.attn, block.mlp
+    norms = [_norm_record(n, dtype) for n in (block.norm_1, block.norm_2, block.post_norm_1, block.post_norm_2)]
+    norm_weights = tuple(array for weight, bias, _ in norms for array in (weight, bias))
+    norm_eps = tuple(eps for _, _, eps in norms)
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj)
+    attn_weights = tuple(p.weight.data for p in projections)
+    attn_biases = tuple(_bias(p.bias, dtype) for p in projections)
+    gate = mlp.fc_gate if mlp.gated is not None else None
+    no_gate = np.empty((0, 0), dtype=dtype)
+    mlp_weights = (mlp.fc_in.weight.data, no_gate if gate is None else gate.weight.data, mlp.fc_out.weight.data)
+    mlp_biases = (_bias(mlp.fc_in.bias, dtype), _empty(dtype) if gate is None else _bias(gate.bias, dtype),
+                  _bias(mlp.fc_out.bias, dtype))
+    if attn.rope is not None:
+        theta = attn.rope.angles(np.array([position]))[0]  # (hd/2,) float64, as RotaryEmbedding
+        rope = (np.cos(theta).astype(dtype), np.sin(theta).astype(dtype))
+        pairs = PAIRS[attn.rope.pairs]
+    else:
+        rope, pairs = (_empty(dtype), _empty(dtype)), 0
+    activation = GATED_KINDS[mlp.gated] if mlp.gated is not None else ACTIVATION_KINDS[type(mlp.activation)]
+    ints = (attn.num_heads, attn.num_kv_heads, attn.head_dim, position, activation, pairs)
+    return norm_weights, norm_eps, attn_weights, attn_biases, mlp_weights, mlp_biases, rope, ints
+
+
+# ----------------------------------------------------------------------------- compiled pieces
+
+
+def _matvec(weight, bias, x, out):
+    """out[b] = weight @ x[b] + bias for every row b: weight (n_out, n_in), x (B, n_in),
+    out (B, n_out), bias (n_out,) or empty. Each weight row is read once for all B rows."""
+    n_out, n_in = weight.shape
+    t = x.dtype.type
+    for o in range(n_out):
+        w = weight[o]
+        for b in range(x.shape[0]):
+            xb = x[b]
+            acc = t(0)
+            for i in range(n_in):
+                acc += w[i] * xb[i]
+            out[b, o] = acc + bias[o] if bias.size else acc
+
+
+def _norm(x, weight, bias, eps, out):
+    """out = the norm of each row of x (B, E): LayerNorm with a bias, RMSNorm without
+    (``_norm_record``), by ``fused.py``'s forward kernels."""
+    rows = x.shape[0]
+    stats = np.empty(rows, dtype=x.dtype)
+    if bias.size:
+        _layer_norm(x, weight, bias, eps, out, np.empty(rows, dtype=x.dtype), stats)
+    else:
+        _rms_norm(x, weight, eps, out, stats)
+
+
+def _rope(x, cos, sin, pairs):
+    """Rotate each head's channel pairs of x (B, heads, hd) in place, as ``nn.Rotary``."""
+    half = cos.shape[0]
+    for b in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            row = x[b, h]
+            for i in range(half):
+                ia, ib = (2 * i, 2 * i + 1) if pairs == 0 else (i, i + half)
+                xa, xb = row[ia], row[ib]
+                row[ia] = xa * cos[i] - xb * sin[i]
+                row[ib] = xa * sin[i] + xb * cos[i]
+
+
+def _block_step(x, norm_weights, norm_eps, attn_weights, attn_biases, mlp_weights, mlp_biases,
+                rope, ints, cache, bias, band, dropout, reals, alibi):
+    """One token per sequence through one block, x (B, E) updated in place; writes this
+    token's k, v at ``position`` of the cache storage (B, Hkv, capacity, hd)."""
+    H, Hkv, hd, position, activation, pairs = ints
+    B, E = x.shape
+    t = x.dtype.type
+    wq, wk, wv, wo = attn_weights
+    bq, bk, bv, bo = attn_biases
+    k_store, v_store = cache
+    h = np.empty_like(x)
+    _norm(x, norm_weights[0], norm_weights[1], norm_eps[0], h)
+    q = np.empty((B, H * hd), dtype=x.dtype)
+    k = np.empty((B, Hkv * hd), dtype=x.dtype)
+    v = np.empty((B, Hkv * hd), dtype=x.dtype)
+    _matvec(wq, bq, h, q)
+    _matvec(wk, bk, h, k)
+    _matvec(wv, bv, h, v)
+    q4, k3, v3 = q.reshape(B, H, 1, hd), k.reshape(B, Hkv, hd), v.reshape(B, Hkv, hd)
+    if rope[0].size:
+        _rope(q.reshape(B, H, hd), rope[0], rope[1], pairs)
+        _rope(k3, rope[0], rope[1], pairs)
+    k_store[:, :, position] = k3
+    v_store[:, :, position] = v3
+    # attention of the one query per head over the cache's position + 1 keys (one split)
+    m_part = np.empty((1, B, H, 1), dtype=x.dtype)
+    l_part = np.empty((1, B, H, 1), dtype=x.dtype)
+    acc_part = np.empty((1, B, H, 1, hd), dtype=x.dtype)
+    _attention(q4, k_store, v_store, position + 1, bias, band, dropout, reals, alibi, 1,
+                          m_part, l_part, acc_part)
+    a = np.empty((B, H * hd), dtype=x.dtype)
+    for b in range(B):
+        for head in range(H):
+            norm = l_part[0, b, head, 0]
+            norm = norm if norm != t(0) else t(1)  # a row with no key: 0, as merge_partials
+            for e in range(hd):
+                a[b, head * hd + e] = acc_part[0, b, head, 0, e] / norm
+    out = np.empty_like(x)
+    _matvec(wo, bo, a, out)
+    _residual(x, out, norm_weights[4], norm_weights[5], norm_eps[2])
+    # the MLP
+    _norm(x, norm_weights[2], norm_weights[3], norm_eps[1], h)
+    w_in, w_gate, w_out = mlp_weights
+    b_in, b_gate, b_out = mlp_biases
+    up = np.empty((B, w_in.shape[0]), dtype=x.dtype)
+    _matvec(w_in, b_in, h, up)
+    hidden = np.empty_like(up)
+    if w_gate.size:
+        gate = np.empty_like(up)
+        _matvec(w_gate, b_gate, h, gate)
+        _gated(gate.reshape(-1), up.reshape(-1), activation, hidden.reshape(-1))
+    elif activation == RELU:
+        for b in range(B):
+            for i in range(up.shape[1]):
+                hidden[b, i] = max(up[b, i], t(0))
+    else:
+        _activation(up.reshape(-1), activation, hidden.reshape(-1))
+    _matvec(w_out, b_out, hidden, out)
+    _residual(x, out, norm_weights[6], norm_weights[7], norm_eps[3])
+
+
+def _residual(x, branch, post_weight, post_bias, post_eps):
+    """x += branch, or x += post_norm(branch) when the block has that post norm."""
+    if post_weight.size:
+        normed = np.empty_like(branch)
+        _norm(branch, post_weight, post_bias, post_eps, normed)
+        branch = normed
+    for b in range(x.shape[0]):
+        for e in range(x.shape[1]):
+            x[b, e] += branch[b, e]
+
+
+def _decode_step(x, layers, final):
+    """Every block (``layers``: one ``_block_step`` argument tuple per block, after x),
+    then the final norm and the LM head: logits (B, V)."""
+    for i in range(len(layers)):
+        _block_step(x, *layers[i])
+    norm_weight, norm_bias, eps, lm_weight, lm_bias = final
+    h = np.empty_like(x)
+    _norm(x, norm_weight, norm_bias, eps, h)
+    logits = np.empty((x.shape[0], lm_weight.shape[0]), dtype=x.dtype)
+    _matvec(lm_weight, lm_bias, h, logits)
+    return logits
+
+
+if numba is not None:
+    _compiled = numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+    _matvec, _norm, _rope, _residual = (_compiled(f) for f in (_matvec, _norm, _rope, _residual))
+    _block_step, _decode_step = _compiled(_block_step), _compiled(_decode_step)
