@@ -2,6 +2,7 @@
 
 import importlib
 
+from . import memory  # noqa: F401  (keeps freed memory for reuse: see memory.py)
 from .autograd import Function, is_grad_enabled, no_grad
 from .gradcheck import GradcheckError, gradcheck
 from .tensor import Tensor, concatenate, stack, tensor, where

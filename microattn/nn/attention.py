@@ -96,6 +96,9 @@ class KVCache:
                 f"KVCache holds keys of shape (B, Hkv, N, hd)={self.k.shape}; cannot append "
                 f"{tuple(k_shape)}: reset() the cache for a new batch"
             )
+        if self._k is not None and np.dtype(dtype) != self._k.dtype:
+            raise ValueError(f"KVCache holds {self._k.dtype} keys; cannot append {np.dtype(dtype)}: "
+                             f"reset() the cache for another model")
         needed = self.length + k_shape[2]
         capacity = 0 if self._k is None else self._k.shape[2]
         if needed > capacity:

@@ -18,9 +18,9 @@ new here is only the matrix-vector product (``_matvec``: each weight row read on
 all the batch's rows) and the glue. The step runs on the calling thread: on these 2-core
 VMs waking numba's workers costs ~0.1 ms per parallel region, more than a product.
 
-When it runs (``applies``): ``DecoderLM`` and ``models.CausalLM`` take this path for a
-forward of one token per sequence with KV caches, no graph to record (``no_grad``), and
-blocks it understands (``block_reason``: the library's own ``TransformerBlock``,
+When it runs (``applies``; ``lean.ENABLED = False`` switches it off): ``DecoderLM`` and
+``models.CausalLM`` take this path for a forward of one token per sequence with KV caches,
+no graph to record (``no_grad``), and blocks it understands (``block_reason``: the library's own ``TransformerBlock``,
 ``MultiHeadAttention`` with "flash" or "window" attention, ``MLP``, ``LayerNorm`` /
 ``RMSNorm``, no dropout in training mode, on the CPU kernels' backend). Anything else
 takes the modules' path, which computes the same thing (tests/test_lean.py compares
@@ -40,14 +40,16 @@ from ..kernels.cpu import decode
 from ..kernels.cpu._compile import FASTMATH, numba
 from ..kernels.spec import make_attention_spec
 from .attention import MultiHeadAttention, _runs_on_cpu_kernels
+from .module import Module
 from . import transformer  # the blocks' classes; transformer.py imports this module
 from .layers import GELU, LayerNorm, ReLU, RMSNorm, SiLU
 
+ENABLED = True  # False: every forward takes the modules' path (to compare the two, or to debug)
 RELU = 2  # beside fused.SILU (0) and fused.GELU (1)
 ACTIVATION_KINDS = {SiLU: fused.SILU, GELU: fused.GELU, ReLU: RELU}
 GATED_KINDS = {fused.swiglu: fused.SILU, fused.geglu: fused.GELU}
 PAIRS = {"interleaved": 0, "halves": 1}  # RoPE's channel pairs (nn/rope.py)
-_EMPTY_1D = {}  # dtype -> a (0,) array standing for "absent" (a bias, a post norm, rope)
+_EMPTY_1D, _EMPTY_2D = {}, {}  # dtype -> (0,) and (0, 0) arrays standing for "absent"
 # fused.py's forward kernels, their single-thread twins, as globals the compiled step calls
 _layer_norm, _rms_norm = fused._layer_norm_forward.serial, fused._rms_norm_forward.serial
 _activation, _gated = fused._activation_forward.serial, fused._gated_forward.serial
@@ -77,18 +79,88 @@ def block_reason(block) -> str | None:
 def applies(model, tokens: np.ndarray, kv_caches) -> bool:
     """Whether ``model(tokens, kv_caches)`` takes the lean step: one token per sequence,
     caches, no graph to record, no dropout (eval mode, or p = 0), every block understood."""
-    if kv_caches is None or tokens.shape[1] != 1 or is_grad_enabled():
+    if not ENABLED or kv_caches is None or tokens.shape[1] != 1 or is_grad_enabled():
         return False
-    if model.training and _dropout_on(model):
-        return False
-    return all(block_reason(block) is None for block in model.blocks)
+    plan = _plan(model)
+    return plan.usable and not any(owner.training for owner in plan.dropouts)
 
 
-def _dropout_on(model) -> bool:
-    """Whether a dropout of the model (embeddings) or of its blocks has p > 0."""
-    dropouts = [getattr(model, "dropout", None)]
-    dropouts += [d for block in model.blocks for d in (block.dropout, block.attn.attn_dropout)]
-    return any(d is not None and d.p > 0 for d in dropouts)
+class _Plan:
+    """What a model's lean step needs besides the arrays' current contents, built once per
+    ``Module.generation`` (any module attribute assigned anywhere rebuilds it): whether
+    every block is understood, whether a dropout has p > 0, and per block the Parameters
+    and numbers ``_BlockPlan.records`` reads. Parameters' ``.data`` are read at every step."""
+
+    def __init__(self, model):
+        self.generation = Module.generation
+        self.usable = all(block_reason(block) is None for block in model.blocks)
+        # the modules whose training flag turns a dropout with p > 0 on: a Dropout's own,
+        # the attention's for its probabilities' dropout (MultiHeadAttention._attend)
+        owners = [(getattr(model, "dropout", None),) * 2]
+        owners += [pair for block in model.blocks
+                   for pair in ((block.dropout, block.dropout), (block.attn.attn_dropout, block.attn))]
+        self.dropouts = [owner for d, owner in owners if d is not None and d.p > 0]
+        if self.usable:
+            self.blocks = [_BlockPlan(block) for block in model.blocks]
+            self.final = (model.norm, model.lm_head.weight, model.lm_head.bias)
+
+
+def _plan(model) -> _Plan:
+    plan = model.__dict__.get("_lean_plan")
+    if plan is None or plan.generation != Module.generation:
+        plan = _Plan(model)
+        object.__setattr__(model, "_lean_plan", plan)  # not a module attribute: no generation bump
+    return plan
+
+
+class _BlockPlan:
+    """One block's Parameters (None where absent) and numbers, in ``_block_step``'s order."""
+
+    def __init__(self, block):
+        attn, mlp = block.attn, block.mlp
+        self.norms = (block.norm_1, block.norm_2, block.post_norm_1, block.post_norm_2)
+        self.norm_eps = tuple(0.0 if n is None else float(n.eps) for n in self.norms)
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj)
+        self.attn_weights = tuple(p.weight for p in projections)
+        self.attn_biases = tuple(p.bias for p in projections)
+        gate = mlp.fc_gate if mlp.gated is not None else None
+        self.mlp_weights = (mlp.fc_in.weight, None if gate is None else gate.weight, mlp.fc_out.weight)
+        self.mlp_biases = (mlp.fc_in.bias, None if gate is None else gate.bias, mlp.fc_out.bias)
+        self.rope = attn.rope
+        activation = GATED_KINDS[mlp.gated] if mlp.gated is not None else ACTIVATION_KINDS[type(mlp.activation)]
+        self.ints = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
+        self.kinds = (activation, 0 if attn.rope is None else PAIRS[attn.rope.pairs])
+        self.spec_key = (attn.scale, attn._window(True), attn.softcap)
+
+    def records(self, dtype, position):
+        """The arguments of ``_block_step`` after x and before the cache, for this step."""
+        empty = _empty(dtype)
+        norm_weights = []
+        for norm in self.norms:
+            norm_weights.extend(_norm_arrays(norm, empty))
+        no_gate = self.mlp_weights[1] is None
+        mlp_weights = (_c(self.mlp_weights[0]), _EMPTY_2D[dtype] if no_gate else _c(self.mlp_weights[1]),
+                       _c(self.mlp_weights[2]))
+        if self.rope is not None:
+            theta = self.rope.angles(np.array([position]))[0]  # (hd/2,) float64, as RotaryEmbedding
+            rope = (np.cos(theta).astype(dtype), np.sin(theta).astype(dtype))
+        else:
+            rope = (empty, empty)
+        return (tuple(norm_weights), self.norm_eps, tuple(_c(w) for w in self.attn_weights),
+                tuple(empty if b is None else _c(b) for b in self.attn_biases), mlp_weights,
+                tuple(empty if b is None else _c(b) for b in self.mlp_biases), rope,
+                self.ints + (position,) + self.kinds)
+
+
+def _norm_arrays(norm, empty):
+    """(weight, bias): a LayerNorm's own; an RMSNorm's scale (offset + weight) and an empty
+    bias, which is how the kernel tells the two apart; no norm: two empty arrays."""
+    if norm is None:
+        return empty, empty
+    if type(norm) is LayerNorm:
+        return _c(norm.weight), _c(norm.bias)
+    weight = _c(norm.weight)
+    return (weight if norm.offset == 0.0 else weight + weight.dtype.type(norm.offset)), empty
 
 
 # ----------------------------------------------------------------------------- the step
@@ -98,79 +170,49 @@ def decode_step(model, x: np.ndarray, caches) -> np.ndarray:
     """Logits (B, V) for one token per sequence, its embedding x (B, E): ``model.blocks``
     (extending ``caches``, one ``KVCache`` per block, all at the same length), then
     ``model.lm_head(model.norm(x))``. One compiled call; x is overwritten."""
+    plan = _plan(model)
     position = caches[0].length
     dtype = x.dtype
     specs = {}  # one spec per (scale, window, softcap): the layers usually share one
     layers = []
-    for block, cache in zip(model.blocks, caches):
-        attn = block.attn
-        B = x.shape[0]
-        k_store, v_store, start = cache.make_room((B, attn.num_kv_heads, 1, attn.head_dim),
-                                                  (B, attn.num_kv_heads, 1, attn.head_dim), dtype)
+    B = x.shape[0]
+    for block, cache in zip(plan.blocks, caches):
+        H, Hkv, hd = block.ints
+        k_store, v_store, start = cache.make_room((B, Hkv, 1, hd), (B, Hkv, 1, hd), dtype)
         if start != position:
             raise ValueError(f"the KV caches hold different lengths ({position} and {start})")
-        key = (attn.scale, attn.window, attn.softcap)
+        key = block.spec_key
         if key not in specs:
-            q_shape = (B, attn.num_heads, 1, attn.head_dim)
-            k_shape = (B, attn.num_kv_heads, position + 1, attn.head_dim)
+            q_shape, k_shape = (B, H, 1, hd), (B, Hkv, position + 1, hd)
+            scale, window, softcap = key
             specs[key] = tuple(make_attention_spec(
-                q_shape, k_shape, k_shape, (dtype,) * 3, is_causal=True, scale=attn.scale,
-                window=attn._window(True), softcap=attn.softcap).pack())
-        layers.append(_records(block, dtype, position) + ((k_store, v_store),) + specs[key])
-    norm_weight, norm_bias, eps = _norm_record(model.norm, dtype)
-    final = (norm_weight, norm_bias, eps, model.lm_head.weight.data, _bias(model.lm_head.bias, dtype))
+                q_shape, k_shape, k_shape, (dtype,) * 3, is_causal=True, scale=scale,
+                window=window, softcap=softcap).pack())
+        layers.append(block.records(dtype, position) + ((k_store, v_store),) + specs[key])
+    norm, lm_weight, lm_bias = plan.final
+    norm_weight, norm_bias = _norm_arrays(norm, _empty(dtype))
+    final = (norm_weight, norm_bias, float(norm.eps), _c(lm_weight),
+             _empty(dtype) if lm_bias is None else _c(lm_bias))
     logits = _decode_step(x, tuple(layers), final)
     for cache in caches:
         cache.length = position + 1
     return logits
 
 
+def _c(parameter) -> np.ndarray:
+    """A Parameter's data as the compiled step takes it: C-contiguous (no copy when it is
+    already; one layer's Fortran-order or strided weight would make the layers' tuple
+    heterogeneous, which numba cannot index)."""
+    return np.ascontiguousarray(parameter.data)
+
+
 def _empty(dtype) -> np.ndarray:
-    dtype = np.dtype(dtype)
-    if dtype not in _EMPTY_1D:
-        _EMPTY_1D[dtype] = np.empty(0, dtype=dtype)
-    return _EMPTY_1D[dtype]
-
-
-def _bias(parameter, dtype) -> np.ndarray:
-    return _empty(dtype) if parameter is None else parameter.data
-
-
-def _norm_record(norm, dtype):
-    """(weight, bias, eps): a LayerNorm's own; an RMSNorm's scale (offset + weight) and an
-    empty bias, which is how the kernel tells the two apart; no norm: two empty arrays."""
-    if norm is None:
-        return _empty(dtype), _empty(dtype), 0.0
-    if type(norm) is LayerNorm:
-        return norm.weight.data, norm.bias.data, float(norm.eps)
-    scale = norm.weight.data if norm.offset == 0.0 else norm.weight.data + dtype.type(norm.offset)
-    return scale, _empty(dtype), float(norm.eps)
-
-
-def _records(block, dtype, position):
-    """The block's arrays and numbers as ``_block_step`` takes them, after x: the norms,
-    the attention's and the MLP's weights and biases, rope's (cos, sin), the integers."""
-    attn, mlp = block.attn, block.mlp
-    norms = [_norm_record(n, dtype) for n in (block.norm_1, block.norm_2, block.post_norm_1, block.post_norm_2)]
-    norm_weights = tuple(array for weight, bias, _ in norms for array in (weight, bias))
-    norm_eps = tuple(eps for _, _, eps in norms)
-    projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj)
-    attn_weights = tuple(p.weight.data for p in projections)
-    attn_biases = tuple(_bias(p.bias, dtype) for p in projections)
-    gate = mlp.fc_gate if mlp.gated is not None else None
-    no_gate = np.empty((0, 0), dtype=dtype)
-    mlp_weights = (mlp.fc_in.weight.data, no_gate if gate is None else gate.weight.data, mlp.fc_out.weight.data)
-    mlp_biases = (_bias(mlp.fc_in.bias, dtype), _empty(dtype) if gate is None else _bias(gate.bias, dtype),
-                  _bias(mlp.fc_out.bias, dtype))
-    if attn.rope is not None:
-        theta = attn.rope.angles(np.array([position]))[0]  # (hd/2,) float64, as RotaryEmbedding
-        rope = (np.cos(theta).astype(dtype), np.sin(theta).astype(dtype))
-        pairs = PAIRS[attn.rope.pairs]
-    else:
-        rope, pairs = (_empty(dtype), _empty(dtype)), 0
-    activation = GATED_KINDS[mlp.gated] if mlp.gated is not None else ACTIVATION_KINDS[type(mlp.activation)]
-    ints = (attn.num_heads, attn.num_kv_heads, attn.head_dim, position, activation, pairs)
-    return norm_weights, norm_eps, attn_weights, attn_biases, mlp_weights, mlp_biases, rope, ints
+    """A (0,) array of ``dtype``: an absent bias, post norm or rope table."""
+    empty = _EMPTY_1D.get(dtype)
+    if empty is None:
+        empty = _EMPTY_1D[dtype] = np.empty(0, dtype=dtype)
+        _EMPTY_2D[dtype] = np.empty((0, 0), dtype=dtype)
+    return empty
 
 
 # ----------------------------------------------------------------------------- compiled pieces
@@ -193,7 +235,7 @@ def _matvec(weight, bias, x, out):
 
 def _norm(x, weight, bias, eps, out):
     """out = the norm of each row of x (B, E): LayerNorm with a bias, RMSNorm without
-    (``_norm_record``), by ``fused.py``'s forward kernels."""
+    (``_norm_arrays``), by ``fused.py``'s forward kernels."""
     rows = x.shape[0]
     stats = np.empty(rows, dtype=x.dtype)
     if bias.size:

@@ -37,7 +37,15 @@ class Parameter(Tensor):
 
 class Module:
     """Base class of every layer. Subclasses call ``super().__init__()`` first, assign
-    parameters and submodules as attributes, and define ``forward``."""
+    parameters and submodules as attributes, and define ``forward``.
+
+    ``Module.generation`` counts attribute assignments (parameters, submodules, settings
+    such as a dropout's ``p``) to any module: whoever caches what a model is made of
+    (``nn/lean.py``'s decoding plans) rebuilds when it moves. Not covered: a parameter's
+    ``.data`` (read it afresh each time) and ``training`` (``train()``/``eval()``).
+    """
+
+    generation = 0
 
     def __init__(self):
         # object.__setattr__: our own __setattr__ needs these dicts to exist already
@@ -60,11 +68,13 @@ class Module:
             self._parameters[name] = value
         elif isinstance(value, Module):
             self._modules[name] = value
+        Module.generation += 1
         # Also an ordinary attribute: reading self.weight is then a plain lookup, not a
         # failed one followed by __getattr__ (~1 us, ~130 times per decoded token).
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name):
+        Module.generation += 1
         removed = [registry.pop(name, None) for registry in (self._parameters, self._modules, self._buffers)]
         if name in self.__dict__:
             object.__delattr__(self, name)
@@ -220,6 +230,7 @@ class ModuleList(Module):
         if not isinstance(module, Module):
             raise TypeError(f"ModuleList holds Modules, got {type(module).__name__}")
         self._modules[str(len(self._modules))] = module
+        Module.generation += 1
         return self
 
     def __len__(self):

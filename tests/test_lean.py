@@ -1,0 +1,581 @@
+"""nn.lean: the one-call decoding step (one token per sequence, KV caches, no graph) against
+the modules' path it stands in for, computed on copies of the same caches with
+``lean.applies`` switched off: logits and cache contents over several steps for DecoderLM's
+options and CausalLM's families, greedy generation, the cases it must leave to the modules,
+hostile inputs, and ``KVCache.make_room``. No torch here."""
+
+import contextlib
+import copy
+
+import numpy as np
+import pytest
+
+import microattn as ma
+from microattn import nn
+from microattn.models import CausalLM
+from microattn.nn import lean
+
+V = 50  # vocabulary of every model here
+PROMPT, STEPS = 3, 6  # prompt tokens, then single-token steps (past every window below)
+# float32: the two paths sum in other orders (the lean matvec, BLAS); seen up to 2.3e-6 of the
+# largest |logit|, float64 up to 2.5e-15
+TOLERANCE = {np.float32: {"rtol": 1e-5, "atol": 5e-6}, np.float64: {"rtol": 1e-11, "atol": 1e-13}}
+
+
+def assert_close(got, expected, dtype):
+    """Within TOLERANCE, the atol scaled by the largest |expected|: an entry near 0 is a
+    difference of terms as large as the others, and rounds as they do."""
+    tolerance = TOLERANCE[np.dtype(dtype).type]
+    atol = tolerance["atol"] * max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(got, expected, rtol=tolerance["rtol"], atol=atol)
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def lean_calls(monkeypatch):
+    """The number of lean.decode_step calls so far (a list, one entry per call)."""
+    calls = []
+    step = lean.decode_step
+    monkeypatch.setattr(lean, "decode_step", lambda *args: calls.append(1) or step(*args))
+    return calls
+
+
+@contextlib.contextmanager
+def modules_path():
+    """Every forward inside takes the modules' path (lean.applies says no)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lean, "applies", lambda *args: False)
+        yield
+
+
+def spread(model, seed=0):
+    """Matrices x4 (logits spread, greedy decoding moves), vectors (norm weights and biases,
+    initialised to constants) perturbed so that every one of them matters."""
+    r = rng(seed)
+    for param in model.parameters():
+        if param.ndim == 2:
+            param.data = param.data * 4
+        else:
+            param.data = (param.data + 0.3 * r.standard_normal(param.shape)).astype(param.dtype)
+    return model
+
+
+def decoder_lm(dtype=np.float32, seed=0, **options):
+    options = {"embed_dim": 32, "num_layers": 2, "num_heads": 4, **options}
+    return spread(nn.DecoderLM(V, 16, **options, dtype=dtype, rng=rng(seed)), seed)
+
+
+def prefilled(model, batch, seed=1):
+    """(caches holding a prompt of PROMPT tokens, the STEPS tokens that follow (B, STEPS))."""
+    tokens = rng(seed).integers(0, V, (batch, PROMPT + STEPS))
+    caches = model.make_caches()
+    with ma.no_grad():
+        model(tokens[:, :PROMPT], kv_caches=caches)
+    return caches, tokens[:, PROMPT:]
+
+
+def single_steps(model, caches, tokens):
+    """Logits (B, steps, V) of feeding ``tokens`` (B, steps) one per forward, under no_grad."""
+    with ma.no_grad():
+        return np.concatenate([model(tokens[:, i : i + 1], kv_caches=caches).data
+                               for i in range(tokens.shape[1])], axis=1)
+
+
+def both_paths(model, caches, tokens, lean_calls):
+    """Lean and modules' (logits, caches) of the same single steps from copies of ``caches``."""
+    lean_caches, module_caches = copy.deepcopy(caches), copy.deepcopy(caches)
+    calls = len(lean_calls) + tokens.shape[1]
+    lean_logits = single_steps(model, lean_caches, tokens)
+    assert len(lean_calls) == calls  # every step took the lean path
+    with modules_path():
+        module_logits = single_steps(model, module_caches, tokens)
+    assert len(lean_calls) == calls
+    return (lean_logits, lean_caches), (module_logits, module_caches)
+
+
+def assert_same(lean_result, module_result, dtype):
+    (lean_logits, lean_caches), (module_logits, module_caches) = lean_result, module_result
+    assert lean_logits.dtype == module_logits.dtype == dtype
+    assert_close(lean_logits, module_logits, dtype)
+    for got, expected in zip(lean_caches, module_caches):
+        assert got.length == expected.length
+        assert_close(got.k, expected.k, dtype)
+        assert_close(got.v, expected.v, dtype)
+
+
+# ----------------------------------------------------------------------------- parity: DecoderLM
+
+
+DECODER_CASES = {  # name -> (batch, dtype, DecoderLM options)
+    "layernorm-gelu-rope": (1, np.float32, {}),
+    "rmsnorm-silu-rope": (3, np.float64, {"norm": "rmsnorm", "activation": "silu"}),
+    "layernorm-relu-positions": (3, np.float32, {"activation": "relu", "rope": False}),
+    "rmsnorm-swiglu-gqa": (3, np.float32, {"norm": "rmsnorm", "activation": "swiglu", "num_kv_heads": 2}),
+    "layernorm-geglu-mqa": (1, np.float64, {"activation": "geglu", "num_kv_heads": 1}),
+    "rmsnorm-swiglu-gqa-window": (3, np.float32, {"norm": "rmsnorm", "activation": "swiglu", "num_kv_heads": 2,
+                                                  "attention": "window", "window": 2}),
+    "layernorm-gelu-window-1-positions": (3, np.float64, {"attention": "window", "window": 1, "rope": False}),
+    "rmsnorm-relu-mqa-window": (3, np.float64, {"norm": "rmsnorm", "activation": "relu", "num_kv_heads": 1,
+                                                "attention": "window", "window": 3}),
+    "layernorm-silu-positions": (1, np.float64, {"activation": "silu", "rope": False}),
+    "rmsnorm-geglu-rope": (3, np.float32, {"norm": "rmsnorm", "activation": "geglu"}),
+    "layernorm-swiglu-window-positions": (3, np.float64, {"activation": "swiglu", "attention": "window",
+                                                          "window": 2, "rope": False}),
+    "rmsnorm-gelu-mqa-window-0": (1, np.float32, {"norm": "rmsnorm", "num_kv_heads": 1, "attention": "window",
+                                                  "window": 0}),
+}
+
+
+@pytest.mark.parametrize("case", list(DECODER_CASES))
+def test_decoder_lm_lean_steps_equal_the_modules_path(case, lean_calls):
+    """Logits of every step and the cached k, v after them, for DecoderLM's options."""
+    batch, dtype, options = DECODER_CASES[case]
+    model = decoder_lm(dtype, **options).eval()
+    caches, tokens = prefilled(model, batch)
+    assert_same(*both_paths(model, caches, tokens, lean_calls), dtype)
+
+
+def test_lean_and_module_steps_can_alternate():
+    """Caches extended by the lean path carry on under the modules' path and back: the same
+    logits as feeding the whole sequence at once."""
+    model = decoder_lm(np.float64, num_kv_heads=2, attention="window", window=3).eval()
+    tokens = rng(2).integers(0, V, (2, 10))
+    with ma.no_grad():
+        full = model(tokens).data
+        caches = model.make_caches()
+        parts = [model(tokens[:, :2], kv_caches=caches).data]
+        for i in range(2, 10):
+            if i % 3 == 0:
+                with modules_path():
+                    parts.append(model(tokens[:, i : i + 1], kv_caches=caches).data)
+            else:
+                parts.append(model(tokens[:, i : i + 1], kv_caches=caches).data)
+    assert_close(np.concatenate(parts, axis=1), full, np.float64)
+
+
+# ----------------------------------------------------------------------------- parity: CausalLM
+
+
+COMMON = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2}
+WINDOW = 3  # Hugging Face's sliding_window: shorter than the sequences decoded here
+# as tests/models/oracle.py's CASES, as plain config.json dicts (no transformers needed)
+CONFIGS = {
+    "llama": {"model_type": "llama", **COMMON},  # RoPE halves, GQA, RMSNorm, swiglu, no biases
+    "llama3-mqa-biases": {"model_type": "llama", **COMMON, "num_key_value_heads": 1, "attention_bias": True,
+                          "mlp_bias": True, "tie_word_embeddings": True, "rope_scaling": {
+                              "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 4}},
+    "qwen2": {"model_type": "qwen2", **COMMON, "use_sliding_window": True, "sliding_window": WINDOW,
+              "max_window_layers": 1},  # q/k/v biases; layer 0 full, layer 1 windowed
+    "gemma2": {"model_type": "gemma2", **COMMON, "head_dim": 16, "sliding_window": WINDOW,
+               "query_pre_attn_scalar": 12, "attn_logit_softcapping": 0.5, "final_logit_softcapping": 10.0},
+    "gpt2": {"model_type": "gpt2", "vocab_size": V, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 16},
+}
+
+
+def causal_lm(case, dtype=np.float32, seed=0):
+    return spread(CausalLM(CONFIGS[case], dtype=dtype, rng=rng(seed)), seed).eval()
+
+
+def test_the_configs_have_what_they_are_here_for():
+    """Each CausalLM case builds the parts it is meant to exercise, and all of them are lean."""
+    gemma, qwen = causal_lm("gemma2"), causal_lm("qwen2")
+    assert gemma.arch.embed_scale and gemma.arch.final_softcap and gemma.arch.attn_softcap
+    assert gemma.blocks[0].post_norm_1 is not None and gemma.norm.offset == 1.0
+    assert [block.attn.attention for block in gemma.blocks] == ["window", "flash"]
+    assert [block.attn.attention for block in qwen.blocks] == ["flash", "window"]
+    assert qwen.blocks[0].attn.q_proj.bias is not None and qwen.blocks[0].attn.out_proj.bias is None
+    assert causal_lm("llama").blocks[0].attn.rope.pairs == "halves"
+    for case in CONFIGS:
+        assert all(lean.block_reason(block) is None for block in causal_lm(case).blocks), case
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_causal_lm_lean_steps_equal_the_modules_path(case, dtype, lean_calls):
+    model = causal_lm(case, dtype)
+    caches, tokens = prefilled(model, 2)
+    assert_same(*both_paths(model, caches, tokens, lean_calls), dtype)
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def test_decoder_lm_generate_is_the_same_with_and_without_the_lean_path(lean_calls):
+    model = decoder_lm(np.float64, norm="rmsnorm", activation="swiglu", num_kv_heads=2)
+    prompt = rng(3).integers(0, V, (2, 3))
+    tokens = model.generate(prompt, 10)
+    assert len(lean_calls) == 9  # the prompt's forward is the modules'; then one call a token
+    with modules_path():
+        np.testing.assert_array_equal(model.generate(prompt, 10), tokens)
+    assert len(set(tokens[:, 3:].ravel().tolist())) > 2  # decoding moves: a real comparison
+
+
+def test_causal_lm_generate_is_the_same_with_and_without_the_lean_path(lean_calls):
+    model = causal_lm("gemma2", np.float64)
+    prompt = rng(4).integers(0, V, (3, 2))
+    tokens = model.generate(prompt, 12)
+    assert len(lean_calls) == 11
+    with modules_path():
+        np.testing.assert_array_equal(model.generate(prompt, 12), tokens)
+    assert len(set(tokens[:, 2:].ravel().tolist())) > 2
+
+
+# ----------------------------------------------------------------------------- when it must not apply
+
+
+def next_logits(model, caches, token):
+    with ma.no_grad():
+        return model(token, kv_caches=copy.deepcopy(caches)).data
+
+
+def test_not_with_grad_enabled_a_graph_is_recorded(lean_calls):
+    model = decoder_lm(np.float64).eval()
+    caches, tokens = prefilled(model, 2)
+    expected = next_logits(model, caches, tokens[:, :1])  # lean
+    assert len(lean_calls) == 1
+    assert not lean.applies(model, tokens[:, :1], caches)  # grad is on here
+    logits = model(tokens[:, :1], kv_caches=caches)
+    assert len(lean_calls) == 1 and logits.requires_grad
+    assert_close(logits.data, expected, np.float64)
+    logits.sum().backward()
+    assert model.lm_head.weight.grad is not None and model.blocks[0].attn.q_proj.weight.grad is not None
+
+
+def test_not_for_two_tokens_which_give_the_logits_of_two_lean_steps(lean_calls):
+    model = decoder_lm(np.float64, activation="geglu").eval()
+    caches, tokens = prefilled(model, 3)
+    with ma.no_grad():
+        assert not lean.applies(model, tokens[:, :2], caches)
+        two = model(tokens[:, :2], kv_caches=copy.deepcopy(caches)).data
+        assert not lean_calls
+        steps = single_steps(model, caches, tokens[:, :2])
+    assert len(lean_calls) == 2
+    assert_close(two, steps, np.float64)
+
+
+def test_not_without_caches(lean_calls):
+    model = decoder_lm(np.float64).eval()
+    token = np.array([[7], [8]])
+    with ma.no_grad():
+        assert not lean.applies(model, token, None)
+        logits = model(token).data
+        assert not lean_calls
+        assert_close(model(token, kv_caches=model.make_caches()).data, logits, np.float64)
+    assert len(lean_calls) == 1  # with (empty) caches: lean, from position 0
+
+
+def test_not_in_training_with_dropout_but_with_dropout_zero(lean_calls):
+    model = decoder_lm(np.float64, dropout=0.2)
+    caches, tokens = prefilled(model.eval(), 2)
+    token = tokens[:, :1]
+    with ma.no_grad():
+        model.train()
+        assert not lean.applies(model, token, caches)
+        model(token, kv_caches=copy.deepcopy(caches))
+        assert not lean_calls
+        model.eval()
+        assert lean.applies(model, token, caches)
+    without = decoder_lm(np.float64).train()  # dropout 0: training mode changes nothing
+    caches, tokens = prefilled(without, 2)
+    with ma.no_grad():
+        assert lean.applies(without, token, caches)
+    assert_same(*both_paths(without, caches, tokens, lean_calls), np.float64)
+
+
+@pytest.mark.parametrize("backend", ["reference", "composed"])
+def test_not_on_another_backend(backend, lean_calls):
+    model = decoder_lm(np.float64, num_kv_heads=2).eval()
+    other = decoder_lm(np.float64, num_kv_heads=2, backend=backend).eval()  # the same weights
+    assert lean.block_reason(other.blocks[0]) == f"backend {backend!r} does not run on the CPU kernels"
+    caches, tokens = prefilled(model, 2)
+    other_caches, _ = prefilled(other, 2)
+    with ma.no_grad():
+        assert not lean.applies(other, tokens[:, :1], other_caches)
+    expected = single_steps(model, caches, tokens)
+    assert len(lean_calls) == STEPS
+    got = single_steps(other, other_caches, tokens)
+    assert len(lean_calls) == STEPS
+    assert_close(got, expected, np.float64)
+
+
+class WrappedMLP(nn.Module):
+    """An MLP of another class (the same maths as the one it wraps)."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.inner = mlp
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class CustomBlock(nn.TransformerBlock):
+    pass
+
+
+class CustomNorm(nn.RMSNorm):
+    pass
+
+
+def rebuilt(block, cls=nn.TransformerBlock, **parts):
+    parts = {"norm_1": block.norm_1, "attn": block.attn, "norm_2": block.norm_2, "mlp": block.mlp, **parts}
+    return cls.from_parts(**parts)
+
+
+def custom_norm(norm):
+    custom = CustomNorm(norm.dim, eps=norm.eps, dtype=norm.weight.dtype)
+    custom.weight = norm.weight
+    return custom
+
+
+CUSTOM_BLOCKS = {  # name -> (block 1 -> its replacement, what block_reason says)
+    "subclass": (lambda block: rebuilt(block, CustomBlock), "CustomBlock is not a TransformerBlock"),
+    "mlp": (lambda block: rebuilt(block, mlp=WrappedMLP(block.mlp)), "the MLP is not nn.MLP"),
+    "norm": (lambda block: rebuilt(block, norm_2=custom_norm(block.norm_2)), "a norm is not"),
+}
+
+
+@pytest.mark.parametrize("case", list(CUSTOM_BLOCKS))
+def test_not_with_a_block_it_does_not_know(case, lean_calls):
+    model = decoder_lm(np.float64, norm="rmsnorm", activation="swiglu").eval()
+    caches, tokens = prefilled(model, 2)
+    expected = single_steps(model, copy.deepcopy(caches), tokens)
+    assert len(lean_calls) == STEPS
+    replace, reason = CUSTOM_BLOCKS[case]
+    model.blocks = nn.ModuleList([model.blocks[0], replace(model.blocks[1])])
+    assert lean.block_reason(model.blocks[0]) is None
+    assert reason in lean.block_reason(model.blocks[1])
+    with ma.no_grad():
+        assert not lean.applies(model, tokens[:, :1], caches)
+    got = single_steps(model, caches, tokens)
+    assert len(lean_calls) == STEPS
+    assert_close(got, expected, np.float64)
+
+
+def test_not_with_linear_attention():
+    model = decoder_lm(np.float64, attention="linear", rope=False).eval()
+    assert "flash or window" in lean.block_reason(model.blocks[0])
+    caches, tokens = prefilled(model, 1)
+    with ma.no_grad():
+        assert not lean.applies(model, tokens[:, :1], caches)
+
+
+def test_the_lean_step_follows_changes_to_the_model(lean_calls):
+    """A parameter's data, a replaced Parameter or module, a dropout's p set after lean
+    steps ran: the next lean step sees them (the same as the modules' path) or stands aside."""
+    model = decoder_lm(np.float64, norm="rmsnorm", activation="swiglu", num_kv_heads=2).train()
+    caches, tokens = prefilled(model, 2)
+    single_steps(model, caches, tokens[:, :1])
+    model.blocks[0].mlp.fc_gate.weight.data = model.blocks[0].mlp.fc_gate.weight.data * -1.5
+    model.blocks[1].attn.v_proj.weight = nn.Parameter(rng(7).standard_normal((16, 32)))
+    norm = nn.RMSNorm(32, offset=1.0, dtype=np.float64)
+    norm.weight.data = rng(8).standard_normal(32) * 0.3
+    model.blocks[1].norm_2 = norm
+    model.norm = nn.LayerNorm(32, dtype=np.float64)
+    assert_same(*both_paths(model, caches, tokens[:, 1:], lean_calls), np.float64)
+    model.blocks[1].dropout.p = 0.5
+    with ma.no_grad():
+        assert not lean.applies(model, tokens[:, :1], caches)
+        model.eval()
+        assert lean.applies(model, tokens[:, :1], caches)
+
+
+def test_not_when_a_block_is_in_training_mode_with_dropout():
+    model = decoder_lm(np.float64, dropout=0.3).eval()
+    caches, tokens = prefilled(model, 2)
+    model.blocks[1].train()
+    with ma.no_grad():
+        assert not lean.applies(model, tokens[:, :1], caches)
+
+
+def test_weights_in_another_memory_layout(lean_calls):
+    model = decoder_lm(np.float64).eval()
+    caches, tokens = prefilled(model, 2)
+    weight = model.blocks[1].attn.q_proj.weight
+    model.blocks[1].attn.q_proj.weight = nn.Parameter(np.asfortranarray(weight.data))
+    assert_same(*both_paths(model, caches, tokens[:, :2], lean_calls), np.float64)
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+
+def lengths(caches):
+    return [cache.length for cache in caches]
+
+
+HOSTILE_MODELS = {"decoder_lm": lambda: decoder_lm(np.float32).eval(), "gemma2": lambda: causal_lm("gemma2")}
+
+
+def snapshot(caches):
+    return [(cache.length, cache.k.copy(), cache.v.copy()) for cache in caches]
+
+
+def assert_unchanged(caches, before):
+    for cache, (length, k, v) in zip(caches, before):
+        assert cache.length == length
+        np.testing.assert_array_equal(cache.k, k)
+        np.testing.assert_array_equal(cache.v, v)
+
+
+@pytest.mark.parametrize("bad", [V, -1])
+@pytest.mark.parametrize("model", list(HOSTILE_MODELS))
+def test_an_out_of_range_token_is_an_error_before_any_cache_changes(model, bad):
+    model = HOSTILE_MODELS[model]()
+    caches, _ = prefilled(model, 2)
+    before, tokens = snapshot(caches), np.array([[3], [bad]])
+    with ma.no_grad():
+        assert lean.applies(model, tokens, caches)
+        with pytest.raises(ValueError, match="token ids"):
+            model(tokens, kv_caches=caches)
+    assert_unchanged(caches, before)
+
+
+@pytest.mark.parametrize("model", list(HOSTILE_MODELS))
+def test_float_tokens_are_a_type_error(model):
+    model = HOSTILE_MODELS[model]()
+    caches, _ = prefilled(model, 1)
+    before, tokens = snapshot(caches), np.array([[3.0]])
+    with ma.no_grad():
+        assert lean.applies(model, tokens, caches)
+        with pytest.raises(TypeError, match="integer tokens"):
+            model(tokens, kv_caches=caches)
+    assert_unchanged(caches, before)
+
+
+@pytest.mark.parametrize("model", list(HOSTILE_MODELS))
+def test_caches_of_another_batch_size_are_an_error_naming_reset(model):
+    model = HOSTILE_MODELS[model]()
+    caches, _ = prefilled(model, 2)
+    before, tokens = snapshot(caches), np.array([[1], [2], [3]])
+    with ma.no_grad():
+        assert lean.applies(model, tokens, caches)
+        with pytest.raises(ValueError, match=r"reset\(\)"):
+            model(tokens, kv_caches=caches)
+    assert_unchanged(caches, before)
+
+
+@pytest.mark.parametrize("model", list(HOSTILE_MODELS))
+def test_caches_of_different_lengths_are_an_error(model):
+    model = HOSTILE_MODELS[model]()
+    short, _ = prefilled(model, 2)
+    with ma.no_grad():
+        model(np.array([[1], [2]]), kv_caches=short)
+    longer = copy.deepcopy(short)
+    with ma.no_grad():
+        model(np.array([[1], [2]]), kv_caches=longer)
+    for mixed in ([short[0], longer[1]], [longer[0], short[1]]):
+        before = snapshot(mixed)
+        with ma.no_grad(), pytest.raises(ValueError, match="different lengths"):
+            model(np.array([[1], [2]]), kv_caches=mixed)
+        assert_unchanged(mixed, before)
+
+
+def test_decoding_past_max_len_is_an_error(lean_calls):
+    model = nn.DecoderLM(V, PROMPT + 1, embed_dim=32, num_heads=4, rng=rng()).eval()
+    caches, _ = prefilled(model, 2)
+    with ma.no_grad():
+        model(np.array([[1], [2]]), kv_caches=caches)  # position max_len - 1: the last one
+        assert len(lean_calls) == 1
+        with pytest.raises(ValueError, match="max_len"):
+            model(np.array([[1], [2]]), kv_caches=caches)
+    assert lengths(caches) == [PROMPT + 1] * 2
+
+
+def test_decoding_past_the_learned_positions_is_an_error(lean_calls):
+    model = causal_lm("gpt2")
+    caches = model.make_caches()
+    with ma.no_grad():
+        model(rng().integers(0, V, (1, 15)), kv_caches=caches)
+        model(np.array([[1]]), kv_caches=caches)  # position 15 of n_positions 16
+        assert len(lean_calls) == 1
+        with pytest.raises(ValueError, match="n_positions"):
+            model(np.array([[1]]), kv_caches=caches)
+    assert lengths(caches) == [16] * 2
+
+
+@pytest.mark.parametrize("model", [lambda: causal_lm("qwen2"), lambda: decoder_lm(np.float32).eval()])
+def test_caches_without_capacity_grow_by_doubling(model, lean_calls):
+    """Caches with no capacity (CausalLM.make_caches()'s default) grow under the lean step,
+    keeping what they hold: the same logits and contents as the modules' path."""
+    model = model()
+    caches = [nn.KVCache() for _ in model.blocks]
+    tokens = rng(5).integers(0, V, (2, 14))
+    with ma.no_grad():
+        model(tokens[:, :1], kv_caches=caches)  # lean from position 0: capacity 1
+    assert [cache._k.shape[2] for cache in caches] == [1, 1]
+    lean_caches, module_caches = copy.deepcopy(caches), copy.deepcopy(caches)
+    seen = set()
+    with ma.no_grad():
+        lean_logits = []
+        for i in range(1, 14):
+            lean_logits.append(model(tokens[:, i : i + 1], kv_caches=lean_caches).data)
+            seen.add(lean_caches[0]._k.shape[2])
+    assert seen == {2, 4, 8, 16} and len(lean_calls) == 14
+    with modules_path():
+        module_logits = single_steps(model, module_caches, tokens[:, 1:])
+    assert_same((np.concatenate(lean_logits, axis=1), lean_caches), (module_logits, module_caches), np.float32)
+
+
+# ----------------------------------------------------------------------------- KVCache.make_room
+
+
+def test_make_room_hands_out_the_storage_and_where_new_rows_go():
+    cache = nn.KVCache(capacity=8)
+    k_store, v_store, start = cache.make_room((2, 1, 3, 4), (2, 1, 3, 5), np.float64)
+    assert start == 0 and k_store.shape == (2, 1, 8, 4) and v_store.shape == (2, 1, 8, 5)
+    assert k_store.dtype == v_store.dtype == np.float64
+    assert k_store is cache._k and v_store is cache._v
+    k_store[:, :, :3], v_store[:, :, :3] = 1.0, 2.0
+    cache.length = 3
+    again = cache.make_room((2, 1, 5, 4), (2, 1, 5, 5), np.float64)  # fits: the same storage
+    assert again[0] is k_store and again[1] is v_store and again[2] == 3
+    assert cache.length == 3  # the caller sets it
+    np.testing.assert_array_equal(cache.k, np.ones((2, 1, 3, 4)))
+    np.testing.assert_array_equal(cache.v, np.full((2, 1, 3, 5), 2.0))
+
+
+def test_make_room_grows_by_doubling_and_keeps_the_rows():
+    cache = nn.KVCache()
+    rows = rng().standard_normal((1, 2, 9, 3))
+    capacities = []
+    for n in range(9):
+        k_store, v_store, start = cache.make_room((1, 2, 1, 3), (1, 2, 1, 3), np.float32)
+        assert start == n
+        k_store[:, :, n], v_store[:, :, n] = rows[:, :, n], -rows[:, :, n]
+        cache.length = n + 1
+        capacities.append(k_store.shape[2])
+        np.testing.assert_array_equal(cache.k, rows[:, :, : n + 1].astype(np.float32))
+        np.testing.assert_array_equal(cache.v, -rows[:, :, : n + 1].astype(np.float32))
+    assert capacities == [1, 2, 4, 4, 8, 8, 8, 8, 16]
+    _, _, start = cache.make_room((1, 2, 30, 3), (1, 2, 30, 3), np.float32)  # past double: as needed
+    assert start == 9 and cache._k.shape[2] == 39 and cache._v.shape[2] == 39
+    np.testing.assert_array_equal(cache.k, rows.astype(np.float32))
+
+
+@pytest.mark.parametrize("k_shape, v_shape", [
+    ((3, 2, 1, 4), (3, 2, 1, 5)),  # batch
+    ((2, 1, 1, 4), (2, 1, 1, 5)),  # kv heads
+    ((2, 2, 1, 6), (2, 2, 1, 5)),  # key head dim
+    ((2, 2, 1, 4), (2, 2, 1, 4)),  # value head dim
+])
+def test_make_room_refuses_other_shapes(k_shape, v_shape):
+    cache = nn.KVCache(capacity=4)
+    cache.make_room((2, 2, 1, 4), (2, 2, 1, 5), np.float64)
+    cache.length = 1
+    k_store = cache._k
+    with pytest.raises(ValueError, match=r"reset\(\)"):
+        cache.make_room(k_shape, v_shape, np.float64)
+    assert cache._k is k_store and cache.length == 1
+
+
+def test_make_room_refuses_another_dtype():
+    """float32 rows into a float64 cache would be cast silently: a ValueError instead."""
+    cache = nn.KVCache(capacity=4)
+    cache.make_room((1, 2, 1, 4), (1, 2, 1, 4), np.float64)
+    with pytest.raises(ValueError, match=r"float64 keys; cannot append float32"):
+        cache.make_room((1, 2, 1, 4), (1, 2, 1, 4), np.float32)
