@@ -39,10 +39,10 @@ from ..autograd import is_grad_enabled
 from ..kernels.cpu import decode
 from ..kernels.cpu._compile import FASTMATH, numba
 from ..kernels.spec import make_attention_spec
-from .attention import MultiHeadAttention, _runs_on_cpu_kernels
-from .module import Module
 from . import transformer  # the blocks' classes; transformer.py imports this module
+from .attention import MultiHeadAttention, _runs_on_cpu_kernels
 from .layers import GELU, LayerNorm, ReLU, RMSNorm, SiLU
+from .module import Module
 
 ENABLED = True  # False: every forward takes the modules' path (to compare the two, or to debug)
 RELU = 2  # beside fused.SILU (0) and fused.GELU (1)
@@ -262,7 +262,7 @@ def _block_step(x, norm_weights, norm_eps, attn_weights, attn_biases, mlp_weight
     """One token per sequence through one block, x (B, E) updated in place; writes this
     token's k, v at ``position`` of the cache storage (B, Hkv, capacity, hd)."""
     H, Hkv, hd, position, activation, pairs = ints
-    B, E = x.shape
+    B = x.shape[0]
     t = x.dtype.type
     wq, wk, wv, wo = attn_weights
     bq, bk, bv, bo = attn_biases
