@@ -4,7 +4,8 @@
                     layers, 8 heads, learned positions, LayerNorm, GELU MLP, float32),
                     batch 8 x N tokens: ``time_step``, ``peakmem_step``.
 * ``DecodeStep``    one greedy decoding step (one token in) after a KV cache of ``cache``
-                    tokens: ``time_step``; the cache is rewound after each call, so every
+                    tokens, on the lean step or through the modules (``path``):
+                    ``time_step``; the cache is rewound after each call, so every
                     call sees the same length. The issue asks for a flat per-token time
                     from 64 to 2048, apart from the attention read itself.
 * ``Generate``      ``DecoderLM.generate``: 64 new tokens after a 64-token prompt.
@@ -22,7 +23,7 @@ import numpy as np
 
 import microattn as ma
 from microattn import fused, nn, optim
-from microattn.nn import layers
+from microattn.nn import layers, lean
 
 from .common import BACKWARD, FORWARD
 
@@ -62,21 +63,26 @@ class TrainingStep:
 
 
 class DecodeStep:
-    """One token in, one logit row out, after ``cache`` cached tokens (batch 1)."""
+    """One token in, one logit row out, after ``cache`` cached tokens (batch 1), on the
+    lean step (``nn/lean.py``, one compiled call) or through the modules."""
 
-    params = [[64, 512, 2048]]
-    param_names = ["cache"]
+    params = [[64, 512, 2048], ["lean", "modules"]]
+    param_names = ["cache", "path"]
 
-    def setup(self, cache):
+    def setup(self, cache, path):
+        lean.ENABLED = path == "lean"
         self.model = gpt()
         self.caches = self.model.make_caches()
         prompt = np.random.default_rng(2).integers(0, VOCAB, (1, cache))
         self.token, self.length = prompt[:, -1:], cache
         with ma.no_grad():
             self.model(prompt, kv_caches=self.caches)
-            self.time_step(cache)  # compiles the decode path
+            self.time_step(cache, path)  # compiles the decode path
 
-    def time_step(self, cache):
+    def teardown(self, cache, path):
+        lean.ENABLED = True
+
+    def time_step(self, cache, path):
         with ma.no_grad():
             self.model(self.token, kv_caches=self.caches)
         for kv_cache in self.caches:
