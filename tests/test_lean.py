@@ -579,3 +579,95 @@ def test_make_room_refuses_another_dtype():
     cache.make_room((1, 2, 1, 4), (1, 2, 1, 4), np.float64)
     with pytest.raises(ValueError, match=r"float64 keys; cannot append float32"):
         cache.make_room((1, 2, 1, 4), (1, 2, 1, 4), np.float32)
+
+
+# -- the helper thread (kernels/cpu/team.py's claim board) ---------------------------------
+
+
+@contextlib.contextmanager
+def numba_threads(n):
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_the_helper_changes_nothing_but_the_time():
+    """Alone (one numba thread: no helper) and with the helper: bit for bit the same logits,
+    since each chunk of rows is computed by the same code whoever claims it."""
+    model = decoder_lm(np.float32, num_layers=3).eval()
+    with numba_threads(1):
+        caches, tokens = prefilled(model, 2)
+        alone = single_steps(model, caches, tokens)
+    caches, tokens = prefilled(model, 2)
+    together = single_steps(model, caches, tokens)
+    np.testing.assert_array_equal(together, alone)
+
+
+def test_steps_of_two_models_in_turn():
+    """The helper's arrays follow the model of each step (another shape each time)."""
+    small, wide = decoder_lm(np.float64).eval(), decoder_lm(np.float64, embed_dim=48, seed=3).eval()
+    runs = {name: prefilled(model, 1) for name, model in (("small", small), ("wide", wide))}
+    got = {"small": [], "wide": []}
+    with ma.no_grad():
+        for i in range(STEPS):
+            for name, model in (("small", small), ("wide", wide)):
+                caches, tokens = runs[name]
+                got[name].append(model(tokens[:, i : i + 1], kv_caches=caches).data)
+    for name, model in (("small", small), ("wide", wide)):
+        caches, tokens = prefilled(model, 1)
+        with modules_path():
+            expected = single_steps(model, caches, tokens)
+        assert_close(np.concatenate(got[name], axis=1), expected, np.float64)
+
+
+def test_two_threads_decoding_at_once():
+    """Two Python threads decoding two models at the same time: one has the helper, the
+    other runs alone on a board of its own; both get their sequential answers."""
+    import threading
+
+    models = [decoder_lm(np.float64, seed=s).eval() for s in (0, 1)]
+    expected = [single_steps(m, *prefilled(m, 2)) for m in models]
+    results = [None, None]
+
+    def decode(i):
+        model = models[i]
+        caches, tokens = prefilled(model, 2)
+        results[i] = np.concatenate([single_steps(model, caches, tokens) for _ in range(1)], axis=1)
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "a decoding thread hung"
+    for got, want in zip(results, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def _child_decodes(queue):
+    model = decoder_lm(np.float64).eval()
+    caches, tokens = prefilled(model, 1)
+    queue.put(single_steps(model, caches, tokens))
+
+
+def test_a_forked_child_decodes():
+    """After fork the child has no helper thread, whatever the parent's board said: it
+    must neither hang waiting for one nor differ."""
+    import multiprocessing
+
+    model = decoder_lm(np.float64).eval()
+    caches, tokens = prefilled(model, 1)
+    expected = single_steps(model, caches, tokens)  # the parent's helper is awake now
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_decodes, args=(queue,))
+    child.start()
+    got = queue.get(timeout=120)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(got, expected)

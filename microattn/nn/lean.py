@@ -32,12 +32,29 @@ hidden width; the cache storage is (B, Hkv, capacity, hd) (``KVCache``).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+import time
+
 import numpy as np
 
 from .. import fused
 from ..autograd import is_grad_enabled
 from ..kernels.cpu import decode
 from ..kernels.cpu._compile import FASTMATH, numba
+from ..kernels.cpu.team import (
+    ACTIVE,
+    STOP,
+    atomic_load,
+    atomic_store,
+    chunk_done,
+    claim,
+    new_board,
+    next_job,
+    publish,
+    wait_done,
+)
 from ..kernels.spec import make_attention_spec
 from . import transformer  # the blocks' classes; transformer.py imports this module
 from .attention import MultiHeadAttention, _runs_on_cpu_kernels
@@ -120,12 +137,10 @@ class _BlockPlan:
         attn, mlp = block.attn, block.mlp
         self.norms = (block.norm_1, block.norm_2, block.post_norm_1, block.post_norm_2)
         self.norm_eps = tuple(0.0 if n is None else float(n.eps) for n in self.norms)
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj)
-        self.attn_weights = tuple(p.weight for p in projections)
-        self.attn_biases = tuple(p.bias for p in projections)
         gate = mlp.fc_gate if mlp.gated is not None else None
-        self.mlp_weights = (mlp.fc_in.weight, None if gate is None else gate.weight, mlp.fc_out.weight)
-        self.mlp_biases = (mlp.fc_in.bias, None if gate is None else gate.bias, mlp.fc_out.bias)
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.fc_in, gate, mlp.fc_out)
+        self.matrices = tuple(None if p is None else p.weight for p in linears)  # Q ... FC_OUT
+        self.matrix_biases = tuple(None if p is None else p.bias for p in linears)
         self.rope = attn.rope
         activation = GATED_KINDS[mlp.gated] if mlp.gated is not None else ACTIVATION_KINDS[type(mlp.activation)]
         self.ints = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
@@ -133,23 +148,26 @@ class _BlockPlan:
         self.spec_key = (attn.scale, attn._window(True), attn.softcap)
 
     def records(self, dtype, position):
-        """The arguments of ``_block_step`` after x and before the cache, for this step."""
+        """The arguments of ``_block_step`` after the board and before the cache: the
+        norms, rope's (cos, sin) for this position, the integers."""
         empty = _empty(dtype)
         norm_weights = []
         for norm in self.norms:
             norm_weights.extend(_norm_arrays(norm, empty))
-        no_gate = self.mlp_weights[1] is None
-        mlp_weights = (_c(self.mlp_weights[0]), _EMPTY_2D[dtype] if no_gate else _c(self.mlp_weights[1]),
-                       _c(self.mlp_weights[2]))
         if self.rope is not None:
             theta = self.rope.angles(np.array([position]))[0]  # (hd/2,) float64, as RotaryEmbedding
             rope = (np.cos(theta).astype(dtype), np.sin(theta).astype(dtype))
         else:
             rope = (empty, empty)
-        return (tuple(norm_weights), self.norm_eps, tuple(_c(w) for w in self.attn_weights),
-                tuple(empty if b is None else _c(b) for b in self.attn_biases), mlp_weights,
-                tuple(empty if b is None else _c(b) for b in self.mlp_biases), rope,
-                self.ints + (position,) + self.kinds)
+        return tuple(norm_weights), self.norm_eps, rope, self.ints + (position,) + self.kinds
+
+    def weights(self, dtype):
+        """The seven matrices in MATRICES order (an absent gate: a (0, 0) array)."""
+        _empty(dtype)  # makes _EMPTY_2D[dtype]
+        return tuple(_EMPTY_2D[dtype] if w is None else _c(w) for w in self.matrices)
+
+    def biases(self, dtype):
+        return tuple(_empty(dtype) if b is None else _c(b) for b in self.matrix_biases)
 
 
 def _norm_arrays(norm, empty):
@@ -191,12 +209,126 @@ def decode_step(model, x: np.ndarray, caches) -> np.ndarray:
         layers.append(block.records(dtype, position) + ((k_store, v_store),) + specs[key])
     norm, lm_weight, lm_bias = plan.final
     norm_weight, norm_bias = _norm_arrays(norm, _empty(dtype))
-    final = (norm_weight, norm_bias, float(norm.eps), _c(lm_weight),
-             _empty(dtype) if lm_bias is None else _c(lm_bias))
-    logits = _decode_step(x, tuple(layers), final)
+    weights = tuple(block.weights(dtype) for block in plan.blocks)
+    biases = tuple(block.biases(dtype) for block in plan.blocks)
+    head = (_c(lm_weight), _empty(dtype) if lm_bias is None else _c(lm_bias))
+    with _HELPER.step(weights, biases, head, B, dtype) as (team, board):
+        logits = _decode_step(x, tuple(layers), (norm_weight, norm_bias, float(norm.eps)), team, board)
     for cache in caches:
         cache.length = position + 1
     return logits
+
+
+class _Helper:
+    """The second thread of the lean step: it joins the products through a claim board
+    (``kernels/cpu/team.py``) while steps keep coming, and sleeps after ``IDLE_SPINS``
+    spin steps (about a millisecond) without a job. The step never waits for it: a
+    sleeping helper is woken at the start of a step and joins whatever jobs are left.
+
+    It works on one ``team``: the weights, biases, LM head and the buffers the two threads
+    share. A step whose arrays differ (another model, new parameter arrays, another batch
+    size) first asks the helper out (STOP), then hands it the new team. One step at a time
+    uses it; a step from another thread meanwhile runs alone on a board of its own.
+    """
+
+    IDLE_SPINS = 20000
+
+    def __init__(self):
+        self.board = new_board()
+        self.lock = threading.Lock()  # guards team and the helper's entry
+        self.busy = threading.Lock()  # one step at a time
+        self.wake = threading.Event()
+        self.team = None
+        self.thread = None
+
+    @contextlib.contextmanager
+    def step(self, weights, biases, head, B, dtype):
+        """(team, board) for one step; the helper is woken if it sleeps."""
+        if numba.get_num_threads() < 2 or not self.busy.acquire(blocking=False):
+            yield _team(weights, biases, head, B, dtype), new_board()
+            return
+        try:
+            with self.lock:
+                if self.team is None or not _same_arrays(self.team, weights, biases, head, B):
+                    self._stop()
+                    self.team = _team(weights, biases, head, B, dtype)
+                team = self.team
+                if self.thread is None:
+                    self.thread = threading.Thread(target=self._serve, name="microattn-lean-helper",
+                                                   daemon=True)
+                    self.thread.start()
+                if not self.board[ACTIVE]:
+                    self.wake.set()
+            yield team, self.board
+        finally:
+            self.busy.release()
+
+    def _stop(self):
+        """Ask the helper out of its compiled loop and wait until it is out (with the lock
+        held: it does not take the lock to leave)."""
+        self.board[STOP] = 1
+        while self.board[ACTIVE]:
+            time.sleep(0)
+        self.board[STOP] = 0
+
+    def _serve(self):
+        while True:
+            self.wake.wait()
+            with self.lock:
+                self.wake.clear()
+                team = self.team
+                if team is None:
+                    continue
+                self.board[ACTIVE] = 1
+            _serve(self.board, team, self.IDLE_SPINS)  # returns with ACTIVE = 0
+            with self.lock:
+                if not self.wake.is_set():
+                    self.team = None  # asleep: hold no model's arrays
+            team = None
+
+
+_HELPER = _Helper()
+
+
+def _forget_helper_after_fork():
+    """A forked child has no helper thread, whatever the parent's board says: start over."""
+    global _HELPER
+    _HELPER = _Helper()
+
+
+os.register_at_fork(after_in_child=_forget_helper_after_fork)
+
+
+def _team(weights, biases, head, B, dtype):
+    """(weights, biases, lm_weight, lm_bias, bufs): the arrays the compiled step and the
+    helper share; bufs are the step's buffers (see the compiled pieces). ValueError when
+    the layers' matrices do not fit one another (the compiled loops trust the shapes)."""
+    w = weights[0]
+    E, F = w[O].shape[0], w[FC_IN].shape[0]
+    expected = {Q: (w[Q].shape[0], E), K: (w[K].shape[0], E), V: (w[K].shape[0], E),
+                O: (E, w[Q].shape[0]), FC_IN: (F, E), FC_GATE: (F, E), FC_OUT: (E, F)}
+    for layer, (matrices, vectors) in enumerate(zip(weights, biases)):
+        for m, shape in expected.items():
+            if m == FC_GATE and matrices[m].size == 0:
+                continue
+            if matrices[m].shape != shape or vectors[m].size not in (0, shape[0]):
+                raise ValueError(f"layer {layer}: matrix {m} of shape {matrices[m].shape} (bias "
+                                 f"{vectors[m].shape}) does not fit the model's {shape}")
+    if head[0].ndim != 2 or head[0].shape[1] != E or head[1].size not in (0, head[0].shape[0]):
+        raise ValueError(f"lm_head of shape {head[0].shape} does not fit embed_dim {E}")
+    widths = {H_BUF: E, Q_BUF: w[Q].shape[0], K_BUF: w[K].shape[0], V_BUF: w[V].shape[0],
+              A_BUF: w[O].shape[1], O_BUF: E, UP_BUF: F, GATE_BUF: F, HIDDEN_BUF: F, MLP_BUF: E,
+              LOGITS_BUF: head[0].shape[0]}
+    bufs = tuple(np.empty((B, widths[i]), dtype=dtype) for i in range(len(widths)))
+    return weights, biases, head[0], head[1], bufs
+
+
+def _same_arrays(team, weights, biases, head, B) -> bool:
+    old_weights, old_biases, lm_weight, lm_bias, bufs = team
+    return (bufs[0].shape[0] == B and lm_weight is head[0] and lm_bias is head[1]
+            and len(old_weights) == len(weights)
+            and all(a is b for old, new in zip(old_weights, weights) for a, b in zip(old, new))
+            and all(a is b for old, new in zip(old_biases, biases) for a, b in zip(old, new)))
 
 
 def _c(parameter) -> np.ndarray:
@@ -216,21 +348,79 @@ def _empty(dtype) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- compiled pieces
+#
+# The products are jobs on a claim board (kernels/cpu/team.py), cut into CHUNK weight rows:
+# the step's own thread does every chunk nobody else claims; the helper thread, when it is
+# awake, claims chunks too. A job is ``layer * 8 + matrix``; the team tuple holds
+# (weights, biases) per layer in MATRICES order, the LM head, and the step's buffers, which
+# both threads read and write: matrix m reads bufs[READS[m]] and writes bufs[WRITES[m]].
+
+Q, K, V, O, FC_IN, FC_GATE, FC_OUT, HEAD = range(8)  # the matrices
+H_BUF, Q_BUF, K_BUF, V_BUF, A_BUF, O_BUF, UP_BUF, GATE_BUF, HIDDEN_BUF, MLP_BUF, LOGITS_BUF = range(11)
+READS = (H_BUF, H_BUF, H_BUF, A_BUF, H_BUF, H_BUF, HIDDEN_BUF, H_BUF)
+WRITES = (Q_BUF, K_BUF, V_BUF, O_BUF, UP_BUF, GATE_BUF, MLP_BUF, LOGITS_BUF)
+CHUNK = 32  # weight rows per chunk: 32 KB of a 256-wide float32 matrix, a few microseconds
 
 
-def _matvec(weight, bias, x, out):
-    """out[b] = weight @ x[b] + bias for every row b: weight (n_out, n_in), x (B, n_in),
-    out (B, n_out), bias (n_out,) or empty. Each weight row is read once for all B rows."""
-    n_out, n_in = weight.shape
+def _matvec_rows(weight, bias, x, out, lo, hi):
+    """out[b, o] = weight[o] . x[b] + bias[o] for rows lo <= o < hi and every b: weight
+    (n_out, n_in), x (B, n_in), out (B, n_out), bias (n_out,) or empty. Each weight row is
+    read once for all B rows."""
     t = x.dtype.type
-    for o in range(n_out):
+    for o in range(lo, hi):
         w = weight[o]
         for b in range(x.shape[0]):
             xb = x[b]
             acc = t(0)
-            for i in range(n_in):
+            for i in range(w.shape[0]):
                 acc += w[i] * xb[i]
             out[b, o] = acc + bias[o] if bias.size else acc
+
+
+def _weight(team, job):
+    weights, biases, lm_weight, lm_bias, _ = team
+    layer, m = job // 8, job % 8
+    if m == HEAD:
+        return lm_weight, lm_bias
+    return weights[layer][m], biases[layer][m]
+
+
+def _take_chunks(board, team, seq, n, job):
+    """Claim and compute chunks of job ``seq`` until none is left (owner and helper)."""
+    bufs = team[4]
+    weight, bias = _weight(team, job)
+    m = job % 8
+    x, out = bufs[READS[m]], bufs[WRITES[m]]
+    while True:
+        chunk = claim(board, seq, n)
+        if chunk < 0:
+            return
+        _matvec_rows(weight, bias, x, out, chunk * CHUNK, min((chunk + 1) * CHUNK, weight.shape[0]))
+        chunk_done(board)
+
+
+def _product(board, team, layer, m):
+    """bufs[WRITES[m]] = matrix m of ``layer`` applied to bufs[READS[m]], with whoever joins."""
+    job = layer * 8 + m
+    rows = _weight(team, job)[0].shape[0]
+    n = (rows + CHUNK - 1) // CHUNK
+    seq = publish(board, n, job)
+    _take_chunks(board, team, seq, n, job)
+    wait_done(board, n)
+
+
+def _serve(board, team, idle_spins):
+    """The helper: take chunks of every new job until STOP, or ``idle_spins`` spin steps
+    without one; then leave (ACTIVE = 0)."""
+    seen, idle = -1, 0
+    while atomic_load(board, STOP) == 0 and idle < idle_spins:
+        seq, n, job = next_job(board, seen, idle)
+        if seq < 0:
+            idle += 1
+            continue
+        seen, idle = seq, 0
+        _take_chunks(board, team, seq, n, job)
+    atomic_store(board, ACTIVE, 0)
 
 
 def _norm(x, weight, bias, eps, out):
@@ -257,24 +447,20 @@ def _rope(x, cos, sin, pairs):
                 row[ib] = xa * sin[i] + xb * cos[i]
 
 
-def _block_step(x, norm_weights, norm_eps, attn_weights, attn_biases, mlp_weights, mlp_biases,
-                rope, ints, cache, bias, band, dropout, reals, alibi):
-    """One token per sequence through one block, x (B, E) updated in place; writes this
-    token's k, v at ``position`` of the cache storage (B, Hkv, capacity, hd)."""
+def _block_step(x, layer, team, board, norm_weights, norm_eps, rope, ints, cache, bias, band,
+                dropout, reals, alibi):
+    """One token per sequence through block ``layer``, x (B, E) updated in place; writes
+    this token's k, v at ``position`` of the cache storage (B, Hkv, capacity, hd)."""
     H, Hkv, hd, position, activation, pairs = ints
     B = x.shape[0]
     t = x.dtype.type
-    wq, wk, wv, wo = attn_weights
-    bq, bk, bv, bo = attn_biases
+    bufs = team[4]
+    h, q, k, v, a, o = bufs[H_BUF], bufs[Q_BUF], bufs[K_BUF], bufs[V_BUF], bufs[A_BUF], bufs[O_BUF]
     k_store, v_store = cache
-    h = np.empty_like(x)
     _norm(x, norm_weights[0], norm_weights[1], norm_eps[0], h)
-    q = np.empty((B, H * hd), dtype=x.dtype)
-    k = np.empty((B, Hkv * hd), dtype=x.dtype)
-    v = np.empty((B, Hkv * hd), dtype=x.dtype)
-    _matvec(wq, bq, h, q)
-    _matvec(wk, bk, h, k)
-    _matvec(wv, bv, h, v)
+    _product(board, team, layer, Q)
+    _product(board, team, layer, K)
+    _product(board, team, layer, V)
     q4, k3, v3 = q.reshape(B, H, 1, hd), k.reshape(B, Hkv, hd), v.reshape(B, Hkv, hd)
     if rope[0].size:
         _rope(q.reshape(B, H, hd), rope[0], rope[1], pairs)
@@ -286,27 +472,21 @@ def _block_step(x, norm_weights, norm_eps, attn_weights, attn_biases, mlp_weight
     l_part = np.empty((1, B, H, 1), dtype=x.dtype)
     acc_part = np.empty((1, B, H, 1, hd), dtype=x.dtype)
     _attention(q4, k_store, v_store, position + 1, bias, band, dropout, reals, alibi, 1,
-                          m_part, l_part, acc_part)
-    a = np.empty((B, H * hd), dtype=x.dtype)
+               m_part, l_part, acc_part)
     for b in range(B):
         for head in range(H):
             norm = l_part[0, b, head, 0]
             norm = norm if norm != t(0) else t(1)  # a row with no key: 0, as merge_partials
             for e in range(hd):
                 a[b, head * hd + e] = acc_part[0, b, head, 0, e] / norm
-    out = np.empty_like(x)
-    _matvec(wo, bo, a, out)
-    _residual(x, out, norm_weights[4], norm_weights[5], norm_eps[2])
+    _product(board, team, layer, O)
+    _residual(x, o, norm_weights[4], norm_weights[5], norm_eps[2])
     # the MLP
     _norm(x, norm_weights[2], norm_weights[3], norm_eps[1], h)
-    w_in, w_gate, w_out = mlp_weights
-    b_in, b_gate, b_out = mlp_biases
-    up = np.empty((B, w_in.shape[0]), dtype=x.dtype)
-    _matvec(w_in, b_in, h, up)
-    hidden = np.empty_like(up)
-    if w_gate.size:
-        gate = np.empty_like(up)
-        _matvec(w_gate, b_gate, h, gate)
+    up, gate, hidden = bufs[UP_BUF], bufs[GATE_BUF], bufs[HIDDEN_BUF]
+    _product(board, team, layer, FC_IN)
+    if team[0][layer][FC_GATE].size:
+        _product(board, team, layer, FC_GATE)
         _gated(gate.reshape(-1), up.reshape(-1), activation, hidden.reshape(-1))
     elif activation == RELU:
         for b in range(B):
@@ -314,8 +494,8 @@ def _block_step(x, norm_weights, norm_eps, attn_weights, attn_biases, mlp_weight
                 hidden[b, i] = max(up[b, i], t(0))
     else:
         _activation(up.reshape(-1), activation, hidden.reshape(-1))
-    _matvec(w_out, b_out, hidden, out)
-    _residual(x, out, norm_weights[6], norm_weights[7], norm_eps[3])
+    _product(board, team, layer, FC_OUT)
+    _residual(x, bufs[MLP_BUF], norm_weights[6], norm_weights[7], norm_eps[3])
 
 
 def _residual(x, branch, post_weight, post_bias, post_eps):
@@ -329,20 +509,20 @@ def _residual(x, branch, post_weight, post_bias, post_eps):
             x[b, e] += branch[b, e]
 
 
-def _decode_step(x, layers, final):
-    """Every block (``layers``: one ``_block_step`` argument tuple per block, after x),
-    then the final norm and the LM head: logits (B, V)."""
+def _decode_step(x, layers, final, team, board):
+    """Every block (``layers``: one ``_block_step`` argument tuple per block, after x,
+    layer, team and board), then the final norm and the LM head: logits (B, V)."""
     for i in range(len(layers)):
-        _block_step(x, *layers[i])
-    norm_weight, norm_bias, eps, lm_weight, lm_bias = final
-    h = np.empty_like(x)
-    _norm(x, norm_weight, norm_bias, eps, h)
-    logits = np.empty((x.shape[0], lm_weight.shape[0]), dtype=x.dtype)
-    _matvec(lm_weight, lm_bias, h, logits)
-    return logits
+        _block_step(x, i, team, board, *layers[i])
+    norm_weight, norm_bias, eps = final
+    _norm(x, norm_weight, norm_bias, eps, team[4][H_BUF])
+    _product(board, team, 0, HEAD)
+    return team[4][LOGITS_BUF].copy()
 
 
 if numba is not None:
     _compiled = numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
-    _matvec, _norm, _rope, _residual = (_compiled(f) for f in (_matvec, _norm, _rope, _residual))
+    _matvec_rows, _weight, _take_chunks, _product = (
+        _compiled(f) for f in (_matvec_rows, _weight, _take_chunks, _product))
+    _serve, _norm, _rope, _residual = (_compiled(f) for f in (_serve, _norm, _rope, _residual))
     _block_step, _decode_step = _compiled(_block_step), _compiled(_decode_step)

@@ -1,0 +1,84 @@
+"""kernels/cpu/team.py: the claim board the lean decoding step shares with its helper.
+Each chunk of a job is claimed exactly once, a claim for a job that is no longer current
+fails, and two threads claiming as fast as they can over many jobs split every job
+without a chunk lost or done twice."""
+
+import threading
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+
+from microattn.kernels.cpu import team
+
+
+def test_chunks_are_claimed_once_in_order():
+    board = team.new_board()
+    seq = team.publish(board, 3, 7)
+    assert [team.claim(board, seq, 3) for _ in range(4)] == [0, 1, 2, -1]
+    assert board[team.JOB] == 7 and board[team.N] == 3
+
+
+def test_a_claim_for_an_older_job_fails():
+    board = team.new_board()
+    old = team.publish(board, 4, 0)
+    new = team.publish(board, 4, 1)
+    assert new > old
+    assert team.claim(board, old, 4) == -1
+    assert team.claim(board, new, 4) == 0
+
+
+def test_next_job_sees_only_new_jobs_with_chunks_left():
+    board = team.new_board()
+    seq = team.publish(board, 2, 5)
+    assert team.next_job(board, -1, 0) == (seq, 2, 5)
+    assert team.next_job(board, seq, 0)[0] == -1  # already seen
+    team.claim(board, seq, 2), team.claim(board, seq, 2)
+    assert team.next_job(board, -1, 0)[0] == -1  # nothing left to claim
+
+
+@numba.njit(nogil=True)
+def _owner(board, counts, jobs, n):
+    for job in range(jobs):
+        seq = team.publish(board, n, job)
+        while True:
+            chunk = team.claim(board, seq, n)
+            if chunk < 0:
+                break
+            counts[job, chunk] += 1
+            team.chunk_done(board)
+        team.wait_done(board, n)
+    team.atomic_store(board, team.STOP, 1)
+
+
+@numba.njit(nogil=True)
+def _helper(board, counts, mine):
+    seen, spins = -1, 0
+    while team.atomic_load(board, team.STOP) == 0:
+        seq, n, job = team.next_job(board, seen, spins)
+        if seq < 0:
+            spins += 1
+            continue
+        seen = seq
+        while True:
+            chunk = team.claim(board, seq, n)
+            if chunk < 0:
+                break
+            counts[job, chunk] += 1
+            mine[0] += 1
+            team.chunk_done(board)
+
+
+def test_two_threads_split_every_job_exactly():
+    jobs, n = 3000, 16
+    board = team.new_board()
+    counts = np.zeros((jobs, n), dtype=np.int64)  # one writer per cell: the claimer
+    mine = np.zeros(1, dtype=np.int64)
+    helper = threading.Thread(target=_helper, args=(board, counts, mine))
+    helper.start()
+    _owner(board, counts, jobs, n)
+    helper.join(timeout=60)
+    assert not helper.is_alive()
+    assert (counts == 1).all()  # every chunk once: none lost, none twice
+    assert board[team.DONE] == n
