@@ -14,9 +14,20 @@ for one token per sequence, in place on the residual stream::
 reusing the library's own compiled pieces, so each rule is still written once: the norms
 and activations are ``fused.py``'s forward kernels, the attention is the decode kernel's
 ``_decode`` with the spec's records (band, softcap, ...: ``masking.py``'s rules). What is
-new here is only the matrix-vector product (``_matvec``: each weight row read once for
-all the batch's rows) and the glue. The step runs on the calling thread: on these 2-core
-VMs waking numba's workers costs ~0.1 ms per parallel region, more than a product.
+new here is the matrix-vector product (``_matvec_rows``: each weight row read once for
+all the batch's rows), the glue, and how the products use both cores.
+
+**Two cores without a parallel region.** The step is bound by reading the weights: one
+core reads them from L3 at ~30 GB/s on the 2-core VM (12.6 MB a token for the demo's
+model, ~0.42 ms), two at ~57 GB/s. numba's ``prange`` cannot share that work here: waking
+the workqueue layer's workers costs ~0.12 ms per parallel region on a quiet VM, and the
+step has ~30 products of 5-130 us. So each product is a job on a claim board
+(``kernels/cpu/team.py``) cut into ``CHUNK`` weight rows: the calling thread publishes it
+and claims chunks until none is left, and a helper thread (``_Helper``), spinning while
+steps keep coming and asleep after ~1 ms without one, claims chunks too. Nobody waits for
+a thread that is not there: a sleeping or descheduled helper claims nothing and the
+caller does every chunk, with bit-identical results (each chunk is the same code
+whoever claims it).
 
 When it runs (``applies``; ``lean.ENABLED = False`` switches it off): ``DecoderLM`` and
 ``models.CausalLM`` take this path for a forward of one token per sequence with KV caches,
@@ -33,6 +44,7 @@ hidden width; the cache storage is (B, Hkv, capacity, hd) (``KVCache``).
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import threading
 import time
@@ -120,6 +132,48 @@ class _Plan:
         if self.usable:
             self.blocks = [_BlockPlan(block) for block in model.blocks]
             self.final = (model.norm, model.lm_head.weight, model.lm_head.bias)
+            norms = [n for block in self.blocks for n in block.norms] + [model.norm]
+            self.parameters = [p for p in (
+                *(p for n in norms if n is not None for p in (n.weight, getattr(n, "bias", None))),
+                *(p for block in self.blocks for p in (*block.matrices, *block.matrix_biases)),
+                model.lm_head.weight, model.lm_head.bias) if p is not None]
+            self.kept = None
+
+    def arrays(self, dtype) -> _Arrays:
+        """The step's weight arrays, kept from the last step while every Parameter's
+        ``.data`` is still the same array (and nothing had to be derived from one)."""
+        datas = [p.data for p in self.parameters]
+        kept = self.kept
+        if (kept is None or not kept.reusable or kept.dtype != dtype
+                or not all(map(operator.is_, datas, kept.datas))):
+            kept = self.kept = _Arrays(self, datas, dtype)
+        return kept
+
+
+class _Arrays:
+    """A plan's arrays as the compiled step takes them: per block the norms' (weight, bias)
+    pairs, the matrices and their biases; the final norm and the LM head. ``reusable``
+    when each is a Parameter's ``.data`` itself (no contiguous copy, no RMSNorm offset
+    added), so that an in-place update of a parameter is seen by the next step."""
+
+    def __init__(self, plan, datas, dtype):
+        self.datas, self.dtype = datas, dtype
+        empty = _empty(dtype)
+        self.norms = []
+        for block in plan.blocks:
+            pairs = []
+            for norm in block.norms:
+                pairs.extend(_norm_arrays(norm, empty))
+            self.norms.append(tuple(pairs))
+        self.weights = tuple(block.weights(dtype) for block in plan.blocks)
+        self.biases = tuple(block.biases(dtype) for block in plan.blocks)
+        norm, lm_weight, lm_bias = plan.final
+        self.final = (*_norm_arrays(norm, empty), float(norm.eps))
+        self.head = (_c(lm_weight), empty if lm_bias is None else _c(lm_bias))
+        used = [a for group in (*self.norms, *self.weights, *self.biases, self.final[:2], self.head)
+                for a in group if a.size]
+        identities = {id(d) for d in datas}
+        self.reusable = all(id(a) in identities for a in used)
 
 
 def _plan(model) -> _Plan:
@@ -147,19 +201,16 @@ class _BlockPlan:
         self.kinds = (activation, 0 if attn.rope is None else PAIRS[attn.rope.pairs])
         self.spec_key = (attn.scale, attn._window(True), attn.softcap)
 
-    def records(self, dtype, position):
+    def records(self, norms, dtype, position):
         """The arguments of ``_block_step`` after the board and before the cache: the
-        norms, rope's (cos, sin) for this position, the integers."""
-        empty = _empty(dtype)
-        norm_weights = []
-        for norm in self.norms:
-            norm_weights.extend(_norm_arrays(norm, empty))
+        norms' arrays (``_Arrays``), rope's (cos, sin) for this position, the integers."""
         if self.rope is not None:
             theta = self.rope.angles(np.array([position]))[0]  # (hd/2,) float64, as RotaryEmbedding
             rope = (np.cos(theta).astype(dtype), np.sin(theta).astype(dtype))
         else:
+            empty = _empty(dtype)
             rope = (empty, empty)
-        return tuple(norm_weights), self.norm_eps, rope, self.ints + (position,) + self.kinds
+        return norms, self.norm_eps, rope, self.ints + (position,) + self.kinds
 
     def weights(self, dtype):
         """The seven matrices in MATRICES order (an absent gate: a (0, 0) array)."""
@@ -194,7 +245,8 @@ def decode_step(model, x: np.ndarray, caches) -> np.ndarray:
     specs = {}  # one spec per (scale, window, softcap): the layers usually share one
     layers = []
     B = x.shape[0]
-    for block, cache in zip(plan.blocks, caches):
+    arrays = plan.arrays(dtype)
+    for block, norms, cache in zip(plan.blocks, arrays.norms, caches):
         H, Hkv, hd = block.ints
         k_store, v_store, start = cache.make_room((B, Hkv, 1, hd), (B, Hkv, 1, hd), dtype)
         if start != position:
@@ -206,14 +258,9 @@ def decode_step(model, x: np.ndarray, caches) -> np.ndarray:
             specs[key] = tuple(make_attention_spec(
                 q_shape, k_shape, k_shape, (dtype,) * 3, is_causal=True, scale=scale,
                 window=window, softcap=softcap).pack())
-        layers.append(block.records(dtype, position) + ((k_store, v_store),) + specs[key])
-    norm, lm_weight, lm_bias = plan.final
-    norm_weight, norm_bias = _norm_arrays(norm, _empty(dtype))
-    weights = tuple(block.weights(dtype) for block in plan.blocks)
-    biases = tuple(block.biases(dtype) for block in plan.blocks)
-    head = (_c(lm_weight), _empty(dtype) if lm_bias is None else _c(lm_bias))
-    with _HELPER.step(weights, biases, head, B, dtype) as (team, board):
-        logits = _decode_step(x, tuple(layers), (norm_weight, norm_bias, float(norm.eps)), team, board)
+        layers.append(block.records(norms, dtype, position) + ((k_store, v_store),) + specs[key])
+    with _HELPER.step(arrays.weights, arrays.biases, arrays.head, B, dtype) as (team, board):
+        logits = _decode_step(x, tuple(layers), arrays.final, team, board)
     for cache in caches:
         cache.length = position + 1
     return logits
@@ -325,8 +372,11 @@ def _team(weights, biases, head, B, dtype):
 
 def _same_arrays(team, weights, biases, head, B) -> bool:
     old_weights, old_biases, lm_weight, lm_bias, bufs = team
-    return (bufs[0].shape[0] == B and lm_weight is head[0] and lm_bias is head[1]
-            and len(old_weights) == len(weights)
+    if bufs[0].shape[0] != B or lm_weight is not head[0] or lm_bias is not head[1]:
+        return False
+    if old_weights is weights and old_biases is biases:  # a plan's kept arrays (_Arrays)
+        return True
+    return (len(old_weights) == len(weights)
             and all(a is b for old, new in zip(old_weights, weights) for a, b in zip(old, new))
             and all(a is b for old, new in zip(old_biases, biases) for a, b in zip(old, new)))
 
