@@ -671,3 +671,30 @@ def test_a_forked_child_decodes():
     child.join(timeout=60)
     assert child.exitcode == 0
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_in_place_parameter_updates_are_seen(norm):
+    """The plan keeps the step's arrays while each Parameter's .data is the same array:
+    an in-place update (an optimizer's ``param.data -= ...``) must still reach the next
+    step, as must one of a parameter whose array the step derives (RMSNorm's offset)."""
+    model = decoder_lm(np.float64, norm=norm).eval()
+    if norm == "rmsnorm":
+        model.blocks[0].norm_2.offset = 1.0  # Gemma's 1 + weight: derived every step
+    twin = copy.deepcopy(model)
+
+    def update(m):
+        m.blocks[0].norm_1.weight.data *= 3
+        m.blocks[0].norm_2.weight.data -= 0.5
+        m.blocks[1].mlp.fc_in.weight.data += 0.1
+
+    caches, tokens = prefilled(model, 1)
+    single_steps(model, caches, tokens[:, :1])  # the plan keeps its arrays now
+    update(model)
+    got = single_steps(model, caches, tokens[:, 1:3])
+    with modules_path():
+        caches, tokens = prefilled(twin, 1)
+        single_steps(twin, caches, tokens[:, :1])
+        update(twin)
+        expected = single_steps(twin, caches, tokens[:, 1:3])
+    assert_close(got, expected, np.float64)
