@@ -422,39 +422,24 @@ def assert_unchanged(caches, before):
         np.testing.assert_array_equal(cache.v, v)
 
 
-@pytest.mark.parametrize("bad", [V, -1])
+BAD_INPUTS = {  # (batch of the prompt, the step's tokens, the error, what it says)
+    "token id V": (2, np.array([[3], [V]]), ValueError, "token ids"),
+    "token id -1": (2, np.array([[3], [-1]]), ValueError, "token ids"),
+    "float tokens": (1, np.array([[3.0]]), TypeError, "integer tokens"),
+    "another batch size": (2, np.array([[1], [2], [3]]), ValueError, r"reset\(\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
 @pytest.mark.parametrize("model", list(HOSTILE_MODELS))
-def test_an_out_of_range_token_is_an_error_before_any_cache_changes(model, bad):
+def test_bad_input_is_an_error_before_any_cache_changes(model, case):
+    batch, tokens, error, says = BAD_INPUTS[case]
     model = HOSTILE_MODELS[model]()
-    caches, _ = prefilled(model, 2)
-    before, tokens = snapshot(caches), np.array([[3], [bad]])
+    caches, _ = prefilled(model, batch)
+    before = snapshot(caches)
     with ma.no_grad():
         assert lean.applies(model, tokens, caches)
-        with pytest.raises(ValueError, match="token ids"):
-            model(tokens, kv_caches=caches)
-    assert_unchanged(caches, before)
-
-
-@pytest.mark.parametrize("model", list(HOSTILE_MODELS))
-def test_float_tokens_are_a_type_error(model):
-    model = HOSTILE_MODELS[model]()
-    caches, _ = prefilled(model, 1)
-    before, tokens = snapshot(caches), np.array([[3.0]])
-    with ma.no_grad():
-        assert lean.applies(model, tokens, caches)
-        with pytest.raises(TypeError, match="integer tokens"):
-            model(tokens, kv_caches=caches)
-    assert_unchanged(caches, before)
-
-
-@pytest.mark.parametrize("model", list(HOSTILE_MODELS))
-def test_caches_of_another_batch_size_are_an_error_naming_reset(model):
-    model = HOSTILE_MODELS[model]()
-    caches, _ = prefilled(model, 2)
-    before, tokens = snapshot(caches), np.array([[1], [2], [3]])
-    with ma.no_grad():
-        assert lean.applies(model, tokens, caches)
-        with pytest.raises(ValueError, match=r"reset\(\)"):
+        with pytest.raises(error, match=says):
             model(tokens, kv_caches=caches)
     assert_unchanged(caches, before)
 
