@@ -683,3 +683,15 @@ def test_in_place_parameter_updates_are_seen(norm):
         update(twin)
         expected = single_steps(twin, caches, tokens[:, 1:3])
     assert_close(got, expected, np.float64)
+
+
+def test_layers_of_different_widths_take_the_modules_path():
+    """The step's buffers are shared by the layers; a model whose blocks differ in MLP
+    width (assembled by hand) is left to the modules, and still right."""
+    model = decoder_lm(np.float64).eval()
+    wide = nn.TransformerBlock(32, 4, mlp_ratio=2, dtype=np.float64, rng=rng(5))
+    model.blocks = nn.ModuleList([model.blocks[0], wide])
+    caches, tokens = prefilled(model, 1)
+    with ma.no_grad():
+        assert not lean.applies(model, tokens[:, :1], caches)
+    assert single_steps(model, caches, tokens).shape == (1, STEPS, V)

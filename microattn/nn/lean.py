@@ -123,6 +123,8 @@ class _Plan:
     def __init__(self, model):
         self.generation = Module.generation
         self.usable = all(block_reason(block) is None for block in model.blocks)
+        if self.usable:  # the helper's buffers are shared by the layers: one set of widths
+            self.usable = len({_widths(block) for block in model.blocks}) == 1
         # the modules whose training flag turns a dropout with p > 0 on: a Dropout's own,
         # the attention's for its probabilities' dropout (MultiHeadAttention._attend)
         owners = [(getattr(model, "dropout", None),) * 2]
@@ -174,6 +176,13 @@ class _Arrays:
                 for a in group if a.size]
         identities = {id(d) for d in datas}
         self.reusable = all(id(a) in identities for a in used)
+
+
+def _widths(block) -> tuple:
+    """The sizes a block's step buffers take (heads, kv heads, head dim, MLP width, gated)."""
+    attn, mlp = block.attn, block.mlp
+    return (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.embed_dim,
+            mlp.fc_in.out_features, mlp.gated is not None)
 
 
 def _plan(model) -> _Plan:
