@@ -39,7 +39,7 @@ computes the same thing (tests/test_lean.py compares the two on every option;
 benchmarks/compare_e2e.py checks greedy tokens against PyTorch).
 
 Measured (docs/performance.md, "Stop 13"): a token of the issue's 4-layer model after 64
-cached tokens 0.63 ms (1.33x PyTorch 2.13's 0.84 ms on the same 2-core VM), 1.46 ms
+cached tokens 0.56 ms (1.43x PyTorch 2.13's 0.80 ms on the same 2-core VM), 1.46 ms
 through the modules; the compiled call alone 0.42 ms, 0.52 ms without the helper.
 
 Shape legend: B batch, E embed_dim, H query heads, Hkv kv heads, hd head dim, F the MLP's
