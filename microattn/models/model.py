@@ -77,6 +77,9 @@ class CausalLM(Module):
         arch = self.arch
         N = tokens.shape[1]
         start = kv_caches[0].length if kv_caches else 0
+        if self.position_embedding is not None and start + N > arch.max_positions:
+            raise ValueError(f"sequence length {start + N} exceeds the {arch.max_positions} "
+                             f"learned positions (n_positions)")
         if lean.applies(self, tokens, kv_caches):  # one token per sequence: one compiled call
             logits = self._lean_step(tokens, kv_caches, start)
             return Tensor(logits[:, None])  # (B, 1, V)
@@ -84,9 +87,6 @@ class CausalLM(Module):
         if arch.embed_scale is not None:
             x = x * arch.embed_scale  # a Python float: stays in x's dtype
         if self.position_embedding is not None:
-            if start + N > arch.max_positions:
-                raise ValueError(f"sequence length {start + N} exceeds the {arch.max_positions} "
-                                 f"learned positions (n_positions)")
             x = x + self.position_embedding(np.arange(start, start + N))  # (N, E) broadcast
         caches = kv_caches if kv_caches is not None else [None] * len(self.blocks)
         for block, cache in zip(self.blocks, caches):
@@ -103,10 +103,7 @@ class CausalLM(Module):
         x = self.embed_tokens.weight.data[self.embed_tokens.check_tokens(tokens)[:, 0]]  # (B, E)
         if arch.embed_scale is not None:
             x *= x.dtype.type(arch.embed_scale)
-        if self.position_embedding is not None:
-            if start + 1 > arch.max_positions:
-                raise ValueError(f"sequence length {start + 1} exceeds the {arch.max_positions} "
-                                 f"learned positions (n_positions)")
+        if self.position_embedding is not None:  # forward checked start < max_positions
             x += self.position_embedding.weight.data[start]
         logits = lean.decode_step(self, x, kv_caches)
         if arch.final_softcap is not None:

@@ -161,7 +161,7 @@ class DecoderLM(Module):
         start = kv_caches[0].length if kv_caches else 0
         if start + N > self.max_len:
             raise ValueError(f"sequence length {start + N} exceeds max_len {self.max_len}")
-        if lean.applies(self, tokens, kv_caches):  # one token per sequence: one compiled call per block
+        if lean.applies(self, tokens, kv_caches):  # one token per sequence: one compiled call
             x = self.token_embedding.weight.data[self.token_embedding.check_tokens(tokens)[:, 0]]  # (B, E)
             if self.position_embedding is not None:
                 x += self.position_embedding.weight.data[start]
