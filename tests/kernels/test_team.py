@@ -5,10 +5,8 @@ without a chunk lost or done twice."""
 
 import threading
 
+import numba  # a dependency of the package: no skip when it is missing
 import numpy as np
-import pytest
-
-numba = pytest.importorskip("numba")
 
 from microattn.kernels.cpu import team
 
