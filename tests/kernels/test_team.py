@@ -7,7 +7,6 @@ import threading
 
 import numba  # a dependency of the package: no skip when it is missing
 import numpy as np
-
 from microattn.kernels.cpu import team
 
 
