@@ -695,3 +695,14 @@ def test_layers_of_different_widths_take_the_modules_path():
     with ma.no_grad():
         assert not lean.applies(model, tokens[:, :1], caches)
     assert single_steps(model, caches, tokens).shape == (1, STEPS, V)
+
+
+def test_an_empty_batch_is_the_same_error_on_both_paths():
+    model = decoder_lm(np.float32).eval()
+    tokens = np.zeros((0, 1), dtype=np.int64)
+    with ma.no_grad():
+        assert lean.applies(model, tokens, model.make_caches())
+        with pytest.raises(ValueError, match="empty dimension"):
+            model(tokens, kv_caches=model.make_caches())
+        with modules_path(), pytest.raises(ValueError, match="empty dimension"):
+            model(tokens, kv_caches=model.make_caches())
