@@ -43,6 +43,15 @@ def lean_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def greedy_calls(monkeypatch):
+    """The number of lean.greedy calls so far (the compiled greedy loop)."""
+    calls = []
+    loop = lean.greedy
+    monkeypatch.setattr(lean, "greedy", lambda *args: calls.append(1) or loop(*args))
+    return calls
+
+
 @contextlib.contextmanager
 def modules_path():
     """Every forward inside takes the modules' path (lean.applies says no)."""
@@ -69,10 +78,11 @@ def decoder_lm(dtype=np.float32, seed=0, **options):
 
 
 def prefilled(model, batch, seed=1):
-    """(caches holding a prompt of PROMPT tokens, the STEPS tokens that follow (B, STEPS))."""
+    """(caches holding a prompt of PROMPT tokens, the STEPS tokens that follow (B, STEPS)).
+    The prompt goes through the modules (lean prompts have tests of their own)."""
     tokens = rng(seed).integers(0, V, (batch, PROMPT + STEPS))
     caches = model.make_caches()
-    with ma.no_grad():
+    with ma.no_grad(), modules_path():
         model(tokens[:, :PROMPT], kv_caches=caches)
     return caches, tokens[:, PROMPT:]
 
@@ -92,6 +102,20 @@ def both_paths(model, caches, tokens, lean_calls):
     assert len(lean_calls) == calls  # every step took the lean path
     with modules_path():
         module_logits = single_steps(model, module_caches, tokens)
+    assert len(lean_calls) == calls
+    return (lean_logits, lean_caches), (module_logits, module_caches)
+
+
+def both_prompts(model, caches, tokens, lean_calls):
+    """Lean and modules' (logits, caches) of ``tokens`` (B, T) fed as one forward (a prompt)
+    after copies of ``caches``."""
+    lean_caches, module_caches = copy.deepcopy(caches), copy.deepcopy(caches)
+    calls = len(lean_calls) + 1
+    with ma.no_grad():
+        lean_logits = model(tokens, kv_caches=lean_caches).data
+        assert len(lean_calls) == calls
+        with modules_path():
+            module_logits = model(tokens, kv_caches=module_caches).data
     assert len(lean_calls) == calls
     return (lean_logits, lean_caches), (module_logits, module_caches)
 
@@ -136,6 +160,19 @@ def test_decoder_lm_lean_steps_equal_the_modules_path(case, lean_calls):
     model = decoder_lm(dtype, **options).eval()
     caches, tokens = prefilled(model, batch)
     assert_same(*both_paths(model, caches, tokens, lean_calls), dtype)
+
+
+@pytest.mark.parametrize("cached", [0, PROMPT], ids=["empty-cache", "after-a-prompt"])
+@pytest.mark.parametrize("case", list(DECODER_CASES))
+def test_decoder_lm_lean_prompts_equal_the_modules_path(case, cached, lean_calls):
+    """STEPS tokens in one forward, from an empty cache or after PROMPT cached tokens (the
+    band's diagonal and RoPE's positions move): logits and the cached k, v."""
+    batch, dtype, options = DECODER_CASES[case]
+    model = decoder_lm(dtype, **options).eval()
+    caches, tokens = prefilled(model, batch)
+    if not cached:
+        caches = model.make_caches()
+    assert_same(*both_prompts(model, caches, tokens, lean_calls), dtype)
 
 
 def test_lean_and_module_steps_can_alternate():
@@ -202,27 +239,78 @@ def test_causal_lm_lean_steps_equal_the_modules_path(case, dtype, lean_calls):
     assert_same(*both_paths(model, caches, tokens, lean_calls), dtype)
 
 
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_causal_lm_lean_prompts_equal_the_modules_path(case, lean_calls):
+    model = causal_lm(case, np.float64)
+    caches, tokens = prefilled(model, 2)
+    assert_same(*both_prompts(model, caches, tokens, lean_calls), np.float64)
+
+
 # ----------------------------------------------------------------------------- generate
 
 
-def test_decoder_lm_generate_is_the_same_with_and_without_the_lean_path(lean_calls):
-    model = decoder_lm(np.float64, norm="rmsnorm", activation="swiglu", num_kv_heads=2)
+GENERATE_MODELS = {  # name -> (model, whether greedy decoding runs as one compiled loop)
+    "decoder_lm-rope-gqa": (lambda: decoder_lm(np.float64, norm="rmsnorm", activation="swiglu",
+                                               num_kv_heads=2), True),
+    "decoder_lm-positions-float32": (lambda: decoder_lm(np.float32, rope=False), True),
+    "llama": (lambda: causal_lm("llama", np.float64), True),
+    "gpt2": (lambda: causal_lm("gpt2", np.float64), True),
+    "gemma2-embed-scale-final-softcap": (lambda: causal_lm("gemma2", np.float64), False),
+}
+
+
+def greedy_generate(model, prompt, count, **options):
+    if isinstance(model, CausalLM):
+        return model.generate(prompt, count, **options)
+    return model.generate(prompt, count, greedy=True, **options)
+
+
+@pytest.mark.parametrize("case", list(GENERATE_MODELS))
+def test_greedy_generate_is_the_same_with_and_without_the_lean_path(case, lean_calls, greedy_calls):
+    """The prompt's forward is one lean call; then either the compiled greedy loop (one
+    call for every token) or one lean step a token (a final softcap: the argmax is taken
+    after tanh); and with ``on_token`` (streaming) always one step a token."""
+    make, loop = GENERATE_MODELS[case]
+    model = make()
     prompt = rng(3).integers(0, V, (2, 3))
-    tokens = model.generate(prompt, 10)
-    assert len(lean_calls) == 9  # the prompt's forward is the modules'; then one call a token
+    tokens = greedy_generate(model, prompt, 10)
+    assert (len(lean_calls), len(greedy_calls)) == ((1, 1) if loop else (10, 0))
+    streamed = []
+    np.testing.assert_array_equal(greedy_generate(model, prompt, 10, on_token=streamed.append), tokens)
+    assert (len(lean_calls), len(greedy_calls)) == ((11, 1) if loop else (20, 0))
+    np.testing.assert_array_equal(np.stack(streamed, axis=1), tokens[:, 3:])
     with modules_path():
-        np.testing.assert_array_equal(model.generate(prompt, 10), tokens)
+        np.testing.assert_array_equal(greedy_generate(model, prompt, 10), tokens)
     assert len(set(tokens[:, 3:].ravel().tolist())) > 2  # decoding moves: a real comparison
 
 
-def test_causal_lm_generate_is_the_same_with_and_without_the_lean_path(lean_calls):
-    model = causal_lm("gemma2", np.float64)
-    prompt = rng(4).integers(0, V, (3, 2))
-    tokens = model.generate(prompt, 12)
-    assert len(lean_calls) == 11
+def test_greedy_loop_picks_a_nan_logit_as_np_argmax_does(greedy_calls):
+    """A NaN logit is the argmax (np.argmax's first NaN), in the loop as in Python."""
+    model = decoder_lm(np.float64)
+    model.lm_head.weight.data[7, 0] = np.nan  # token 7's logit: NaN at every step
+    prompt = rng(3).integers(0, V, (2, 3))
+    tokens = model.generate(prompt, 6)
+    assert len(greedy_calls) == 1
+    np.testing.assert_array_equal(tokens[:, 3:], 7)
     with modules_path():
-        np.testing.assert_array_equal(model.generate(prompt, 12), tokens)
-    assert len(set(tokens[:, 2:].ravel().tolist())) > 2
+        np.testing.assert_array_equal(model.generate(prompt, 6), tokens)
+
+
+def test_greedy_generate_past_max_len_is_the_modules_error(greedy_calls):
+    """The loop would pass max_len: the steps run one by one and stop where forward does."""
+    model = decoder_lm(np.float64, rope=False)  # max_len 16
+    prompt = rng(3).integers(0, V, (1, 3))
+    with pytest.raises(ValueError, match="exceeds max_len 16"):
+        model.generate(prompt, 15)
+    assert not greedy_calls
+    assert model.generate(prompt, 13).shape == (1, 16)
+    assert len(greedy_calls) == 1
+
+
+def test_sampling_steps_one_token_at_a_time(lean_calls, greedy_calls):
+    model = decoder_lm(np.float64)
+    model.generate(rng(3).integers(0, V, (2, 3)), 5, greedy=False, rng=rng(1))
+    assert (len(lean_calls), len(greedy_calls)) == (5, 0)
 
 
 # ----------------------------------------------------------------------------- when it must not apply
@@ -246,16 +334,32 @@ def test_not_with_grad_enabled_a_graph_is_recorded(lean_calls):
     assert model.lm_head.weight.grad is not None and model.blocks[0].attn.q_proj.weight.grad is not None
 
 
-def test_not_for_two_tokens_which_give_the_logits_of_two_lean_steps(lean_calls):
+def test_two_tokens_give_the_logits_of_two_lean_steps(lean_calls):
     model = decoder_lm(np.float64, activation="geglu").eval()
     caches, tokens = prefilled(model, 3)
     with ma.no_grad():
-        assert not lean.applies(model, tokens[:, :2], caches)
         two = model(tokens[:, :2], kv_caches=copy.deepcopy(caches)).data
-        assert not lean_calls
+        assert len(lean_calls) == 1
         steps = single_steps(model, caches, tokens[:, :2])
-    assert len(lean_calls) == 2
+    assert len(lean_calls) == 3
     assert_close(two, steps, np.float64)
+
+
+@pytest.mark.parametrize("T, cached, lean_", [
+    (1, 10**6, True),  # one token: lean after any cache
+    (128, 0, True), (129, 0, False),  # 128 * 128 = MAX_SCORES
+    (64, 192, True), (64, 193, False), (2, 8190, True), (2, 8191, False),
+])
+def test_a_prompt_is_lean_while_its_scores_are_few(T, cached, lean_):
+    """T new tokens after n cached ones: lean while T * (n + T) <= MAX_SCORES (the step's
+    attention is one thread's); longer prompts take the modules' flash kernel."""
+    assert lean.MAX_SCORES == 128 * 128
+    model = decoder_lm(np.float64).eval()
+    caches = model.make_caches()
+    for cache in caches:
+        cache.length = cached
+    with ma.no_grad():
+        assert lean.applies(model, np.zeros((1, T), dtype=np.int64), caches) == lean_
 
 
 def test_not_without_caches(lean_calls):
@@ -427,6 +531,8 @@ BAD_INPUTS = {  # (batch of the prompt, the step's tokens, the error, what it sa
     "token id -1": (2, np.array([[3], [-1]]), ValueError, "token ids"),
     "float tokens": (1, np.array([[3.0]]), TypeError, "integer tokens"),
     "another batch size": (2, np.array([[1], [2], [3]]), ValueError, r"reset\(\)"),
+    "token id V in a prompt": (2, np.array([[3, 4], [5, V]]), ValueError, "token ids"),
+    "a prompt of another batch size": (2, np.array([[1, 2], [2, 3], [3, 4]]), ValueError, r"reset\(\)"),
 }
 
 
@@ -475,9 +581,9 @@ def test_decoding_past_the_learned_positions_is_an_error(lean_calls):
     model = causal_lm("gpt2")
     caches = model.make_caches()
     with ma.no_grad():
-        model(rng().integers(0, V, (1, 15)), kv_caches=caches)
+        model(rng().integers(0, V, (1, 15)), kv_caches=caches)  # a lean prompt
         model(np.array([[1]]), kv_caches=caches)  # position 15 of n_positions 16
-        assert len(lean_calls) == 1
+        assert len(lean_calls) == 2
         with pytest.raises(ValueError, match="n_positions"):
             model(np.array([[1]]), kv_caches=caches)
     assert lengths(caches) == [16] * 2
@@ -616,13 +722,13 @@ def test_two_threads_decoding_at_once():
     import threading
 
     models = [decoder_lm(np.float64, seed=s).eval() for s in (0, 1)]
-    expected = [single_steps(m, *prefilled(m, 2)) for m in models]
+    prompts = [prefilled(m, 2) for m in models]  # here: prefilled patches lean.applies a while
+    expected = [single_steps(m, copy.deepcopy(caches), tokens) for m, (caches, tokens) in zip(models, prompts)]
     results = [None, None]
 
     def decode(i):
-        model = models[i]
-        caches, tokens = prefilled(model, 2)
-        results[i] = np.concatenate([single_steps(model, caches, tokens) for _ in range(1)], axis=1)
+        caches, tokens = prompts[i]
+        results[i] = single_steps(models[i], caches, tokens)
 
     threads = [threading.Thread(target=decode, args=(i,)) for i in (0, 1)]
     for thread in threads:

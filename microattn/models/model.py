@@ -80,9 +80,8 @@ class CausalLM(Module):
         if self.position_embedding is not None and start + N > arch.max_positions:
             raise ValueError(f"sequence length {start + N} exceeds the {arch.max_positions} "
                              f"learned positions (n_positions)")
-        if lean.applies(self, tokens, kv_caches):  # one token per sequence: one compiled call
-            logits = self._lean_step(tokens, kv_caches, start)
-            return Tensor(logits[:, None])  # (B, 1, V)
+        if lean.applies(self, tokens, kv_caches):  # a step or a short prompt: one compiled call
+            return Tensor(self._lean_step(tokens, kv_caches, start))  # (B, N, V)
         x = self.embed_tokens(tokens)  # (B, N, E)
         if arch.embed_scale is not None:
             x = x * arch.embed_scale  # a Python float: stays in x's dtype
@@ -97,14 +96,13 @@ class CausalLM(Module):
         return logits
 
     def _lean_step(self, tokens, kv_caches, start) -> np.ndarray:
-        """forward's maths for one token per sequence on ``nn.lean``'s compiled step:
-        logits (B, V)."""
+        """forward's maths on ``nn.lean``'s compiled step: logits (B, N, V)."""
         arch = self.arch
-        x = self.embed_tokens.weight.data[self.embed_tokens.check_tokens(tokens)[:, 0]]  # (B, E)
+        x = self.embed_tokens.weight.data[self.embed_tokens.check_tokens(tokens)]  # (B, N, E)
         if arch.embed_scale is not None:
             x *= x.dtype.type(arch.embed_scale)
-        if self.position_embedding is not None:  # forward checked start < max_positions
-            x += self.position_embedding.weight.data[start]
+        if self.position_embedding is not None:  # forward checked start + N <= max_positions
+            x += self.position_embedding.weight.data[start:start + tokens.shape[1]]
         logits = lean.decode_step(self, x, kv_caches)
         if arch.final_softcap is not None:
             logits = np.tanh(logits / logits.dtype.type(arch.final_softcap)) * logits.dtype.type(arch.final_softcap)
@@ -128,7 +126,22 @@ class CausalLM(Module):
             self, prompt, max_new_tokens,
             pick=lambda logits: sample_next_token(logits, temperature=temperature, top_k=top_k,
                                                   top_p=top_p, rng=rng),
-            make_caches=self.make_caches, on_token=on_token)
+            make_caches=self.make_caches, on_token=on_token,
+            greedy_rest=self._greedy_rest if temperature == 0 else None)
+
+    def _greedy_rest(self, first, caches, count):
+        """``count`` greedy tokens after ``first`` on the lean step (``lean.greedy``), or
+        None where it does not apply (the caller then steps through ``forward``). Not with
+        a final softcap: tanh can round two logits to one value, and the argmax is taken
+        after it."""
+        arch, start = self.arch, caches[0].length
+        if (arch.final_softcap is not None or not lean.applies(self, first, caches)
+                or self.lm_head.weight.shape[0] > self.embed_tokens.weight.shape[0]
+                or (self.position_embedding is not None and start + count > arch.max_positions)):
+            return None
+        positions = None if self.position_embedding is None else self.position_embedding.weight.data
+        scale = 1.0 if arch.embed_scale is None else arch.embed_scale
+        return lean.greedy(self, first, caches, count, (self.embed_tokens.weight.data, positions, scale))
 
     def extra_repr(self):
         arch = self.arch

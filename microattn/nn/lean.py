@@ -1,11 +1,12 @@
-"""The lean decoding step: one new token through a transformer block as one compiled call.
+"""The lean decoding step: new tokens through every transformer block as one compiled call.
 
 A decoding step through the modules is ~85 engine ops per token for the demo's 4-layer
 model (norms, projections, reshapes, the attention call, residual adds), each a Python
 call, a Tensor and often a NumPy temporary; at E = 256 that bookkeeping costs more than
 the arithmetic (the matrix-vector products read the 12.6 MB of weights in ~0.4 ms; the
-whole step took ~1.5 ms). Here one ``numba`` function runs a whole ``TransformerBlock``
-for one token per sequence, in place on the residual stream::
+whole step took ~1.5 ms). Here one ``numba`` function runs every ``TransformerBlock``, the
+final norm and the LM head for T new tokens per sequence (a step, T = 1, or a short
+prompt), in place on the residual stream::
 
     h = norm_1(x);  q, k, v = h Wq + bq, h Wk + bk, h Wv + bv;  rope(q, k)
     cache[pos] = k, v;  a = attention(q, cache[:pos + 1]) Wo + bo   (kernels/cpu/decode.py)
@@ -29,21 +30,35 @@ a thread that is not there: a sleeping or descheduled helper claims nothing and 
 caller does every chunk, with bit-identical results (each chunk is the same code
 whoever claims it).
 
+**A prompt** (T > 1) is the same call: its products are BLAS products of ``BLAS_CHUNK``
+weight rows (SciPy's OpenBLAS on one thread, the chunks shared the same way), and its
+attention the decode kernel with T queries, causal from the cache's end. That kernel is
+one thread's and keeps a row of scores per query, so a prompt is lean only while T x
+(cached + T) <= ``MAX_SCORES``; longer ones take the modules and the flash kernel.
+
+**Greedy decoding** (``greedy``) runs the steps themselves in one compiled loop: the
+argmax, the next token's embedding and the step, with no Python between tokens (a
+Python step costs ~0.1 ms around its 0.4 ms of compiled work). ``generate`` takes it
+when the pick is the argmax and nothing streams the tokens out (``on_token``).
+
 When it runs (``applies``; ``lean.ENABLED = False`` switches it off): ``DecoderLM`` and
-``models.CausalLM`` take this path for a forward of one token per sequence with KV caches,
-no graph to record (``no_grad``), no dropout active, and blocks it understands
+``models.CausalLM`` take this path for a forward with KV caches (one token per sequence,
+or a short prompt), no graph to record (``no_grad``), no dropout active, and blocks it understands
 (``block_reason``: the library's own ``TransformerBlock``, ``MultiHeadAttention`` with
 "flash" or "window" attention, ``MLP``, ``LayerNorm`` / ``RMSNorm``, on the CPU kernels'
 backend; all blocks of one set of widths). Anything else takes the modules' path, which
 computes the same thing (tests/test_lean.py compares the two on every option;
 benchmarks/compare_e2e.py checks greedy tokens against PyTorch).
 
-Measured (docs/performance.md, "Stop 13"): a token of the issue's 4-layer model after 64
-cached tokens 0.56 ms (1.43x PyTorch 2.13's 0.80 ms on the same 2-core VM), 1.46 ms
-through the modules; the compiled call alone 0.42 ms, 0.52 ms without the helper.
+Measured (docs/performance.md, "Stop 13" and "Stop 14"): a token of the issue's 4-layer
+model after 64 cached tokens 0.54 ms (1.48x PyTorch 2.13's 0.80 ms on the same 2-core
+VM), 1.46 ms through the modules; the compiled call alone 0.42 ms, 0.63 ms without the
+helper. Its 64-token prompt 3.8 ms (7.8 ms through the modules). Greedy decoding of 64
+tokens after it 29.8 ms, 1.83x PyTorch's 54.7 ms.
 
-Shape legend: B batch, E embed_dim, H query heads, Hkv kv heads, hd head dim, F the MLP's
-hidden width; the cache storage is (B, Hkv, capacity, hd) (``KVCache``).
+Shape legend: B batch, T new tokens per sequence, E embed_dim, H query heads, Hkv kv heads,
+hd head dim, F the MLP's hidden width; the residual stream is (B * T, E), row b * T + i
+for sequence b's token i; the cache storage is (B, Hkv, capacity, hd) (``KVCache``).
 """
 
 from __future__ import annotations
@@ -58,6 +73,7 @@ import numpy as np
 
 from .. import fused
 from ..autograd import is_grad_enabled
+from ..kernels import blas
 from ..kernels.cpu import decode
 from ..kernels.cpu._compile import FASTMATH, numba
 from ..kernels.cpu.team import (
@@ -79,6 +95,7 @@ from .layers import GELU, LayerNorm, ReLU, RMSNorm, SiLU
 from .module import Module
 
 ENABLED = True  # False: every forward takes the modules' path (to compare the two, or to debug)
+MAX_SCORES = 128 * 128  # T new tokens after a cache of n: lean while T * (n + T) is at most this
 RELU = 2  # beside fused.SILU (0) and fused.GELU (1)
 ACTIVATION_KINDS = {SiLU: fused.SILU, GELU: fused.GELU, ReLU: RELU}
 GATED_KINDS = {fused.swiglu: fused.SILU, fused.geglu: fused.GELU}
@@ -111,9 +128,16 @@ def block_reason(block) -> str | None:
 
 
 def applies(model, tokens: np.ndarray, kv_caches) -> bool:
-    """Whether ``model(tokens, kv_caches)`` takes the lean step: one token per sequence,
-    caches, no graph to record, no dropout (eval mode, or p = 0), every block understood."""
-    if not ENABLED or kv_caches is None or tokens.shape[1] != 1 or is_grad_enabled():
+    """Whether ``model(tokens, kv_caches)`` takes the lean step: caches, no graph to
+    record, no dropout (eval mode, or p = 0), every block understood, and one new token
+    per sequence or a short prompt: T new tokens after n cached ones with T * (n + T) at
+    most ``MAX_SCORES`` (the step's attention is one thread's, without tiles; measured on
+    the issue's model, a prompt of 128 tokens took 8.7 ms here and 10.7 ms through the
+    modules, one of 256 took 28 ms here and 19 ms there)."""
+    if not ENABLED or kv_caches is None or is_grad_enabled():
+        return False
+    T = tokens.shape[1]
+    if T != 1 and not (T >= 1 and T * (kv_caches[0].length + T) <= MAX_SCORES):
         return False
     plan = _plan(model)
     return plan.usable and not any(owner.training for owner in plan.dropouts)
@@ -144,7 +168,26 @@ class _Plan:
                 *(p for n in norms if n is not None for p in (n.weight, getattr(n, "bias", None))),
                 *(p for block in self.blocks for p in (*block.matrices, *block.matrix_biases)),
                 model.lm_head.weight, model.lm_head.bias) if p is not None]
-            self.kept = None
+            self.kept = self.kept_layers = None
+
+    def layers(self, arrays, stores, B, T) -> tuple:
+        """One ``_block_step`` argument tuple per block (after x, layer, team, board and
+        where), kept while the arrays, the caches' storage and (B, T) stay the same: a
+        step then builds nothing in Python."""
+        kept = self.kept_layers
+        flat = [a for pair in stores for a in pair]
+        if (kept is None or kept[0] is not arrays or kept[1] != (B, T)
+                or not all(map(operator.is_, flat, kept[2]))):
+            dtype = arrays.dtype
+            specs = {}  # one spec per (scale, window, softcap): the layers usually share one
+            layers = []
+            for block, norms, (k_store, v_store) in zip(self.blocks, arrays.norms, stores):
+                if block.spec_key not in specs:
+                    specs[block.spec_key] = block.spec(B, T, dtype)
+                layers.append(block.records(norms, dtype, k_store.shape[2])
+                              + ((k_store, v_store),) + specs[block.spec_key])
+            kept = self.kept_layers = (arrays, (B, T), flat, tuple(layers))
+        return kept[3]
 
     def arrays(self, dtype) -> _Arrays:
         """The step's weight arrays, kept from the last step while every Parameter's
@@ -215,16 +258,27 @@ class _BlockPlan:
         self.kinds = (activation, 0 if attn.rope is None else PAIRS[attn.rope.pairs])
         self.spec_key = (attn.scale, attn._window(True), attn.softcap)
 
-    def records(self, norms, dtype, position):
-        """The arguments of ``_block_step`` after the board and before the cache: the
-        norms' arrays (``_Arrays``), rope's (cos, sin) for this position, the integers."""
-        if self.rope is not None:
-            theta = self.rope.angles(np.array([position]))[0]  # (hd/2,) float64, as RotaryEmbedding
+    def records(self, norms, dtype, capacity):
+        """The arguments of ``_block_step`` after ``where`` and before the cache: the
+        norms' arrays (``_Arrays``), rope's (cos, sin) (capacity, hd/2) for every position
+        the cache has room for, the integers."""
+        if self.rope is not None:  # float64 angles, as RotaryEmbedding, then cast
+            theta = self.rope.angles(np.arange(capacity))
             rope = (np.cos(theta).astype(dtype), np.sin(theta).astype(dtype))
         else:
-            empty = _empty(dtype)
-            rope = (empty, empty)
-        return norms, self.norm_eps, rope, self.ints + (position,) + self.kinds
+            _empty(dtype)
+            rope = (_EMPTY_2D[dtype], _EMPTY_2D[dtype])
+        return norms, self.norm_eps, rope, self.ints + self.kinds
+
+    def spec(self, B, T, dtype) -> tuple:
+        """The attention's records (``AttentionSpec.pack``) for T queries against T keys,
+        causal: an empty cache. After ``position`` cached keys the band's offset (the
+        spec's Nk - Nq) grows by ``position``; ``_block_step`` adds it."""
+        H, Hkv, hd = self.ints
+        scale, window, softcap = self.spec_key
+        return tuple(make_attention_spec(
+            (B, H, T, hd), (B, Hkv, T, hd), (B, Hkv, T, hd), (dtype,) * 3, is_causal=True,
+            scale=scale, window=window, softcap=softcap).pack())
 
     def weights(self, dtype):
         """The seven matrices in MATRICES order (an absent gate: a (0, 0) array)."""
@@ -250,40 +304,72 @@ def _norm_arrays(norm, empty):
 
 
 def decode_step(model, x: np.ndarray, caches) -> np.ndarray:
-    """Logits (B, V) for one token per sequence, its embedding x (B, E): ``model.blocks``
-    (extending ``caches``, one ``KVCache`` per block, all at the same length), then
-    ``model.lm_head(model.norm(x))``. One compiled call; x is overwritten."""
+    """Logits (B, T, V) for T new tokens per sequence, their embeddings x (B, T, E):
+    ``model.blocks`` (causal, after what ``caches`` hold, extending them: one ``KVCache``
+    per block, all at the same length), then ``model.lm_head(model.norm(x))``. One
+    compiled call; x is overwritten."""
     plan = _plan(model)
     position = caches[0].length
     dtype = x.dtype
-    specs = {}  # one spec per (scale, window, softcap): the layers usually share one
-    layers = []
-    B = x.shape[0]
+    B, T, E = x.shape
     arrays = plan.arrays(dtype)
-    for block, norms, cache in zip(plan.blocks, arrays.norms, caches):
-        H, Hkv, hd = block.ints
-        k_store, v_store, start = cache.make_room((B, Hkv, 1, hd), (B, Hkv, 1, hd), dtype)
+    layers = plan.layers(arrays, _room(plan, caches, B, T, dtype), B, T)
+    rows = x.reshape(B * T, E)  # a view: x is contiguous
+    blas_pin = blas.single_threaded() if B * T > MATVEC_ROWS else contextlib.nullcontext()
+    with _HELPER.step(arrays.weights, arrays.biases, arrays.head, B * T, dtype) as (team, board), blas_pin:
+        logits = _decode_step(rows, layers, arrays.final, team, board, (position, T))
+    for cache in caches:
+        cache.length = position + T
+    return logits.reshape(B, T, -1)
+
+
+def greedy(model, first: np.ndarray, caches, count: int, embedding) -> np.ndarray:
+    """The ``count`` greedy tokens (B, count) int64 after ``first`` (B, 1): ``count``
+    lean steps in one compiled call, each feeding the last token and taking the argmax of
+    its logits (first index of the maximum, as ``np.argmax``), extending ``caches`` by
+    ``count``. ``embedding`` = (table (vocab, E), positions (max_len, E) or None,
+    scale): a token's input is table[token] * scale + positions[its position]. The
+    caller checks ``applies`` and that positions and ids stay in range; the logits are
+    the ones ``decode_step`` gives, so the tokens are those of ``count`` calls of it."""
+    plan = _plan(model)
+    table, positions, scale = embedding
+    position, dtype = caches[0].length, table.dtype
+    if positions is None:
+        _empty(dtype)
+        positions = _EMPTY_2D[dtype]
+    B, E = first.shape[0], table.shape[1]
+    arrays = plan.arrays(dtype)
+    layers = plan.layers(arrays, _room(plan, caches, B, count, dtype), B, 1)  # room for all count
+    tokens = np.empty((B, count + 1), dtype=np.int64)
+    tokens[:, 0] = first[:, 0]
+    x = np.empty((B, E), dtype=dtype)
+    with _HELPER.step(arrays.weights, arrays.biases, arrays.head, B, dtype) as (team, board):
+        _greedy(x, layers, arrays.final, team, board, position, table, positions,
+                dtype.type(scale), tokens)
+    for cache in caches:
+        cache.length = position + count
+    return tokens[:, 1:]
+
+
+def _room(plan, caches, B, T, dtype) -> list:
+    """Every cache's (k, v) storage with room for T more tokens (``KVCache.make_room``);
+    ValueError if the caches hold different lengths."""
+    _, Hkv, hd = plan.blocks[0].ints  # every block's (_Plan: one set of widths)
+    position = caches[0].length
+    stores = []
+    for cache in caches:
+        k_store, v_store, start = cache.make_room((B, Hkv, T, hd), (B, Hkv, T, hd), dtype)
         if start != position:
             raise ValueError(f"the KV caches hold different lengths ({position} and {start})")
-        key = block.spec_key
-        if key not in specs:
-            q_shape, k_shape = (B, H, 1, hd), (B, Hkv, position + 1, hd)
-            scale, window, softcap = key
-            specs[key] = tuple(make_attention_spec(
-                q_shape, k_shape, k_shape, (dtype,) * 3, is_causal=True, scale=scale,
-                window=window, softcap=softcap).pack())
-        layers.append(block.records(norms, dtype, position) + ((k_store, v_store),) + specs[key])
-    with _HELPER.step(arrays.weights, arrays.biases, arrays.head, B, dtype) as (team, board):
-        logits = _decode_step(x, tuple(layers), arrays.final, team, board)
-    for cache in caches:
-        cache.length = position + 1
-    return logits
+        stores.append((k_store, v_store))
+    return stores
 
 
 class _Helper:
     """The second thread of the lean step: it joins the products through a claim board
     (``kernels/cpu/team.py``) while steps keep coming, and sleeps after ``IDLE_SPINS``
-    spin steps (about a millisecond) without a job. The step never waits for it: a
+    spin steps (about a millisecond: ~10 ns a step here; longer than the gaps between a
+    prompt's products, ~0.25 ms for its attention) without a job. The step never waits for it: a
     sleeping helper is woken at the start of a step and joins whatever jobs are left.
 
     It works on one ``team``: the weights, biases, LM head and the buffers the two threads
@@ -292,7 +378,7 @@ class _Helper:
     uses it; a step from another thread meanwhile runs alone on a board of its own.
     """
 
-    IDLE_SPINS = 20000
+    IDLE_SPINS = 100_000
 
     def __init__(self):
         self.board = new_board()
@@ -303,16 +389,16 @@ class _Helper:
         self.thread = None
 
     @contextlib.contextmanager
-    def step(self, weights, biases, head, B, dtype):
+    def step(self, weights, biases, head, rows, dtype):
         """(team, board) for one step; the helper is woken if it sleeps."""
         if numba.get_num_threads() < 2 or not self.busy.acquire(blocking=False):
-            yield _team(weights, biases, head, B, dtype), new_board()
+            yield _team(weights, biases, head, rows, dtype), new_board()
             return
         try:
             with self.lock:
-                if self.team is None or not _same_arrays(self.team, weights, biases, head, B):
+                if self.team is None or not _same_arrays(self.team, weights, biases, head, rows):
                     self._stop()
-                    self.team = _team(weights, biases, head, B, dtype)
+                    self.team = _team(weights, biases, head, rows, dtype)
                 team = self.team
                 if self.thread is None:
                     self.thread = threading.Thread(target=self._serve, name="microattn-lean-helper",
@@ -360,7 +446,7 @@ def _forget_helper_after_fork():
 os.register_at_fork(after_in_child=_forget_helper_after_fork)
 
 
-def _team(weights, biases, head, B, dtype):
+def _team(weights, biases, head, rows, dtype):
     """(weights, biases, lm_weight, lm_bias, bufs): the arrays the compiled step and the
     helper share; bufs are the step's buffers (see the compiled pieces). ValueError when
     the layers' matrices do not fit one another (the compiled loops trust the shapes)."""
@@ -380,13 +466,13 @@ def _team(weights, biases, head, B, dtype):
     widths = {H_BUF: E, Q_BUF: w[Q].shape[0], K_BUF: w[K].shape[0], V_BUF: w[V].shape[0],
               A_BUF: w[O].shape[1], O_BUF: E, UP_BUF: F, GATE_BUF: F, HIDDEN_BUF: F, MLP_BUF: E,
               LOGITS_BUF: head[0].shape[0]}
-    bufs = tuple(np.empty((B, widths[i]), dtype=dtype) for i in range(len(widths)))
+    bufs = tuple(np.empty((rows, widths[i]), dtype=dtype) for i in range(len(widths)))
     return weights, biases, head[0], head[1], bufs
 
 
-def _same_arrays(team, weights, biases, head, B) -> bool:
+def _same_arrays(team, weights, biases, head, rows) -> bool:
     old_weights, old_biases, lm_weight, lm_bias, bufs = team
-    if bufs[0].shape[0] != B or lm_weight is not head[0] or lm_bias is not head[1]:
+    if bufs[0].shape[0] != rows or lm_weight is not head[0] or lm_bias is not head[1]:
         return False
     if old_weights is weights and old_biases is biases:  # a plan's kept arrays (_Arrays)
         return True
@@ -424,6 +510,13 @@ H_BUF, Q_BUF, K_BUF, V_BUF, A_BUF, O_BUF, UP_BUF, GATE_BUF, HIDDEN_BUF, MLP_BUF,
 READS = (H_BUF, H_BUF, H_BUF, A_BUF, H_BUF, H_BUF, HIDDEN_BUF, H_BUF)
 WRITES = (Q_BUF, K_BUF, V_BUF, O_BUF, UP_BUF, GATE_BUF, MLP_BUF, LOGITS_BUF)
 CHUNK = 32  # weight rows per chunk: 32 KB of a 256-wide float32 matrix, a few microseconds
+MATVEC_ROWS = 8  # up to this many input rows (B * T) a chunk is matrix-vector products ...
+BLAS_CHUNK = 128  # ... beyond, one BLAS product of this many weight rows (a prompt's)
+
+
+def _chunk_rows(rows):
+    """Weight rows per chunk for a product of ``rows`` input rows."""
+    return CHUNK if rows <= MATVEC_ROWS else BLAS_CHUNK
 
 
 def _matvec_rows(weight, bias, x, out, lo, hi):
@@ -455,19 +548,27 @@ def _take_chunks(board, team, seq, n, job):
     weight, bias = _weight(team, job)
     m = job % 8
     x, out = bufs[READS[m]], bufs[WRITES[m]]
+    size = _chunk_rows(x.shape[0])
     while True:
         chunk = claim(board, seq, n)
         if chunk < 0:
             return
-        _matvec_rows(weight, bias, x, out, chunk * CHUNK, min((chunk + 1) * CHUNK, weight.shape[0]))
+        lo, hi = chunk * size, min((chunk + 1) * size, weight.shape[0])
+        if x.shape[0] <= MATVEC_ROWS:
+            _matvec_rows(weight, bias, x, out, lo, hi)
+        else:  # (rows, E) @ (E, hi - lo): BLAS (SciPy's OpenBLAS, pinned to one thread)
+            part = np.dot(x, weight[lo:hi].T)
+            for r in range(x.shape[0]):
+                for o in range(lo, hi):
+                    out[r, o] = part[r, o - lo] + bias[o] if bias.size else part[r, o - lo]
         chunk_done(board)
 
 
 def _product(board, team, layer, m):
     """bufs[WRITES[m]] = matrix m of ``layer`` applied to bufs[READS[m]], with whoever joins."""
     job = layer * 8 + m
-    rows = _weight(team, job)[0].shape[0]
-    n = (rows + CHUNK - 1) // CHUNK
+    rows, size = _weight(team, job)[0].shape[0], _chunk_rows(team[4][READS[m]].shape[0])
+    n = (rows + size - 1) // size
     seq = publish(board, n, job)
     _take_chunks(board, team, seq, n, job)
     wait_done(board, n)
@@ -498,25 +599,30 @@ def _norm(x, weight, bias, eps, out):
         _rms_norm(x, weight, eps, out, stats)
 
 
-def _rope(x, cos, sin, pairs):
-    """Rotate each head's channel pairs of x (B, heads, hd) in place, as ``nn.Rotary``."""
-    half = cos.shape[0]
-    for b in range(x.shape[0]):
+def _rope(x, cos, sin, pairs, position, T):
+    """Rotate each head's channel pairs of x (B * T, heads, hd) in place, as ``nn.Rotary``;
+    cos, sin (positions, hd/2): row r is token r % T of its sequence, at position
+    ``position + r % T``."""
+    half = cos.shape[1]
+    for r in range(x.shape[0]):
+        c, s = cos[position + r % T], sin[position + r % T]
         for h in range(x.shape[1]):
-            row = x[b, h]
+            row = x[r, h]
             for i in range(half):
                 ia, ib = (2 * i, 2 * i + 1) if pairs == 0 else (i, i + half)
                 xa, xb = row[ia], row[ib]
-                row[ia] = xa * cos[i] - xb * sin[i]
-                row[ib] = xa * sin[i] + xb * cos[i]
+                row[ia] = xa * c[i] - xb * s[i]
+                row[ib] = xa * s[i] + xb * c[i]
 
 
-def _block_step(x, layer, team, board, norm_weights, norm_eps, rope, ints, cache, bias, band,
-                dropout, reals, alibi):
-    """One token per sequence through block ``layer``, x (B, E) updated in place; writes
-    this token's k, v at ``position`` of the cache storage (B, Hkv, capacity, hd)."""
-    H, Hkv, hd, position, activation, pairs = ints
-    B = x.shape[0]
+def _block_step(x, layer, team, board, where, norm_weights, norm_eps, rope, ints, cache, bias,
+                band, dropout, reals, alibi):
+    """T new tokens per sequence through block ``layer``, x (B * T, E) updated in place
+    (row b * T + i: sequence b's token i); writes their k, v at ``position + i`` of the
+    cache storage (B, Hkv, capacity, hd)."""
+    H, Hkv, hd, activation, pairs = ints
+    position, T = where
+    B = x.shape[0] // T
     t = x.dtype.type
     bufs = team[4]
     h, q, k, v, a, o = bufs[H_BUF], bufs[Q_BUF], bufs[K_BUF], bufs[V_BUF], bufs[A_BUF], bufs[O_BUF]
@@ -525,24 +631,30 @@ def _block_step(x, layer, team, board, norm_weights, norm_eps, rope, ints, cache
     _product(board, team, layer, Q)
     _product(board, team, layer, K)
     _product(board, team, layer, V)
-    q4, k3, v3 = q.reshape(B, H, 1, hd), k.reshape(B, Hkv, hd), v.reshape(B, Hkv, hd)
+    q4 = q.reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd), a view
+    k3, v3 = k.reshape(B * T, Hkv, hd), v.reshape(B * T, Hkv, hd)
     if rope[0].size:
-        _rope(q.reshape(B, H, hd), rope[0], rope[1], pairs)
-        _rope(k3, rope[0], rope[1], pairs)
-    k_store[:, :, position] = k3
-    v_store[:, :, position] = v3
-    # attention of the one query per head over the cache's position + 1 keys (one split)
-    m_part = np.empty((1, B, H, 1), dtype=x.dtype)
-    l_part = np.empty((1, B, H, 1), dtype=x.dtype)
-    acc_part = np.empty((1, B, H, 1, hd), dtype=x.dtype)
-    _attention(q4, k_store, v_store, position + 1, bias, band, dropout, reals, alibi, 1,
+        _rope(q.reshape(B * T, H, hd), rope[0], rope[1], pairs, position, T)
+        _rope(k3, rope[0], rope[1], pairs, position, T)
+    for b in range(B):
+        for i in range(T):
+            k_store[b, :, position + i] = k3[b * T + i]
+            v_store[b, :, position + i] = v3[b * T + i]
+    # attention of the T queries per head over the cache's position + T keys (one split);
+    # the spec's band is for an empty cache: its diagonal moves by the position keys before
+    band = (band[0] + position, band[1], band[2])
+    m_part = np.empty((1, B, H, T), dtype=x.dtype)
+    l_part = np.empty((1, B, H, T), dtype=x.dtype)
+    acc_part = np.empty((1, B, H, T, hd), dtype=x.dtype)
+    _attention(q4, k_store, v_store, position + T, bias, band, dropout, reals, alibi, 1,
                m_part, l_part, acc_part)
     for b in range(B):
         for head in range(H):
-            norm = l_part[0, b, head, 0]
-            norm = norm if norm != t(0) else t(1)  # a row with no key: 0, as merge_partials
-            for e in range(hd):
-                a[b, head * hd + e] = acc_part[0, b, head, 0, e] / norm
+            for i in range(T):
+                norm = l_part[0, b, head, i]
+                norm = norm if norm != t(0) else t(1)  # a row with no key: 0, as merge_partials
+                for e in range(hd):
+                    a[b * T + i, head * hd + e] = acc_part[0, b, head, i, e] / norm
     _product(board, team, layer, O)
     _residual(x, o, norm_weights[4], norm_weights[5], norm_eps[2])
     # the MLP
@@ -553,9 +665,9 @@ def _block_step(x, layer, team, board, norm_weights, norm_eps, rope, ints, cache
         _product(board, team, layer, FC_GATE)
         _gated(gate.reshape(-1), up.reshape(-1), activation, hidden.reshape(-1))
     elif activation == RELU:
-        for b in range(B):
+        for r in range(up.shape[0]):
             for i in range(up.shape[1]):
-                hidden[b, i] = max(up[b, i], t(0))
+                hidden[r, i] = max(up[r, i], t(0))
     else:
         _activation(up.reshape(-1), activation, hidden.reshape(-1))
     _product(board, team, layer, FC_OUT)
@@ -573,20 +685,38 @@ def _residual(x, branch, post_weight, post_bias, post_eps):
             x[b, e] += branch[b, e]
 
 
-def _decode_step(x, layers, final, team, board):
+def _decode_step(x, layers, final, team, board, where):
     """Every block (``layers``: one ``_block_step`` argument tuple per block, after x,
-    layer, team and board), then the final norm and the LM head: logits (B, V)."""
+    layer, team, board and where = (position, T)), then the final norm and the LM head:
+    logits (B * T, V)."""
     for i in range(len(layers)):
-        _block_step(x, i, team, board, *layers[i])
+        _block_step(x, i, team, board, where, *layers[i])
     norm_weight, norm_bias, eps = final
     _norm(x, norm_weight, norm_bias, eps, team[4][H_BUF])
     _product(board, team, 0, HEAD)
     return team[4][LOGITS_BUF].copy()
 
 
+def _greedy(x, layers, final, team, board, position, table, positions, scale, tokens):
+    """tokens (B, count + 1): column 0 given; column s + 1 the argmax of the logits of
+    a step on column s, at position ``position + s``."""
+    B, E = x.shape
+    for s in range(tokens.shape[1] - 1):
+        for b in range(B):
+            row = table[tokens[b, s]]
+            for e in range(E):
+                x[b, e] = row[e] * scale
+            if positions.size:
+                for e in range(E):
+                    x[b, e] += positions[position + s, e]
+        logits = _decode_step(x, layers, final, team, board, (position + s, 1))
+        for b in range(B):
+            tokens[b, s + 1] = np.argmax(logits[b])
+
+
 if numba is not None:
     _compiled = numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
-    _matvec_rows, _weight, _take_chunks, _product = (
-        _compiled(f) for f in (_matvec_rows, _weight, _take_chunks, _product))
+    _chunk_rows, _matvec_rows, _weight, _take_chunks, _product = (
+        _compiled(f) for f in (_chunk_rows, _matvec_rows, _weight, _take_chunks, _product))
     _serve, _norm, _rope, _residual = (_compiled(f) for f in (_serve, _norm, _rope, _residual))
-    _block_step, _decode_step = _compiled(_block_step), _compiled(_decode_step)
+    _block_step, _decode_step, _greedy = _compiled(_block_step), _compiled(_decode_step), _compiled(_greedy)

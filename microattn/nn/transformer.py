@@ -161,11 +161,11 @@ class DecoderLM(Module):
         start = kv_caches[0].length if kv_caches else 0
         if start + N > self.max_len:
             raise ValueError(f"sequence length {start + N} exceeds max_len {self.max_len}")
-        if lean.applies(self, tokens, kv_caches):  # one token per sequence: one compiled call
-            x = self.token_embedding.weight.data[self.token_embedding.check_tokens(tokens)[:, 0]]  # (B, E)
+        if lean.applies(self, tokens, kv_caches):  # a step or a short prompt: one compiled call
+            x = self.token_embedding.weight.data[self.token_embedding.check_tokens(tokens)]  # (B, N, E)
             if self.position_embedding is not None:
-                x += self.position_embedding.weight.data[start]
-            return Tensor(lean.decode_step(self, x, kv_caches)[:, None])  # (B, 1, V)
+                x += self.position_embedding.weight.data[start:start + N]
+            return Tensor(lean.decode_step(self, x, kv_caches))  # (B, N, V)
         x = self.token_embedding(tokens)  # (B, N, E)
         if self.position_embedding is not None:
             x = x + self.position_embedding(np.arange(start, start + N))  # (N, E) broadcast
@@ -189,7 +189,18 @@ class DecoderLM(Module):
         rng = np.random.default_rng() if rng is None else rng
         return generate_tokens(self, prompt_tokens, max_new_tokens,
                                pick=lambda logits: self._pick(logits, greedy, temperature, rng),
-                               make_caches=lambda total: self.make_caches(), on_token=on_token)
+                               make_caches=lambda total: self.make_caches(), on_token=on_token,
+                               greedy_rest=self._greedy_rest if greedy else None)
+
+    def _greedy_rest(self, first, caches, count):
+        """``count`` greedy tokens after ``first`` on the lean step (``lean.greedy``), or
+        None where it does not apply (the caller then steps through ``forward``)."""
+        start = caches[0].length
+        if (not lean.applies(self, first, caches) or start + count > self.max_len
+                or self.lm_head.weight.shape[0] > self.token_embedding.weight.shape[0]):
+            return None
+        positions = None if self.position_embedding is None else self.position_embedding.weight.data
+        return lean.greedy(self, first, caches, count, (self.token_embedding.weight.data, positions, 1.0))
 
     @staticmethod
     def _pick(logits: np.ndarray, greedy: bool, temperature: float, rng) -> np.ndarray:
@@ -202,12 +213,14 @@ class DecoderLM(Module):
 
 
 def generate_tokens(model: Module, prompt_tokens, max_new_tokens: int, *, pick, make_caches,
-                    on_token=None) -> np.ndarray:
+                    on_token=None, greedy_rest=None) -> np.ndarray:
     """The decoding loop that ``generate`` methods share.
 
     ``model(tokens, kv_caches=caches)`` maps tokens (B, n) to logits (B, n, V), extending
     the caches; ``make_caches(total)`` gives empty caches for ``total`` positions;
-    ``pick(logits (B, V))`` chooses the next tokens (B, 1). ``on_token(tokens)``, if
+    ``pick(logits (B, V))`` chooses the next tokens (B, 1). ``greedy_rest(first (B, 1),
+    caches, count)``, when ``pick`` is the argmax, may return the ``count`` tokens after
+    ``first`` (B, count) in one go (``lean.greedy``), or None. ``on_token(tokens)``, if
     given, is called with each step's new tokens, (B,) int64, as soon as they are chosen
     and before the next forward pass: the hook for streaming them out. An exception it
     raises stops decoding and propagates. Runs in eval mode without a graph (the mode is
@@ -233,6 +246,11 @@ def generate_tokens(model: Module, prompt_tokens, max_new_tokens: int, *, pick, 
                 generated.append(next_token)
                 if on_token is not None:
                     on_token(next_token[:, 0].copy())
+                if step + 1 < max_new_tokens and on_token is None and greedy_rest is not None:
+                    rest = greedy_rest(next_token, caches, max_new_tokens - step - 1)
+                    if rest is not None:
+                        generated.append(rest)
+                        break
                 if step + 1 < max_new_tokens:
                     logits = model(next_token, kv_caches=caches).data[:, -1]
     finally:
