@@ -89,16 +89,47 @@ class DecodeStep:
             kv_cache.length = self.length  # rewind: every call sees `cache` tokens
 
 
-class Generate:
-    """Greedy decoding of 64 tokens after a 64-token prompt, KV caches preallocated."""
+class Prompt:
+    """A 64-token prompt's forward into empty KV caches (batch 1): one lean call
+    (``nn/lean.py``; its products are BLAS chunks) or the modules and the flash kernel."""
 
-    def setup(self):
+    params = [["lean", "modules"]]
+    param_names = ["path"]
+
+    def setup(self, path):
+        lean.ENABLED = path == "lean"
         self.model = gpt()
         self.prompt = np.random.default_rng(3).integers(0, VOCAB, (1, 64))
-        self.model.generate(self.prompt, 2)
+        self.time_prompt(path)  # compiles
 
-    def time_generate(self):
-        self.model.generate(self.prompt, 64)
+    def teardown(self, path):
+        lean.ENABLED = True
+
+    def time_prompt(self, path):
+        with ma.no_grad():
+            self.model(self.prompt, kv_caches=self.model.make_caches())
+
+
+class Generate:
+    """Greedy decoding of 64 tokens after a 64-token prompt, KV caches preallocated: the
+    lean path (the prompt in one call, the tokens in one compiled loop, ``lean.greedy``),
+    the lean step once per token (``on_token`` given, as when streaming), or the modules."""
+
+    params = [["lean", "lean-steps", "modules"]]
+    param_names = ["path"]
+
+    def setup(self, path):
+        lean.ENABLED = path != "modules"
+        self.on_token = (lambda tokens: None) if path == "lean-steps" else None
+        self.model = gpt()
+        self.prompt = np.random.default_rng(3).integers(0, VOCAB, (1, 64))
+        self.model.generate(self.prompt, 2, on_token=self.on_token)
+
+    def teardown(self, path):
+        lean.ENABLED = True
+
+    def time_generate(self, path):
+        self.model.generate(self.prompt, 64, on_token=self.on_token)
 
 
 def _cross_entropy_composed(logits, targets):
