@@ -15,12 +15,14 @@ TOLERANCE = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=2e-
 SHAPES = [(3, 5), (1, 7), (2, 3, 33)]
 
 
-@pytest.fixture(autouse=True, params=["serial", "parallel"])
+@pytest.fixture(autouse=True, params=["serial", "parallel", "split"])
 def threads(request, monkeypatch):
-    """Every test twice: the kernels' serial twins (small inputs pick them), and the
-    parallel ones forced on for any size."""
+    """Every test three times: the kernels' serial twins (small inputs pick them), the
+    parallel ones forced on for any size, and the two-thread split (``_two_threads``)."""
     if request.param == "parallel":
         monkeypatch.setattr(fused, "PARALLEL_WORK", 0)
+    if request.param == "split":
+        monkeypatch.setattr(fused, "SPLIT_WORK", 0)
     return request.param
 
 
