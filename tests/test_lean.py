@@ -812,3 +812,40 @@ def test_an_empty_batch_is_the_same_error_on_both_paths():
             model(tokens, kv_caches=model.make_caches())
         with modules_path(), pytest.raises(ValueError, match="empty dimension"):
             model(tokens, kv_caches=model.make_caches())
+
+
+def test_greedy_runs_in_chunks_with_the_caches_kept_up(monkeypatch, greedy_calls):
+    """Chunks of GREEDY_CHUNK steps (Python, and Ctrl-C, between them): the same tokens
+    as the per-step path, and after an interruption between chunks the caches hold
+    exactly the tokens decoded so far."""
+    monkeypatch.setattr(lean, "GREEDY_CHUNK", 3)
+    model = decoder_lm(np.float64)
+    prompt = rng(3).integers(0, V, (2, 3))
+    tokens = model.generate(prompt, 10)  # 9 steps after the prompt: chunks of 3, 3, 3
+    with modules_path():
+        np.testing.assert_array_equal(model.generate(prompt, 10), tokens)
+    chunks = []
+    loop = lean._greedy
+    monkeypatch.setattr(lean, "_greedy", lambda *args: chunks.append(args[-1].shape[1] - 1) or loop(*args))
+    caches = model.make_caches()
+    with ma.no_grad():
+        model(prompt, kv_caches=caches)
+        lean.greedy(model, tokens[:, 3:4], caches, 7, (model.token_embedding.weight.data, None, 1.0))
+    assert chunks == [3, 3, 1] and [cache.length for cache in caches] == [10, 10]
+
+    def interrupted(*args):
+        if len(chunks) == 4:
+            raise KeyboardInterrupt
+        return chunks.append(args[-1].shape[1] - 1) or loop(*args)
+
+    monkeypatch.setattr(lean, "_greedy", interrupted)
+    caches = model.make_caches()
+    with ma.no_grad(), pytest.raises(KeyboardInterrupt):
+        model(prompt, kv_caches=caches)
+        lean.greedy(model, tokens[:, 3:4], caches, 7, (model.token_embedding.weight.data, None, 1.0))
+    assert [cache.length for cache in caches] == [6, 6]  # the prompt and one chunk
+    with modules_path(), ma.no_grad():  # the caches hold the prompt and the first 3 tokens
+        expected = model.make_caches()
+        model(tokens[:, :6], kv_caches=expected)
+    for got, want in zip(caches, expected):
+        assert_close(got.k, want.k, np.float64)

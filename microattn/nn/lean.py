@@ -95,6 +95,7 @@ from .layers import GELU, LayerNorm, ReLU, RMSNorm, SiLU
 from .module import Module
 
 ENABLED = True  # False: every forward takes the modules' path (to compare the two, or to debug)
+GREEDY_CHUNK = 64  # greedy steps per compiled call (Python, and Ctrl-C, between calls)
 MAX_SCORES = 128 * 128  # T new tokens after a cache of n: lean while T * (n + T) is at most this
 RELU = 2  # beside fused.SILU (0) and fused.GELU (1)
 ACTIVATION_KINDS = {SiLU: fused.SILU, GELU: fused.GELU, ReLU: RELU}
@@ -325,9 +326,10 @@ def decode_step(model, x: np.ndarray, caches) -> np.ndarray:
 
 def greedy(model, first: np.ndarray, caches, count: int, embedding) -> np.ndarray:
     """The ``count`` greedy tokens (B, count) int64 after ``first`` (B, 1): ``count``
-    lean steps in one compiled call, each feeding the last token and taking the argmax of
-    its logits (first index of the maximum, as ``np.argmax``), extending ``caches`` by
-    ``count``. ``embedding`` = (table (vocab, E), positions (max_len, E) or None,
+    lean steps in compiled calls of ``GREEDY_CHUNK`` steps (between them Python runs, so
+    Ctrl-C stops a long generation, the caches holding what was decoded), each feeding
+    the last token and taking the argmax of its logits (first index of the maximum, as
+    ``np.argmax``), extending ``caches`` by ``count``. ``embedding`` = (table (vocab, E), positions (max_len, E) or None,
     scale): a token's input is table[token] * scale + positions[its position]. The
     caller checks ``applies`` and that positions and ids stay in range; the logits are
     the ones ``decode_step`` gives, so the tokens are those of ``count`` calls of it."""
@@ -343,11 +345,15 @@ def greedy(model, first: np.ndarray, caches, count: int, embedding) -> np.ndarra
     tokens = np.empty((B, count + 1), dtype=np.int64)
     tokens[:, 0] = first[:, 0]
     x = np.empty((B, E), dtype=dtype)
+    done = 0
     with _HELPER.step(arrays.weights, arrays.biases, arrays.head, B, dtype) as (team, board):
-        _greedy(x, layers, arrays.final, team, board, position, table, positions,
-                dtype.type(scale), tokens)
-    for cache in caches:
-        cache.length = position + count
+        while done < count:
+            n = min(GREEDY_CHUNK, count - done)
+            _greedy(x, layers, arrays.final, team, board, position + done, table, positions,
+                    dtype.type(scale), tokens[:, done : done + n + 1])
+            done += n
+            for cache in caches:
+                cache.length = position + done
     return tokens[:, 1:]
 
 
