@@ -849,3 +849,17 @@ def test_greedy_runs_in_chunks_with_the_caches_kept_up(monkeypatch, greedy_calls
         model(tokens[:, :6], kv_caches=expected)
     for got, want in zip(caches, expected):
         assert_close(got.k, want.k, np.float64)
+
+
+def test_rope_tables_grow_past_their_span_and_are_shared_by_the_layers(lean_calls):
+    """The RoPE tables cover 64 positions, then 128, ...: steps from position 60 to 70
+    cross the first span and equal the modules' path; the layers share one table."""
+    model = spread(nn.DecoderLM(V, 200, embed_dim=32, num_layers=2, num_heads=4, dtype=np.float64,
+                                rng=rng(0)), 0).eval()
+    tokens = rng(9).integers(0, V, (2, 71))
+    caches = model.make_caches()
+    with ma.no_grad():
+        model(tokens[:, :60], kv_caches=caches)
+    assert_same(*both_paths(model, caches, tokens[:, 60:], lean_calls), np.float64)
+    layers = lean._plan(model).kept_layers[4]
+    assert layers[0][2][0] is layers[1][2][0] and layers[0][2][0].shape[0] == 128

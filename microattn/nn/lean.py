@@ -171,24 +171,27 @@ class _Plan:
                 model.lm_head.weight, model.lm_head.bias) if p is not None]
             self.kept = self.kept_layers = None
 
-    def layers(self, arrays, stores, B, T) -> tuple:
+    def layers(self, arrays, stores, B, T, length) -> tuple:
         """One ``_block_step`` argument tuple per block (after x, layer, team, board and
-        where), kept while the arrays, the caches' storage and (B, T) stay the same: a
-        step then builds nothing in Python."""
+        where), kept while the arrays, the caches' storage and (B, T) stay the same and
+        the RoPE tables reach ``length`` positions: a step then builds nothing in Python.
+        The tables cover a power of two of positions (at least 64), one table for all the
+        layers whose RoPE has the same frequencies."""
         kept = self.kept_layers
         flat = [a for pair in stores for a in pair]
-        if (kept is None or kept[0] is not arrays or kept[1] != (B, T)
+        if (kept is None or kept[0] is not arrays or kept[1] != (B, T) or kept[3] < length
                 or not all(map(operator.is_, flat, kept[2]))):
             dtype = arrays.dtype
-            specs = {}  # one spec per (scale, window, softcap): the layers usually share one
+            span = max(64, 1 << (length - 1).bit_length())
+            specs, tables = {}, {}  # the layers usually share one spec and one RoPE table
             layers = []
-            for block, norms, (k_store, v_store) in zip(self.blocks, arrays.norms, stores):
+            for block, norms, store in zip(self.blocks, arrays.norms, stores):
                 if block.spec_key not in specs:
                     specs[block.spec_key] = block.spec(B, T, dtype)
-                layers.append(block.records(norms, dtype, k_store.shape[2])
-                              + ((k_store, v_store),) + specs[block.spec_key])
-            kept = self.kept_layers = (arrays, (B, T), flat, tuple(layers))
-        return kept[3]
+                layers.append(block.records(norms, dtype, span, tables) + (store,) + specs[block.spec_key])
+            reach = span if tables else float("inf")
+            kept = self.kept_layers = (arrays, (B, T), flat, reach, tuple(layers))
+        return kept[4]
 
     def arrays(self, dtype) -> _Arrays:
         """The step's weight arrays, kept from the last step while every Parameter's
@@ -259,13 +262,16 @@ class _BlockPlan:
         self.kinds = (activation, 0 if attn.rope is None else PAIRS[attn.rope.pairs])
         self.spec_key = (attn.scale, attn._window(True), attn.softcap)
 
-    def records(self, norms, dtype, capacity):
+    def records(self, norms, dtype, span, tables):
         """The arguments of ``_block_step`` after ``where`` and before the cache: the
-        norms' arrays (``_Arrays``), rope's (cos, sin) (capacity, hd/2) for every position
-        the cache has room for, the integers."""
+        norms' arrays (``_Arrays``), rope's (cos, sin) (span, hd/2) for positions 0 to
+        span - 1 (from ``tables``, by frequencies, or added there), the integers."""
         if self.rope is not None:  # float64 angles, as RotaryEmbedding, then cast
-            theta = self.rope.angles(np.arange(capacity))
-            rope = (np.cos(theta).astype(dtype), np.sin(theta).astype(dtype))
+            key = (self.rope.inv_freq.tobytes(), self.rope.inv_freq.shape)
+            if key not in tables:
+                theta = self.rope.angles(np.arange(span))
+                tables[key] = (np.cos(theta).astype(dtype), np.sin(theta).astype(dtype))
+            rope = tables[key]
         else:
             _empty(dtype)
             rope = (_EMPTY_2D[dtype], _EMPTY_2D[dtype])
@@ -314,7 +320,7 @@ def decode_step(model, x: np.ndarray, caches) -> np.ndarray:
     dtype = x.dtype
     B, T, E = x.shape
     arrays = plan.arrays(dtype)
-    layers = plan.layers(arrays, _room(plan, caches, B, T, dtype), B, T)
+    layers = plan.layers(arrays, _room(plan, caches, B, T, dtype), B, T, position + T)
     rows = x.reshape(B * T, E)  # a view: x is contiguous
     blas_pin = blas.single_threaded() if B * T > MATVEC_ROWS else contextlib.nullcontext()
     with _HELPER.step(arrays.weights, arrays.biases, arrays.head, B * T, dtype) as (team, board), blas_pin:
@@ -341,7 +347,7 @@ def greedy(model, first: np.ndarray, caches, count: int, embedding) -> np.ndarra
         positions = _EMPTY_2D[dtype]
     B, E = first.shape[0], table.shape[1]
     arrays = plan.arrays(dtype)
-    layers = plan.layers(arrays, _room(plan, caches, B, count, dtype), B, 1)  # room for all count
+    layers = plan.layers(arrays, _room(plan, caches, B, count, dtype), B, 1, position + count)
     tokens = np.empty((B, count + 1), dtype=np.int64)
     tokens[:, 0] = first[:, 0]
     x = np.empty((B, E), dtype=dtype)
