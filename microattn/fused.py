@@ -36,6 +36,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import math
+import os
 import types
 
 import numpy as np
@@ -80,7 +81,7 @@ class kernel:
     """
 
     def __init__(self, fn, split=None, align=1):
-        options = dict(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+        options = {"cache": True, "fastmath": FASTMATH, "nogil": True, "error_model": "numpy"}
         self.parallel = numba.njit(parallel=PARALLEL, **options)(fn)
         serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__)
         serial.__qualname__ = fn.__qualname__ + "_serial"  # its own numba cache file
@@ -145,6 +146,17 @@ THREADED_PRODUCT = 1 << 25  # multiply-adds; smaller products run whole on one t
 PRODUCT_PARTS = 4  # at most this many blocks a large product is cut into, for two threads
 MIN_PART = 128  # rows (or columns) of the output per block, at least
 _product_helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="microattn-product")
+
+
+def _new_product_helper_after_fork():
+    """A forked child has no helper thread, yet the parent's executor, its thread started
+    and idle, would start none and queue every task: ``_split_product``, which waits for
+    its task, hung. The child gets an executor of its own."""
+    global _product_helper
+    _product_helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="microattn-product")
+
+
+os.register_at_fork(after_in_child=_new_product_helper_after_fork)
 
 
 def _product(a, b):

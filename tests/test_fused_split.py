@@ -73,3 +73,33 @@ def test_nobody_waits_for_a_busy_helper(monkeypatch):
         blocker.result()
     kernel.serial(*args)
     np.testing.assert_array_equal(args[outputs[0]], expected)
+
+
+def _child_product(queue):
+    a = np.arange(12.0).reshape(3, 4)
+    queue.put(fused._product(a, a.T))  # THREADED_PRODUCT 0 (inherited): on the helper
+
+
+def test_a_forked_child_still_has_a_product_helper(monkeypatch):
+    """After fork the child has no helper thread, though the parent's executor had one
+    (started and idle): a product that waits for its block on the helper must not hang."""
+    import multiprocessing
+    import queue as queues
+
+    monkeypatch.setattr(fused, "THREADED_PRODUCT", 0)
+    a = np.arange(12.0).reshape(3, 4)
+    expected = fused._product(a, a.T)  # the parent's helper thread is started now
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_child_product, args=(results,))
+    child.start()
+    try:
+        got = results.get(timeout=60)
+    except queues.Empty:
+        got = None
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(timeout=10)
+    assert got is not None, "the forked child hung waiting for the product helper"
+    np.testing.assert_array_equal(got, expected)
