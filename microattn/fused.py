@@ -139,6 +139,16 @@ def _flat(x):
     return np.ascontiguousarray(x).reshape(-1)
 
 
+def _check_vectors(name, x, **vectors):
+    """ValueError unless each of ``vectors`` is (E,), E x's last axis: the norms' kernels
+    read weight[j] and bias[j] for every j < E without bounds checks."""
+    E = np.shape(x)[-1] if np.ndim(x) else None
+    for what, vector in vectors.items():
+        if E is None or np.shape(vector) != (E,):
+            raise ValueError(f"{name} over x of shape {np.shape(x)} needs {what} of shape ({E},), "
+                             f"got shape {np.shape(vector)}")
+
+
 # ----------------------------------------------------------------------------- Linear
 
 FEW_ROWS = 16  # up to this many rows (decoding), a product is a matrix-vector product per row
@@ -300,6 +310,7 @@ class LayerNorm(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, *, eps):
+        _check_vectors("LayerNorm", x, weight=weight, bias=bias)
         rows = _rows(x)  # (M, E)
         y = np.empty_like(rows)
         mean = np.empty(rows.shape[0], dtype=x.dtype)
@@ -366,6 +377,7 @@ class RMSNorm(Function):
 
     @staticmethod
     def forward(ctx, x, weight, *, eps):
+        _check_vectors("RMSNorm", x, weight=weight)
         rows = _rows(x)  # (M, E)
         y = np.empty_like(rows)
         rstd = np.empty(rows.shape[0], dtype=x.dtype)
@@ -491,6 +503,8 @@ class Gated(Function):
 
     @staticmethod
     def forward(ctx, gate, up, *, kind):
+        if np.shape(gate) != np.shape(up):  # the kernel reads up[i] for every gate[i], unchecked
+            raise ValueError(f"gate and up must have one shape, got {np.shape(gate)} and {np.shape(up)}")
         gate_flat, up_flat = _flat(gate), _flat(up)
         y = np.empty_like(gate_flat)
         _gated_forward(gate_flat, up_flat, kind, y, work=y.size)
