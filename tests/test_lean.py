@@ -849,3 +849,39 @@ def test_greedy_runs_in_chunks_with_the_caches_kept_up(monkeypatch, greedy_calls
         model(tokens[:, :6], kv_caches=expected)
     for got, want in zip(caches, expected):
         assert_close(got.k, want.k, np.float64)
+
+
+MISFITS = {  # what is replaced -> (its new Parameter's shape); embed_dim is 32
+    "a norm's weight": lambda m: setattr(m.blocks[0].norm_1, "weight", nn.Parameter(np.ones(16))),
+    "a norm's bias": lambda m: setattr(m.blocks[1].norm_2, "bias", nn.Parameter(np.zeros(8))),
+    "the final norm's weight": lambda m: setattr(m.norm, "weight", nn.Parameter(np.ones(40))),
+    "a wider embedding": lambda m: setattr(m.token_embedding, "weight", nn.Parameter(np.ones((V, 48)))),
+}
+
+
+@pytest.mark.parametrize("case", list(MISFITS))
+def test_parameters_that_do_not_fit_are_an_error_on_both_paths(case):
+    """The compiled step reads norms and embeddings without bounds checks: one that does
+    not fit embed_dim must be a ValueError, as on the modules' path, not a read past an
+    array (garbage logits, a crash). The lean step checks before it runs: the caches are
+    unchanged (the modules' path has extended those of the layers before the misfit)."""
+    model = decoder_lm(np.float64).eval()
+    MISFITS[case](model)
+    for path in (contextlib.nullcontext, modules_path):
+        caches = model.make_caches()
+        with path(), ma.no_grad(), pytest.raises(ValueError, match="shape"):
+            model(np.array([[1, 2]]), kv_caches=caches)
+        if path is contextlib.nullcontext:
+            assert lengths(caches) == [0, 0]
+
+
+@pytest.mark.parametrize("head_dim", [4, 16])
+def test_a_rope_of_another_head_dim_is_left_to_the_modules(head_dim, lean_calls):
+    """The step's rotation takes the rope's width as the heads' (it would write past each
+    head's channels): a rope of another head dim is not lean, and the modules say why."""
+    model = decoder_lm(np.float64).eval()  # head_dim 8
+    model.blocks[1].attn.rope = nn.RotaryEmbedding(head_dim)
+    assert lean.block_reason(model.blocks[1]) is not None
+    with ma.no_grad(), pytest.raises(ValueError, match="head dim"):
+        model(np.array([[1, 2]]), kv_caches=model.make_caches())
+    assert not lean_calls

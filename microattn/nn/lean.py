@@ -93,6 +93,7 @@ from . import transformer  # the blocks' classes; transformer.py imports this mo
 from .attention import MultiHeadAttention, _runs_on_cpu_kernels
 from .layers import GELU, LayerNorm, ReLU, RMSNorm, SiLU
 from .module import Module
+from .rope import RotaryEmbedding
 
 ENABLED = True  # False: every forward takes the modules' path (to compare the two, or to debug)
 GREEDY_CHUNK = 64  # greedy steps per compiled call (Python, and Ctrl-C, between calls)
@@ -118,6 +119,8 @@ def block_reason(block) -> str | None:
     attn, mlp = block.attn, block.mlp
     if type(attn) is not MultiHeadAttention or attn.attention not in ("flash", "window"):
         return "the attention is not MultiHeadAttention with flash or window attention"
+    if attn.rope is not None and (type(attn.rope) is not RotaryEmbedding or attn.rope.head_dim != attn.head_dim):
+        return "the rope is not a RotaryEmbedding of the heads' head dim"
     if not _runs_on_cpu_kernels(attn.backend):
         return f"backend {attn.backend!r} does not run on the CPU kernels"
     if type(mlp) is not transformer.MLP or (mlp.gated is None and type(mlp.activation) not in ACTIVATION_KINDS):
@@ -210,16 +213,17 @@ class _Arrays:
     def __init__(self, plan, datas, dtype):
         self.datas, self.dtype = datas, dtype
         empty = _empty(dtype)
+        self.weights = tuple(block.weights(dtype) for block in plan.blocks)
+        self.biases = tuple(block.biases(dtype) for block in plan.blocks)
+        self.embed_dim = E = self.weights[0][O].shape[0]  # _team checks the matrices against it
         self.norms = []
         for block in plan.blocks:
             pairs = []
             for norm in block.norms:
-                pairs.extend(_norm_arrays(norm, empty))
+                pairs.extend(_norm_arrays(norm, empty, E))
             self.norms.append(tuple(pairs))
-        self.weights = tuple(block.weights(dtype) for block in plan.blocks)
-        self.biases = tuple(block.biases(dtype) for block in plan.blocks)
         norm, lm_weight, lm_bias = plan.final
-        self.final = (*_norm_arrays(norm, empty), float(norm.eps))
+        self.final = (*_norm_arrays(norm, empty, E), float(norm.eps))
         self.head = (_c(lm_weight), empty if lm_bias is None else _c(lm_bias))
         used = [a for group in (*self.norms, *self.weights, *self.biases, self.final[:2], self.head)
                 for a in group if a.size]
@@ -290,11 +294,17 @@ class _BlockPlan:
         return tuple(_empty(dtype) if b is None else _c(b) for b in self.matrix_biases)
 
 
-def _norm_arrays(norm, empty):
+def _norm_arrays(norm, empty, E):
     """(weight, bias): a LayerNorm's own; an RMSNorm's scale (offset + weight) and an empty
-    bias, which is how the kernel tells the two apart; no norm: two empty arrays."""
+    bias, which is how the kernel tells the two apart; no norm: two empty arrays.
+    ValueError unless each is (E,) (the compiled norms read them unchecked)."""
     if norm is None:
         return empty, empty
+    for name in ("weight", "bias") if type(norm) is LayerNorm else ("weight",):
+        shape = getattr(norm, name).shape
+        if shape != (E,):
+            raise ValueError(f"{type(norm).__name__}'s {name} of shape {shape} does not fit "
+                             f"embed_dim {E}: expected shape ({E},)")
     if type(norm) is LayerNorm:
         return _c(norm.weight), _c(norm.bias)
     weight = _c(norm.weight)
@@ -314,6 +324,8 @@ def decode_step(model, x: np.ndarray, caches) -> np.ndarray:
     dtype = x.dtype
     B, T, E = x.shape
     arrays = plan.arrays(dtype)
+    if E != arrays.embed_dim:
+        raise ValueError(f"embeddings of shape {x.shape} do not fit embed_dim {arrays.embed_dim}")
     layers = plan.layers(arrays, _room(plan, caches, B, T, dtype), B, T)
     rows = x.reshape(B * T, E)  # a view: x is contiguous
     blas_pin = blas.single_threaded() if B * T > MATVEC_ROWS else contextlib.nullcontext()
@@ -341,6 +353,9 @@ def greedy(model, first: np.ndarray, caches, count: int, embedding) -> np.ndarra
         positions = _EMPTY_2D[dtype]
     B, E = first.shape[0], table.shape[1]
     arrays = plan.arrays(dtype)
+    if E != arrays.embed_dim or positions.shape[1:] not in ((0,), (E,)):
+        raise ValueError(f"an embedding table of shape {table.shape} (positions {positions.shape}) "
+                         f"does not fit embed_dim {arrays.embed_dim}")
     layers = plan.layers(arrays, _room(plan, caches, B, count, dtype), B, 1)  # room for all count
     tokens = np.empty((B, count + 1), dtype=np.int64)
     tokens[:, 0] = first[:, 0]
