@@ -224,7 +224,7 @@ class _Arrays:
             self.norms.append(tuple(pairs))
         norm, lm_weight, lm_bias = plan.final
         self.final = (*_norm_arrays(norm, empty, E), float(norm.eps))
-        self.head = (_c(lm_weight), empty if lm_bias is None else _c(lm_bias))
+        self.head = (_c(lm_weight, dtype), empty if lm_bias is None else _c(lm_bias, dtype))
         used = [a for group in (*self.norms, *self.weights, *self.biases, self.final[:2], self.head)
                 for a in group if a.size]
         identities = {id(d) for d in datas}
@@ -288,10 +288,10 @@ class _BlockPlan:
     def weights(self, dtype):
         """The seven matrices in MATRICES order (an absent gate: a (0, 0) array)."""
         _empty(dtype)  # makes _EMPTY_2D[dtype]
-        return tuple(_EMPTY_2D[dtype] if w is None else _c(w) for w in self.matrices)
+        return tuple(_EMPTY_2D[dtype] if w is None else _c(w, dtype) for w in self.matrices)
 
     def biases(self, dtype):
-        return tuple(_empty(dtype) if b is None else _c(b) for b in self.matrix_biases)
+        return tuple(_empty(dtype) if b is None else _c(b, dtype) for b in self.matrix_biases)
 
 
 def _norm_arrays(norm, empty, E):
@@ -306,8 +306,8 @@ def _norm_arrays(norm, empty, E):
             raise ValueError(f"{type(norm).__name__}'s {name} of shape {shape} does not fit "
                              f"embed_dim {E}: expected shape ({E},)")
     if type(norm) is LayerNorm:
-        return _c(norm.weight), _c(norm.bias)
-    weight = _c(norm.weight)
+        return _c(norm.weight, empty.dtype), _c(norm.bias, empty.dtype)
+    weight = _c(norm.weight, empty.dtype)
     return (weight if norm.offset == 0.0 else weight + weight.dtype.type(norm.offset)), empty
 
 
@@ -351,6 +351,7 @@ def greedy(model, first: np.ndarray, caches, count: int, embedding) -> np.ndarra
     if positions is None:
         _empty(dtype)
         positions = _EMPTY_2D[dtype]
+    positions = np.ascontiguousarray(positions, dtype=dtype)  # no copy when it is already
     B, E = first.shape[0], table.shape[1]
     arrays = plan.arrays(dtype)
     if E != arrays.embed_dim or positions.shape[1:] not in ((0,), (E,)):
@@ -448,7 +449,13 @@ class _Helper:
                 if team is None:
                     continue
                 self.board[ACTIVE] = 1
-            _serve(self.board, team, self.IDLE_SPINS)  # returns with ACTIVE = 0
+            try:
+                _serve(self.board, team, self.IDLE_SPINS)  # returns with ACTIVE = 0
+            except BaseException:  # e.g. numba cannot compile it for these arrays: leave, and
+                with self.lock:  # let a later step start a helper (nobody waits for this one)
+                    self.board[ACTIVE] = 0
+                    self.team = self.thread = None
+                raise
             with self.lock:
                 if not self.wake.is_set():
                     self.team = None  # asleep: hold no model's arrays
@@ -502,11 +509,13 @@ def _same_arrays(team, weights, biases, head, rows) -> bool:
             and all(a is b for old, new in zip(old_biases, biases) for a, b in zip(old, new)))
 
 
-def _c(parameter) -> np.ndarray:
-    """A Parameter's data as the compiled step takes it: C-contiguous (no copy when it is
-    already; one layer's Fortran-order or strided weight would make the layers' tuple
-    heterogeneous, which numba cannot index)."""
-    return np.ascontiguousarray(parameter.data)
+def _c(parameter, dtype) -> np.ndarray:
+    """A Parameter's data as the compiled step takes it: C-contiguous and of the step's
+    dtype (no copy when it is already; one layer's Fortran-order or strided weight would
+    make the layers' tuple heterogeneous, which numba cannot index, and the step is
+    compiled for one dtype: a float32 LM head in a float64 model is cast, as NumPy
+    promotes it on the modules' path)."""
+    return np.ascontiguousarray(parameter.data, dtype=dtype)
 
 
 def _empty(dtype) -> np.ndarray:
