@@ -36,6 +36,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import math
+import os
 import types
 
 import numpy as np
@@ -80,7 +81,7 @@ class kernel:
     """
 
     def __init__(self, fn, split=None, align=1):
-        options = dict(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+        options = {"cache": True, "fastmath": FASTMATH, "nogil": True, "error_model": "numpy"}
         self.parallel = numba.njit(parallel=PARALLEL, **options)(fn)
         serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__)
         serial.__qualname__ = fn.__qualname__ + "_serial"  # its own numba cache file
@@ -138,6 +139,16 @@ def _flat(x):
     return np.ascontiguousarray(x).reshape(-1)
 
 
+def _check_vectors(name, x, **vectors):
+    """ValueError unless each of ``vectors`` is (E,), E x's last axis: the norms' kernels
+    read weight[j] and bias[j] for every j < E without bounds checks."""
+    E = np.shape(x)[-1] if np.ndim(x) else None
+    for what, vector in vectors.items():
+        if E is None or np.shape(vector) != (E,):
+            raise ValueError(f"{name} over x of shape {np.shape(x)} needs {what} of shape ({E},), "
+                             f"got shape {np.shape(vector)}")
+
+
 # ----------------------------------------------------------------------------- Linear
 
 FEW_ROWS = 16  # up to this many rows (decoding), a product is a matrix-vector product per row
@@ -145,6 +156,17 @@ THREADED_PRODUCT = 1 << 25  # multiply-adds; smaller products run whole on one t
 PRODUCT_PARTS = 4  # at most this many blocks a large product is cut into, for two threads
 MIN_PART = 128  # rows (or columns) of the output per block, at least
 _product_helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="microattn-product")
+
+
+def _new_product_helper_after_fork():
+    """A forked child has no helper thread, yet the parent's executor, its thread started
+    and idle, would start none and queue every task: ``_split_product``, which waits for
+    its task, hung. The child gets an executor of its own."""
+    global _product_helper
+    _product_helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="microattn-product")
+
+
+os.register_at_fork(after_in_child=_new_product_helper_after_fork)
 
 
 def _product(a, b):
@@ -288,6 +310,7 @@ class LayerNorm(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, *, eps):
+        _check_vectors("LayerNorm", x, weight=weight, bias=bias)
         rows = _rows(x)  # (M, E)
         y = np.empty_like(rows)
         mean = np.empty(rows.shape[0], dtype=x.dtype)
@@ -354,6 +377,7 @@ class RMSNorm(Function):
 
     @staticmethod
     def forward(ctx, x, weight, *, eps):
+        _check_vectors("RMSNorm", x, weight=weight)
         rows = _rows(x)  # (M, E)
         y = np.empty_like(rows)
         rstd = np.empty(rows.shape[0], dtype=x.dtype)
@@ -479,6 +503,8 @@ class Gated(Function):
 
     @staticmethod
     def forward(ctx, gate, up, *, kind):
+        if np.shape(gate) != np.shape(up):  # the kernel reads up[i] for every gate[i], unchecked
+            raise ValueError(f"gate and up must have one shape, got {np.shape(gate)} and {np.shape(up)}")
         gate_flat, up_flat = _flat(gate), _flat(up)
         y = np.empty_like(gate_flat)
         _gated_forward(gate_flat, up_flat, kind, y, work=y.size)

@@ -73,3 +73,55 @@ def test_nobody_waits_for_a_busy_helper(monkeypatch):
         blocker.result()
     kernel.serial(*args)
     np.testing.assert_array_equal(args[outputs[0]], expected)
+
+
+def _child_product(queue):
+    a = np.arange(12.0).reshape(3, 4)
+    queue.put(fused._product(a, a.T))  # THREADED_PRODUCT 0 (inherited): on the helper
+
+
+def test_a_forked_child_still_has_a_product_helper(monkeypatch):
+    """After fork the child has no helper thread, though the parent's executor had one
+    (started and idle): a product that waits for its block on the helper must not hang."""
+    import multiprocessing
+    import queue as queues
+
+    monkeypatch.setattr(fused, "THREADED_PRODUCT", 0)
+    a = np.arange(12.0).reshape(3, 4)
+    expected = fused._product(a, a.T)  # the parent's helper thread is started now
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_child_product, args=(results,))
+    child.start()
+    try:
+        got = results.get(timeout=60)
+    except queues.Empty:
+        got = None
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(timeout=10)
+    assert got is not None, "the forked child hung waiting for the product helper"
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("case", ["layer_norm-wider-x", "layer_norm-narrower-x", "layer_norm-short-bias",
+                                  "rms_norm-wider-x", "swiglu-short-up", "geglu-broadcast-up"])
+def test_inputs_that_do_not_fit_are_an_error_not_a_read_past_an_array(case):
+    """The kernels index without bounds checks: a weight shorter than x's last axis, or an
+    up shorter than gate, would read past the array's end (garbage, or a crash). The
+    composed twins raise on these; the fused Functions must too, naming the shapes."""
+    from microattn import Tensor, nn
+
+    x16, x4 = Tensor(np.ones((2, 16))), Tensor(np.ones((2, 4)))
+    w8, b8 = np.ones(8), np.zeros(8)
+    calls = {
+        "layer_norm-wider-x": lambda: fused.LayerNorm.apply(x16, w8, b8, eps=1e-5),
+        "layer_norm-narrower-x": lambda: nn.LayerNorm(8, dtype=np.float64)(x4),
+        "layer_norm-short-bias": lambda: fused.LayerNorm.apply(x16, np.ones(16), b8, eps=1e-5),
+        "rms_norm-wider-x": lambda: nn.RMSNorm(8, dtype=np.float64)(x16),
+        "swiglu-short-up": lambda: fused.swiglu(Tensor(np.ones(10)), Tensor(np.ones(4))),
+        "geglu-broadcast-up": lambda: fused.geglu(Tensor(np.ones((3, 4))), Tensor(np.ones(4))),
+    }
+    with pytest.raises(ValueError, match=r"shape"):
+        calls[case]()

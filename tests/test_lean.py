@@ -863,3 +863,87 @@ def test_rope_tables_grow_past_their_span_and_are_shared_by_the_layers(lean_call
     assert_same(*both_paths(model, caches, tokens[:, 60:], lean_calls), np.float64)
     layers = lean._plan(model).kept_layers[4]
     assert layers[0][2][0] is layers[1][2][0] and layers[0][2][0].shape[0] == 128
+
+
+MISFITS = {  # what is replaced -> (its new Parameter's shape); embed_dim is 32
+    "a norm's weight": lambda m: setattr(m.blocks[0].norm_1, "weight", nn.Parameter(np.ones(16))),
+    "a norm's bias": lambda m: setattr(m.blocks[1].norm_2, "bias", nn.Parameter(np.zeros(8))),
+    "the final norm's weight": lambda m: setattr(m.norm, "weight", nn.Parameter(np.ones(40))),
+    "a wider embedding": lambda m: setattr(m.token_embedding, "weight", nn.Parameter(np.ones((V, 48)))),
+}
+
+
+@pytest.mark.parametrize("case", list(MISFITS))
+def test_parameters_that_do_not_fit_are_an_error_on_both_paths(case):
+    """The compiled step reads norms and embeddings without bounds checks: one that does
+    not fit embed_dim must be a ValueError, as on the modules' path, not a read past an
+    array (garbage logits, a crash). The lean step checks before it runs: the caches are
+    unchanged (the modules' path has extended those of the layers before the misfit)."""
+    model = decoder_lm(np.float64).eval()
+    MISFITS[case](model)
+    for path in (contextlib.nullcontext, modules_path):
+        caches = model.make_caches()
+        with path(), ma.no_grad(), pytest.raises(ValueError, match="shape"):
+            model(np.array([[1, 2]]), kv_caches=caches)
+        if path is contextlib.nullcontext:
+            assert lengths(caches) == [0, 0]
+
+
+@pytest.mark.parametrize("head_dim", [4, 16])
+def test_a_rope_of_another_head_dim_is_left_to_the_modules(head_dim, lean_calls):
+    """The step's rotation takes the rope's width as the heads' (it would write past each
+    head's channels): a rope of another head dim is not lean, and the modules say why."""
+    model = decoder_lm(np.float64).eval()  # head_dim 8
+    model.blocks[1].attn.rope = nn.RotaryEmbedding(head_dim)
+    assert lean.block_reason(model.blocks[1]) is not None
+    with ma.no_grad(), pytest.raises(ValueError, match="head dim"):
+        model(np.array([[1, 2]]), kv_caches=model.make_caches())
+    assert not lean_calls
+
+
+def test_a_parameter_of_another_dtype_is_cast_to_the_models(lean_calls):
+    """A float32 LM head in a float64 model: the modules' path promotes it (NumPy), and the
+    lean step, compiled for one dtype, computes with it cast to float64: the same logits
+    (it raised numba's TypingError, and its helper thread died with it)."""
+    model = decoder_lm(np.float64).eval()
+    model.lm_head.weight.data = model.lm_head.weight.data.astype(np.float32)
+    model.blocks[1].norm_2.bias.data = model.blocks[1].norm_2.bias.data.astype(np.float32)
+    caches, tokens = prefilled(model, 2)
+    assert_same(*both_paths(model, caches, tokens[:, :2], lean_calls), np.float64)
+    assert_same(*both_prompts(model, caches, tokens[:, :3], lean_calls), np.float64)
+
+
+def test_a_helper_that_fails_leaves_nobody_waiting(monkeypatch):
+    """The helper's compiled loop raising (as a typing error would) ends its thread; the
+    board must not stay ACTIVE, or the next step that changes the helper's arrays (another
+    model) waits forever for it to leave. A later step starts a helper again."""
+    import threading
+    import time
+
+    def broken(board, team, idle_spins):
+        raise RuntimeError("the helper's loop failed")
+
+    first, second = decoder_lm(np.float64).eval(), decoder_lm(np.float64, seed=1).eval()
+    caches, tokens = prefilled(first, 1)
+    single_steps(first, caches, tokens[:, :1])  # a helper thread is there, asleep or spinning
+    helper = lean._HELPER.thread
+    monkeypatch.setattr(lean, "_serve", broken)
+    raised = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_type))
+    lean._HELPER.team = None  # the next step hands the helper a new team and wakes it
+    single_steps(first, caches, tokens[:, 1:2])
+    deadline = time.monotonic() + 30
+    while (helper is None or helper.is_alive()) and time.monotonic() < deadline:
+        helper = lean._HELPER.thread if helper is None else helper
+        time.sleep(0.01)
+    monkeypatch.undo()
+    assert raised in ([], [RuntimeError])  # [] with one numba thread: no helper
+    results = []
+    caches, tokens = prefilled(second, 1)
+    runner = threading.Thread(target=lambda: results.append(single_steps(second, caches, tokens)), daemon=True)
+    runner.start()
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "a step waited for a helper that had died"
+    caches, tokens = prefilled(second, 1)
+    with modules_path():
+        assert_close(results[0], single_steps(second, caches, tokens), np.float64)

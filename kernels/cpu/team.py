@@ -22,8 +22,14 @@ The board is an int64 array (``BOARD`` slots)::
     N      the job's chunks              JOB    what the job is (its owner's meaning)
     ACTIVE 1 while a helper is inside ``serve``; STOP set to ask it out
 
-The owner writes N and JOB, zeroes DONE, then stores CLAIM = (seq << 32): publishing is
-that one atomic store, and the helper reads N and JOB only after seeing the new seq. A
+The owner first closes the board, CLAIM = (seq << 32) | all ones (the new number, no
+chunk left to claim), then writes N and JOB, zeroes DONE, and stores CLAIM = (seq << 32):
+publishing is that last atomic store, and the helper reads N and JOB only after seeing the
+new seq. Closing first matters: the last job's CLAIM, (seq - 1, n), exhausted, must not
+stay there while N changes, or a helper that read it and then the new, larger N would
+claim chunk n of the old seq (seen in tests/kernels/test_team.py: the same chunk computed
+twice, or one that does not exist, and DONE counted once too often, which lets the owner
+go on while a chunk is still being written). A
 claim is a compare-and-swap of CLAIM from (seq, i) to (seq, i + 1): it can succeed only
 while the job is still the current one, so a helper that read a job's fields and was
 then overtaken (the owner finished it alone and published the next) fails its claim and
@@ -130,6 +136,7 @@ if numba is not None:
         """Open the owner's next job, of ``n`` chunks, for claiming; returns its number."""
         seq = board[SEQ] + 1  # only the owner writes SEQ
         board[SEQ] = seq
+        atomic_store(board, CLAIM, (seq << CHUNK_BITS) | _LOW)  # closed: a new seq, nothing left
         atomic_store(board, N, n)
         atomic_store(board, JOB, job)
         atomic_store(board, DONE, 0)

@@ -93,6 +93,7 @@ from . import transformer  # the blocks' classes; transformer.py imports this mo
 from .attention import MultiHeadAttention, _runs_on_cpu_kernels
 from .layers import GELU, LayerNorm, ReLU, RMSNorm, SiLU
 from .module import Module
+from .rope import RotaryEmbedding
 
 ENABLED = True  # False: every forward takes the modules' path (to compare the two, or to debug)
 GREEDY_CHUNK = 64  # greedy steps per compiled call (Python, and Ctrl-C, between calls)
@@ -118,6 +119,8 @@ def block_reason(block) -> str | None:
     attn, mlp = block.attn, block.mlp
     if type(attn) is not MultiHeadAttention or attn.attention not in ("flash", "window"):
         return "the attention is not MultiHeadAttention with flash or window attention"
+    if attn.rope is not None and (type(attn.rope) is not RotaryEmbedding or attn.rope.head_dim != attn.head_dim):
+        return "the rope is not a RotaryEmbedding of the heads' head dim"
     if not _runs_on_cpu_kernels(attn.backend):
         return f"backend {attn.backend!r} does not run on the CPU kernels"
     if type(mlp) is not transformer.MLP or (mlp.gated is None and type(mlp.activation) not in ACTIVATION_KINDS):
@@ -213,17 +216,18 @@ class _Arrays:
     def __init__(self, plan, datas, dtype):
         self.datas, self.dtype = datas, dtype
         empty = _empty(dtype)
+        self.weights = tuple(block.weights(dtype) for block in plan.blocks)
+        self.biases = tuple(block.biases(dtype) for block in plan.blocks)
+        self.embed_dim = E = self.weights[0][O].shape[0]  # _team checks the matrices against it
         self.norms = []
         for block in plan.blocks:
             pairs = []
             for norm in block.norms:
-                pairs.extend(_norm_arrays(norm, empty))
+                pairs.extend(_norm_arrays(norm, empty, E))
             self.norms.append(tuple(pairs))
-        self.weights = tuple(block.weights(dtype) for block in plan.blocks)
-        self.biases = tuple(block.biases(dtype) for block in plan.blocks)
         norm, lm_weight, lm_bias = plan.final
-        self.final = (*_norm_arrays(norm, empty), float(norm.eps))
-        self.head = (_c(lm_weight), empty if lm_bias is None else _c(lm_bias))
+        self.final = (*_norm_arrays(norm, empty, E), float(norm.eps))
+        self.head = (_c(lm_weight, dtype), empty if lm_bias is None else _c(lm_bias, dtype))
         used = [a for group in (*self.norms, *self.weights, *self.biases, self.final[:2], self.head)
                 for a in group if a.size]
         identities = {id(d) for d in datas}
@@ -290,20 +294,26 @@ class _BlockPlan:
     def weights(self, dtype):
         """The seven matrices in MATRICES order (an absent gate: a (0, 0) array)."""
         _empty(dtype)  # makes _EMPTY_2D[dtype]
-        return tuple(_EMPTY_2D[dtype] if w is None else _c(w) for w in self.matrices)
+        return tuple(_EMPTY_2D[dtype] if w is None else _c(w, dtype) for w in self.matrices)
 
     def biases(self, dtype):
-        return tuple(_empty(dtype) if b is None else _c(b) for b in self.matrix_biases)
+        return tuple(_empty(dtype) if b is None else _c(b, dtype) for b in self.matrix_biases)
 
 
-def _norm_arrays(norm, empty):
+def _norm_arrays(norm, empty, E):
     """(weight, bias): a LayerNorm's own; an RMSNorm's scale (offset + weight) and an empty
-    bias, which is how the kernel tells the two apart; no norm: two empty arrays."""
+    bias, which is how the kernel tells the two apart; no norm: two empty arrays.
+    ValueError unless each is (E,) (the compiled norms read them unchecked)."""
     if norm is None:
         return empty, empty
+    for name in ("weight", "bias") if type(norm) is LayerNorm else ("weight",):
+        shape = getattr(norm, name).shape
+        if shape != (E,):
+            raise ValueError(f"{type(norm).__name__}'s {name} of shape {shape} does not fit "
+                             f"embed_dim {E}: expected shape ({E},)")
     if type(norm) is LayerNorm:
-        return _c(norm.weight), _c(norm.bias)
-    weight = _c(norm.weight)
+        return _c(norm.weight, empty.dtype), _c(norm.bias, empty.dtype)
+    weight = _c(norm.weight, empty.dtype)
     return (weight if norm.offset == 0.0 else weight + weight.dtype.type(norm.offset)), empty
 
 
@@ -320,6 +330,8 @@ def decode_step(model, x: np.ndarray, caches) -> np.ndarray:
     dtype = x.dtype
     B, T, E = x.shape
     arrays = plan.arrays(dtype)
+    if E != arrays.embed_dim:
+        raise ValueError(f"embeddings of shape {x.shape} do not fit embed_dim {arrays.embed_dim}")
     layers = plan.layers(arrays, _room(plan, caches, B, T, dtype), B, T, position + T)
     rows = x.reshape(B * T, E)  # a view: x is contiguous
     blas_pin = blas.single_threaded() if B * T > MATVEC_ROWS else contextlib.nullcontext()
@@ -345,8 +357,12 @@ def greedy(model, first: np.ndarray, caches, count: int, embedding) -> np.ndarra
     if positions is None:
         _empty(dtype)
         positions = _EMPTY_2D[dtype]
+    positions = np.ascontiguousarray(positions, dtype=dtype)  # no copy when it is already
     B, E = first.shape[0], table.shape[1]
     arrays = plan.arrays(dtype)
+    if E != arrays.embed_dim or positions.shape[1:] not in ((0,), (E,)):
+        raise ValueError(f"an embedding table of shape {table.shape} (positions {positions.shape}) "
+                         f"does not fit embed_dim {arrays.embed_dim}")
     layers = plan.layers(arrays, _room(plan, caches, B, count, dtype), B, 1, position + count)
     tokens = np.empty((B, count + 1), dtype=np.int64)
     tokens[:, 0] = first[:, 0]
@@ -439,7 +455,13 @@ class _Helper:
                 if team is None:
                     continue
                 self.board[ACTIVE] = 1
-            _serve(self.board, team, self.IDLE_SPINS)  # returns with ACTIVE = 0
+            try:
+                _serve(self.board, team, self.IDLE_SPINS)  # returns with ACTIVE = 0
+            except BaseException:  # e.g. numba cannot compile it for these arrays: leave, and
+                with self.lock:  # let a later step start a helper (nobody waits for this one)
+                    self.board[ACTIVE] = 0
+                    self.team = self.thread = None
+                raise
             with self.lock:
                 if not self.wake.is_set():
                     self.team = None  # asleep: hold no model's arrays
@@ -493,11 +515,13 @@ def _same_arrays(team, weights, biases, head, rows) -> bool:
             and all(a is b for old, new in zip(old_biases, biases) for a, b in zip(old, new)))
 
 
-def _c(parameter) -> np.ndarray:
-    """A Parameter's data as the compiled step takes it: C-contiguous (no copy when it is
-    already; one layer's Fortran-order or strided weight would make the layers' tuple
-    heterogeneous, which numba cannot index)."""
-    return np.ascontiguousarray(parameter.data)
+def _c(parameter, dtype) -> np.ndarray:
+    """A Parameter's data as the compiled step takes it: C-contiguous and of the step's
+    dtype (no copy when it is already; one layer's Fortran-order or strided weight would
+    make the layers' tuple heterogeneous, which numba cannot index, and the step is
+    compiled for one dtype: a float32 LM head in a float64 model is cast, as NumPy
+    promotes it on the modules' path)."""
+    return np.ascontiguousarray(parameter.data, dtype=dtype)
 
 
 def _empty(dtype) -> np.ndarray:

@@ -79,3 +79,56 @@ def test_two_threads_split_every_job_exactly():
     assert not helper.is_alive()
     assert (counts == 1).all()  # every chunk once: none lost, none twice
     assert board[team.DONE] == n
+
+
+@numba.njit(nogil=True)
+def _owner_of_sizes(board, counts, sizes, jobs):
+    for job in range(jobs):
+        n = sizes[job % sizes.shape[0]]
+        seq = team.publish(board, n, job)
+        while True:
+            chunk = team.claim(board, seq, n)
+            if chunk < 0:
+                break
+            counts[job, chunk] += 1
+            team.chunk_done(board)
+        team.wait_done(board, n)
+    team.atomic_store(board, team.STOP, 1)
+
+
+@numba.njit(nogil=True)
+def _helper_of_sizes(board, counts):
+    seen, spins = -1, 0
+    while team.atomic_load(board, team.STOP) == 0:
+        seq, n, job = team.next_job(board, seen, spins)
+        if seq < 0:
+            spins += 1
+            continue
+        seen = seq
+        while True:
+            chunk = team.claim(board, seq, n)
+            if chunk < 0:
+                break
+            counts[job, min(chunk, counts.shape[1] - 1)] += 1
+            team.chunk_done(board)
+
+
+def test_jobs_of_different_sizes_are_split_exactly():
+    """Jobs of 1, 2, 1, 3 chunks: a job the owner finished alone leaves the board showing
+    its (seq, n) exhausted while the next job is being published; a helper that sees the
+    next job's larger N there must not claim chunk n of the old seq (it would compute a
+    chunk twice, or one that does not exist, and count DONE once too often)."""
+    jobs = 20000
+    sizes = np.array([1, 2, 1, 3], dtype=np.int64)
+    board = team.new_board()
+    counts = np.zeros((jobs, 4), dtype=np.int64)
+    helper = threading.Thread(target=_helper_of_sizes, args=(board, counts))
+    helper.start()
+    _owner_of_sizes(board, counts, sizes, jobs)
+    helper.join(timeout=60)
+    assert not helper.is_alive()
+    expected = np.zeros_like(counts)
+    for job in range(jobs):
+        expected[job, : sizes[job % 4]] = 1
+    wrong = np.argwhere(counts != expected)
+    assert not len(wrong), f"{len(wrong)} chunks claimed wrongly, e.g. (job, chunk) {wrong[:3].tolist()}"
