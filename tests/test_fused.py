@@ -83,6 +83,27 @@ def test_linear_products_split_over_two_threads(rows, monkeypatch):
         compare_with_twin(fused.Linear.apply, layers.linear_composed, [x, w, b], dtype)
 
 
+def test_linear_backward_pairs_its_two_products_even_with_the_helper_busy(monkeypatch):
+    """A large backward computes dx and dweight at once, one on each thread
+    (``_two_products``); with the helper thread busy elsewhere this thread computes both
+    instead of waiting. Either way the gradients equal the twin's."""
+    import threading
+
+    monkeypatch.setattr(fused, "THREADED_PRODUCT", 0)
+    x, w, b = rng().standard_normal((9, 6)), rng(1).standard_normal((5, 6)), rng(2).standard_normal(5)
+    compare_with_twin(fused.Linear.apply, layers.linear_composed, [x, w, b], np.float64)
+    release = threading.Event()
+    blocker = fused._product_helper.submit(release.wait)
+    try:
+        first, second = (x, w.T), (w, w.T)
+        got = fused._two_products(first, second)  # would hang if it waited for the helper
+    finally:
+        release.set()
+        blocker.result()
+    np.testing.assert_array_equal(got[0], x @ w.T)
+    np.testing.assert_array_equal(got[1], w @ w.T)
+
+
 # ----------------------------------------------------------------------------- norms
 
 
