@@ -34,22 +34,24 @@ def rng(seed=0):
     return np.random.default_rng(seed)
 
 
+def counted(monkeypatch, name):
+    """A list that grows by one entry at each call of ``lean.<name>`` (which still runs)."""
+    calls = []
+    function = getattr(lean, name)
+    monkeypatch.setattr(lean, name, lambda *args: calls.append(1) or function(*args))
+    return calls
+
+
 @pytest.fixture
 def lean_calls(monkeypatch):
-    """The number of lean.decode_step calls so far (a list, one entry per call)."""
-    calls = []
-    step = lean.decode_step
-    monkeypatch.setattr(lean, "decode_step", lambda *args: calls.append(1) or step(*args))
-    return calls
+    """The lean.decode_step calls so far (one entry per call)."""
+    return counted(monkeypatch, "decode_step")
 
 
 @pytest.fixture
 def greedy_calls(monkeypatch):
-    """The number of lean.greedy calls so far (the compiled greedy loop)."""
-    calls = []
-    loop = lean.greedy
-    monkeypatch.setattr(lean, "greedy", lambda *args: calls.append(1) or loop(*args))
-    return calls
+    """The lean.greedy calls so far (the compiled greedy loop)."""
+    return counted(monkeypatch, "greedy")
 
 
 @contextlib.contextmanager

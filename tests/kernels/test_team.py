@@ -36,53 +36,8 @@ def test_next_job_sees_only_new_jobs_with_chunks_left():
 
 
 @numba.njit(nogil=True)
-def _owner(board, counts, jobs, n):
-    for job in range(jobs):
-        seq = team.publish(board, n, job)
-        while True:
-            chunk = team.claim(board, seq, n)
-            if chunk < 0:
-                break
-            counts[job, chunk] += 1
-            team.chunk_done(board)
-        team.wait_done(board, n)
-    team.atomic_store(board, team.STOP, 1)
-
-
-@numba.njit(nogil=True)
-def _helper(board, counts, mine):
-    seen, spins = -1, 0
-    while team.atomic_load(board, team.STOP) == 0:
-        seq, n, job = team.next_job(board, seen, spins)
-        if seq < 0:
-            spins += 1
-            continue
-        seen = seq
-        while True:
-            chunk = team.claim(board, seq, n)
-            if chunk < 0:
-                break
-            counts[job, chunk] += 1
-            mine[0] += 1
-            team.chunk_done(board)
-
-
-def test_two_threads_split_every_job_exactly():
-    jobs, n = 3000, 16
-    board = team.new_board()
-    counts = np.zeros((jobs, n), dtype=np.int64)  # one writer per cell: the claimer
-    mine = np.zeros(1, dtype=np.int64)
-    helper = threading.Thread(target=_helper, args=(board, counts, mine))
-    helper.start()
-    _owner(board, counts, jobs, n)
-    helper.join(timeout=60)
-    assert not helper.is_alive()
-    assert (counts == 1).all()  # every chunk once: none lost, none twice
-    assert board[team.DONE] == n
-
-
-@numba.njit(nogil=True)
-def _owner_of_sizes(board, counts, sizes, jobs):
+def _owner(board, counts, sizes, jobs):
+    """Publish ``jobs`` jobs of sizes[job % len(sizes)] chunks and take chunks of each."""
     for job in range(jobs):
         n = sizes[job % sizes.shape[0]]
         seq = team.publish(board, n, job)
@@ -97,7 +52,9 @@ def _owner_of_sizes(board, counts, sizes, jobs):
 
 
 @numba.njit(nogil=True)
-def _helper_of_sizes(board, counts):
+def _helper(board, counts, mine):
+    """Take chunks of every new job until STOP; a chunk past the job's end (a claim with
+    a stale N) is counted in the last column, where the test sees it."""
     seen, spins = -1, 0
     while team.atomic_load(board, team.STOP) == 0:
         seq, n, job = team.next_job(board, seen, spins)
@@ -110,7 +67,28 @@ def _helper_of_sizes(board, counts):
             if chunk < 0:
                 break
             counts[job, min(chunk, counts.shape[1] - 1)] += 1
+            mine[0] += 1
             team.chunk_done(board)
+
+
+def run_jobs(sizes, jobs, width):
+    """(counts (jobs, width): how often each chunk was computed, the helper's share)."""
+    board = team.new_board()
+    counts = np.zeros((jobs, width), dtype=np.int64)  # one writer per cell: the claimer
+    mine = np.zeros(1, dtype=np.int64)
+    helper = threading.Thread(target=_helper, args=(board, counts, mine))
+    helper.start()
+    _owner(board, counts, np.asarray(sizes, dtype=np.int64), jobs)
+    helper.join(timeout=60)
+    assert not helper.is_alive()
+    return counts, board
+
+
+def test_two_threads_split_every_job_exactly():
+    jobs, n = 3000, 16
+    counts, board = run_jobs([n], jobs, n)
+    assert (counts == 1).all()  # every chunk once: none lost, none twice
+    assert board[team.DONE] == n
 
 
 def test_jobs_of_different_sizes_are_split_exactly():
@@ -120,13 +98,7 @@ def test_jobs_of_different_sizes_are_split_exactly():
     chunk twice, or one that does not exist, and count DONE once too often)."""
     jobs = 20000
     sizes = np.array([1, 2, 1, 3], dtype=np.int64)
-    board = team.new_board()
-    counts = np.zeros((jobs, 4), dtype=np.int64)
-    helper = threading.Thread(target=_helper_of_sizes, args=(board, counts))
-    helper.start()
-    _owner_of_sizes(board, counts, sizes, jobs)
-    helper.join(timeout=60)
-    assert not helper.is_alive()
+    counts, _ = run_jobs(sizes, jobs, 4)
     expected = np.zeros_like(counts)
     for job in range(jobs):
         expected[job, : sizes[job % 4]] = 1
