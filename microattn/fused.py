@@ -3,7 +3,7 @@
 A LayerNorm built from Tensor ops (``nn.layers.layer_norm_composed``) is eleven graph
 nodes, eleven NumPy temporaries and eleven single-threaded passes over the activations;
 here it is one ``Function`` whose forward and backward are each one numba loop over rows
-(split across the cores for large inputs only: see ``PARALLEL_WORK``). The Tensor-op versions stay in ``nn/layers.py`` as the teaching
+(on two threads for large inputs only: see ``SPLIT_WORK`` and ``PARALLEL_WORK``). The Tensor-op versions stay in ``nn/layers.py`` as the teaching
 twins and as the oracles the tests compare against (tests/test_fused.py), besides float64
 gradchecks.
 
