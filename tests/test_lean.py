@@ -949,3 +949,30 @@ def test_a_helper_that_fails_leaves_nobody_waiting(monkeypatch):
     caches, tokens = prefilled(second, 1)
     with modules_path():
         assert_close(results[0], single_steps(second, caches, tokens), np.float64)
+
+
+BAD_CALLS = {  # what a user passes -> (the error, what it says); the caches stay as they were
+    "no new token": (lambda m, c: m(np.zeros((2, 0), dtype=np.int64), kv_caches=c), ValueError, "N >= 1"),
+    "one cache for two layers": (lambda m, c: m(np.array([[1], [2]]), kv_caches=[c[0], c[0]]),
+                                 ValueError, "each layer needs its own"),
+    "a float prompt": (lambda m, c: m.generate(np.array([[1.7, 2.2]]), 2), TypeError, "integer token ids"),
+    "a bool prompt": (lambda m, c: m.generate(np.array([True, False]), 2), TypeError, "integer token ids"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+@pytest.mark.parametrize("model", list(HOSTILE_MODELS))
+def test_bad_calls_are_clear_errors_on_every_path(model, case):
+    """Errors before any work, with lean on and off: an empty prompt (a TypeError from deep
+    inside before), one cache object shared by layers (silently wrong before), and
+    non-integer prompts (truncated to ids before)."""
+    call, error, says = BAD_CALLS[case]
+    model = HOSTILE_MODELS[model]()
+    for enabled in (True, False):
+        caches, _ = prefilled(model, 2)
+        before = snapshot(caches)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(lean, "ENABLED", enabled)
+            with ma.no_grad(), pytest.raises(error, match=says):
+                call(model, caches)
+        assert_unchanged(caches, before)

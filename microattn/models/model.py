@@ -21,6 +21,7 @@ from ..nn.rope import RotaryEmbedding
 from ..nn.transformer import (
     MLP,
     TransformerBlock,
+    check_decoder_input,
     check_sampling,
     generate_tokens,
     sample_next_token,
@@ -69,11 +70,7 @@ class CausalLM(Module):
         With ``kv_caches`` (from ``make_caches``), ``tokens`` are the next N tokens after
         what the caches hold (positions continue from there), and the caches are extended.
         """
-        tokens = np.asarray(getattr(tokens, "data", tokens))
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be (B, N), got shape {tokens.shape}")
-        if kv_caches is not None and len(kv_caches) != len(self.blocks):
-            raise ValueError(f"need one KVCache per layer ({len(self.blocks)}), got {len(kv_caches)}")
+        tokens = check_decoder_input(tokens, kv_caches, len(self.blocks))
         arch = self.arch
         N = tokens.shape[1]
         start = kv_caches[0].length if kv_caches else 0

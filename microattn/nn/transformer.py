@@ -152,11 +152,7 @@ class DecoderLM(Module):
         With ``kv_caches`` (from ``make_caches``), ``tokens`` are the next N tokens after
         what the caches hold, and the caches are extended in place.
         """
-        tokens = np.asarray(getattr(tokens, "data", tokens))
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be (B, N), got shape {tokens.shape}")
-        if kv_caches is not None and len(kv_caches) != len(self.blocks):
-            raise ValueError(f"need one KVCache per layer ({len(self.blocks)}), got {len(kv_caches)}")
+        tokens = check_decoder_input(tokens, kv_caches, len(self.blocks))
         N = tokens.shape[1]
         start = kv_caches[0].length if kv_caches else 0
         if start + N > self.max_len:
@@ -212,6 +208,22 @@ class DecoderLM(Module):
         return np.array([[rng.choice(probs.shape[-1], p=row)] for row in probs], dtype=np.int64)
 
 
+def check_decoder_input(tokens, kv_caches, num_layers: int) -> np.ndarray:
+    """tokens as an array (B, N) with N >= 1, and kv_caches None or one distinct KVCache
+    per layer (one cache object for two layers would mix their keys); ValueError before
+    any work otherwise. The token ids are the embedding's to check."""
+    tokens = np.asarray(getattr(tokens, "data", tokens))
+    if tokens.ndim != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"tokens must be (B, N) with N >= 1, got shape {tokens.shape}")
+    if kv_caches is not None:
+        if len(kv_caches) != num_layers:
+            raise ValueError(f"need one KVCache per layer ({num_layers}), got {len(kv_caches)}")
+        if len({id(cache) for cache in kv_caches}) != num_layers:
+            raise ValueError("kv_caches holds one KVCache object for several layers: each layer "
+                             "needs its own (model.make_caches())")
+    return tokens
+
+
 def generate_tokens(model: Module, prompt_tokens, max_new_tokens: int, *, pick, make_caches,
                     on_token=None, greedy_rest=None) -> np.ndarray:
     """The decoding loop that ``generate`` methods share.
@@ -227,7 +239,10 @@ def generate_tokens(model: Module, prompt_tokens, max_new_tokens: int, *, pick, 
     restored afterwards). Returns the prompt followed by ``max_new_tokens`` tokens, int64,
     in the prompt's layout ((B, N) or (N,)).
     """
-    prompt = np.asarray(prompt_tokens, dtype=np.int64)
+    prompt = np.asarray(getattr(prompt_tokens, "data", prompt_tokens))
+    if prompt.size and not np.issubdtype(prompt.dtype, np.integer):  # as forward: 1.7 is no token id
+        raise TypeError(f"prompt_tokens must be integer token ids, got dtype {prompt.dtype}")
+    prompt = prompt.astype(np.int64, copy=False)
     squeeze = prompt.ndim == 1
     tokens = prompt[None] if squeeze else prompt  # (B, N)
     if tokens.ndim != 2 or tokens.shape[1] == 0:
