@@ -347,10 +347,11 @@ def greedy(model, first: np.ndarray, caches, count: int, embedding) -> np.ndarra
     lean steps in compiled calls of ``GREEDY_CHUNK`` steps (between them Python runs, so
     Ctrl-C stops a long generation, the caches holding what was decoded), each feeding
     the last token and taking the argmax of its logits (first index of the maximum, as
-    ``np.argmax``), extending ``caches`` by ``count``. ``embedding`` = (table (vocab, E), positions (max_len, E) or None,
-    scale): a token's input is table[token] * scale + positions[its position]. The
-    caller checks ``applies`` and that positions and ids stay in range; the logits are
-    the ones ``decode_step`` gives, so the tokens are those of ``count`` calls of it."""
+    ``np.argmax``), extending ``caches`` by ``count``. ``embedding`` = (table (vocab, E),
+    positions (max_len, E) or None, scale): a token's input is table[token] * scale +
+    positions[its position]. The caller checks ``applies`` and that positions and ids
+    stay in range; the logits are the ones ``decode_step`` gives, so the tokens are
+    those of ``count`` calls of it."""
     plan = _plan(model)
     table, positions, scale = embedding
     position, dtype = caches[0].length, table.dtype
