@@ -17,6 +17,7 @@ Usage (on a machine with a CUDA GPU)::
     python benchmarks/gpu_tiled.py --n 4096 --d 128 --dtype float32 --rung1 --torch
     python benchmarks/gpu_tiled.py --n 4096 --d 64 --tiling 128,64,16,16,16   # other tiles
     python benchmarks/gpu_tiled.py --n 4096 --d 128 --dkdv-tiling 64,64,16,16,16
+    python benchmarks/gpu_tiled.py --n 4096 --d 64 --min-resident-threads 256   # <= 255 registers
 
 ``--tiling rows,cols,threads_rows,threads_cols,chunk`` sets ``tiled.TILING_OVERRIDE`` for every
 kernel (``--dkdv-tiling`` the dK/dV kernel's apart); the default tiles are put back at the end.
@@ -92,10 +93,14 @@ def time_torch(torch, B, H, N, D, causal, repeats, tf32):
 def print_resources(dtype, D, tiles):
     """Registers, static shared and local (spill) bytes of the kernels as compiled on this
     device: the figures benchmarks/cuda_resources.py predicts offline."""
-    kernels = tiled._kernels(np.dtype(dtype).name, D, D, tiles)
+    # the launches' own kernels: the same arguments as tiled._prepare passes (lru_cache keys
+    # on the arguments as written, so leaving the default out would compile a second set)
+    kernels = tiled._kernels(np.dtype(dtype).name, D, D, tiles, tiled.NO_MODS)
 
     def one(figures):  # keyed by signature when the dispatcher is not specialised
-        return max(figures.values()) if isinstance(figures, dict) else figures
+        if isinstance(figures, dict):
+            return max(figures.values()) if figures else "(not compiled)"
+        return figures
 
     for name, kernel in kernels.items():
         print(f"# resources {dtype} D={D} {name}: {one(kernel.get_regs_per_thread())} registers, "
@@ -119,6 +124,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--validate-n", type=int, default=200)
     parser.add_argument("--tiling", help="rows,cols,threads_rows,threads_cols,chunk (every kernel)")
     parser.add_argument("--dkdv-tiling", help="the same for the dK/dV kernel alone")
+    parser.add_argument("--min-resident-threads", type=int, default=None,
+                        help="float32 launch bounds: threads per SM ptxas must fit (tiled.MIN_RESIDENT_THREADS)")
     parser.add_argument("--rung1", action="store_true", help="time rung 1 (flash.py) too")
     parser.add_argument("--no-torch", action="store_true", help="skip torch SDPA")
     parser.add_argument("--budget-s", type=float, default=None, help="start nothing after this")
@@ -129,6 +136,8 @@ def main(argv=None) -> list[dict]:
         parser.exit(2, f"gpu_tiled: {reason}\n")
     torch, why = (None, "--no-torch") if args.no_torch else import_torch_cuda()
     main_tiling, dkdv_tiling = parse_tiling(args.tiling), parse_tiling(args.dkdv_tiling)
+    if args.min_resident_threads is not None:  # before anything is compiled
+        tiled.MIN_RESIDENT_THREADS = args.min_resident_threads
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     start = time.perf_counter()
     device = "simulator" if tiled.simulated() else tiled.cuda.get_current_device().name

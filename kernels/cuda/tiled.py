@@ -163,7 +163,7 @@ class Tilings(NamedTuple):
 #   on 4 x 16 or 4 x 32 threads; 32 x 32 tiles on 8 x 8 threads spilled 1 KB (forward, sm_80).
 GPU_TILINGS = {
     ("float32", False): Tilings(Tiling(64, 64, 16, 16, 16), Tiling(64, 64, 16, 16, 16)),
-    ("float32", True): Tilings(Tiling(32, 128, 8, 32, 16), Tiling(32, 128, 8, 32, 16)),
+    ("float32", True): Tilings(Tiling(32, 128, 8, 32, 16), Tiling(32, 128, 8, 32, 8)),
     ("float64", False): Tilings(Tiling(16, 64, 4, 16, 8), Tiling(16, 64, 4, 16, 8)),
     ("float64", True): Tilings(Tiling(16, 128, 4, 32, 8), Tiling(16, 128, 4, 32, 8)),
 }
@@ -250,46 +250,60 @@ def _extending():
     return cgutils, intrinsic
 
 
-@functools.lru_cache(maxsize=None)
-def _load4_intrinsic():
-    """``load4(a, i, j) -> (a[i, j], .., a[i, j+3])`` as 16-byte vector loads (LDS.128).
+def _load4_4d_python(a, b, h, i, j):
+    return a[b, h, i, j], a[b, h, i, j + 1], a[b, h, i, j + 2], a[b, h, i, j + 3]
 
-    NVVM does not merge four scalar loads from a numba array into one vector load (the
-    address arithmetic hides the adjacency), so the vector load is written in LLVM IR: one
-    ``<4 x float>`` load, or two ``<2 x double>`` loads. ``a[i, j]`` must be 16-byte aligned:
-    shared arrays declared with ``alignment=16``, rows a multiple of 16 bytes, ``j % 4 == 0``.
-    """
+
+def _load4_codegen(context, builder, sig, args):
+    """``(a[idx], .., a[idx + 3 in the last index])`` as 16-byte vector loads: one ``<4 x
+    float>`` load, or two ``<2 x double>`` loads."""
     from llvmlite import ir
     from numba.core import types
 
-    cgutils, intrinsic = _extending()
+    cgutils, _ = _extending()
+    aryty = sig.args[0]
+    ary = context.make_array(aryty)(context, builder, args[0])
+    index = [context.cast(builder, x, t, types.intp) for x, t in zip(args[1:], sig.args[1:])]
+    ptr = cgutils.get_item_pointer2(
+        context, builder, data=ary.data, shape=cgutils.unpack_tuple(builder, ary.shape),
+        strides=cgutils.unpack_tuple(builder, ary.strides), layout=aryty.layout,
+        inds=index, wraparound=False)
+    elem = context.get_value_type(aryty.dtype)
+    per = 16 // np.dtype(str(aryty.dtype)).itemsize
+    vector = ir.VectorType(elem, per)
+    values = []
+    for part in range(VEC // per):
+        p = builder.gep(ptr, [ir.Constant(ir.IntType(64), part * per)]) if part else ptr
+        loaded = builder.load(builder.bitcast(p, vector.as_pointer()), align=16)
+        values += [builder.extract_element(loaded, ir.Constant(ir.IntType(32), e))
+                   for e in range(per)]
+    return context.make_tuple(builder, sig.return_type, values)
+
+
+@functools.lru_cache(maxsize=None)
+def _load4_intrinsics():
+    """``load4(a, i, j) -> (a[i, j], .., a[i, j+3])`` (shared memory: LDS.128) and
+    ``load4_4d(a, b, h, i, j)`` (global memory: LDG.128), as 16-byte vector loads.
+
+    NVVM does not merge four scalar loads from a numba array into one vector load (the
+    address arithmetic hides the adjacency), so the vector load is written in LLVM IR. The
+    first element must be 16-byte aligned: shared arrays declared with ``alignment=16``, rows
+    a multiple of 16 bytes, the last index a multiple of 4; global arrays on a 16-byte
+    boundary (``aligned``) with rows of a multiple of 4 values.
+    """
+    from numba.core import types
+
+    _, intrinsic = _extending()
 
     @intrinsic
     def load4(typingctx, a, i, j):
-        sig = types.UniTuple(a.dtype, 4)(a, i, j)
+        return types.UniTuple(a.dtype, 4)(a, i, j), _load4_codegen
 
-        def codegen(context, builder, sig, args):
-            aryty = sig.args[0]
-            ary = context.make_array(aryty)(context, builder, args[0])
-            index = [context.cast(builder, x, t, types.intp) for x, t in zip(args[1:], sig.args[1:])]
-            ptr = cgutils.get_item_pointer2(
-                context, builder, data=ary.data, shape=cgutils.unpack_tuple(builder, ary.shape),
-                strides=cgutils.unpack_tuple(builder, ary.strides), layout=aryty.layout,
-                inds=index, wraparound=False)
-            elem = context.get_value_type(aryty.dtype)
-            per = 16 // np.dtype(str(aryty.dtype)).itemsize
-            vector = ir.VectorType(elem, per)
-            values = []
-            for part in range(VEC // per):
-                p = builder.gep(ptr, [ir.Constant(ir.IntType(64), part * per)]) if part else ptr
-                loaded = builder.load(builder.bitcast(p, vector.as_pointer()), align=16)
-                values += [builder.extract_element(loaded, ir.Constant(ir.IntType(32), e))
-                           for e in range(per)]
-            return context.make_tuple(builder, sig.return_type, values)
+    @intrinsic
+    def load4_4d(typingctx, a, b, h, i, j):
+        return types.UniTuple(a.dtype, 4)(a, b, h, i, j), _load4_codegen
 
-        return sig, codegen
-
-    return load4
+    return load4, load4_4d
 
 
 def _opaque_python(x):
@@ -394,7 +408,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         rules.has_softcap, rules.cap_and_slope, rules.has_alibi, rules.alibi_bias)
     if sim:
         _install_simulated_shuffle()
-    load4 = _load4_python if sim else _load4_intrinsic()
+    load4, load4_4d = (_load4_python, _load4_4d_python) if sim else _load4_intrinsics()
     opaque = _opaque_python if sim else _opaque_intrinsic()
     ALIGN = None if sim else 16  # 16-byte vector loads; the simulator refuses alignments
     device = cuda.jit(device=True, inline="always")
@@ -428,38 +442,77 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
 
     # -- staging: global -> shared, zero outside the arrays --------------------------------
 
-    @device
-    def stage_transposed(dst, src, b, h, row0, n_rows, width, col0, t, factor):
-        """dst[c, r] = factor * src[b, h, row0 + r, col0 + c] for c < chunk: a d-major
-        (k-major) chunk. ``factor`` is the softmax scale for q (see ``scores``), else 1.
+    def make_stage_transposed(length):
+        """``stage(dst, src, b, h, row0, n_rows, width, col0, t, factor)``: dst[c, r] = factor *
+        src[b, h, row0 + r, col0 + c] for r < length, c < chunk, zero outside src: a d-major
+        (k-major) chunk of ``length`` rows. ``factor`` is the softmax scale for q (see
+        ``scores``), else 1.
 
-        Each thread moves runs of 4 consecutive columns (few loop trips, few live addresses)."""
-        length = dst.shape[1] - PAD
-        t = opaque(t)
-        for e in range(t, length * K4, NT):
-            r = e // K4
-            c = (e % K4) * VEC
-            inside = row0 + r < n_rows
-            for u in range(VEC):
-                x = ZERO
-                if inside and col0 + c + u < width:
-                    x = src[b, h, row0 + r, col0 + c + u] * factor
-                dst[c + u, r] = x
+        Each thread moves runs of 4 consecutive columns, a fixed number of them (unrolled: no
+        loop bounds to compute). Where the row length is a multiple of 4 (``width``, a
+        constant after inlining) a run is inside the array or wholly outside it, and is read
+        with one 16-byte load; otherwise value by value."""
+        runs = length * K4
+        trips = -(-runs // NT)
 
-    @device
-    def stage_rows(dst, src, b, h, row0, n_rows, width, padded_width, t):
-        """dst[r, c] = src[b, h, row0 + r, c] for r < chunk, c < padded_width."""
+        @device
+        def stage(dst, src, b, h, row0, n_rows, width, col0, t, factor):
+            t, b, h = opaque(t), opaque(b), opaque(h)  # the row addresses too: not hoisted
+            for it in range(trips):
+                e = t + it * NT
+                if runs % NT == 0 or e < runs:
+                    r, c = e // K4, (e % K4) * VEC
+                    i, d = row0 + r, col0 + c
+                    if width % VEC == 0:
+                        x0 = x1 = x2 = x3 = ZERO
+                        if i < n_rows and d < width:
+                            x0, x1, x2, x3 = load4_4d(src, b, h, i, d)
+                        dst[c, r] = x0 * factor
+                        dst[c + 1, r] = x1 * factor
+                        dst[c + 2, r] = x2 * factor
+                        dst[c + 3, r] = x3 * factor
+                    else:
+                        for u in range(VEC):
+                            x = ZERO
+                            if i < n_rows and d + u < width:
+                                x = src[b, h, i, d + u] * factor
+                            dst[c + u, r] = x
+        return stage
+
+    stage_t_rows, stage_t_cols = make_stage_transposed(R), make_stage_transposed(C)
+
+    def make_stage_rows(padded_width):
+        """``stage(dst, src, b, h, row0, n_rows, width, t)``: dst[r, c] = src[b, h, row0 + r, c]
+        for r < chunk, c < padded_width, zero outside src; runs of 4 as above."""
         per_row = padded_width // VEC
-        t = opaque(t)
-        for e in range(t, K * per_row, NT):
-            r = e // per_row
-            c = (e % per_row) * VEC
-            inside = row0 + r < n_rows
-            for u in range(VEC):
-                x = ZERO
-                if inside and c + u < width:
-                    x = src[b, h, row0 + r, c + u]
-                dst[r, c + u] = x
+        runs = K * per_row
+        trips = -(-runs // NT)
+
+        @device
+        def stage(dst, src, b, h, row0, n_rows, width, t):
+            t, b, h = opaque(t), opaque(b), opaque(h)
+            for it in range(trips):
+                e = t + it * NT
+                if runs % NT == 0 or e < runs:
+                    r, c = e // per_row, (e % per_row) * VEC
+                    i = row0 + r
+                    if width % VEC == 0:
+                        x0 = x1 = x2 = x3 = ZERO
+                        if i < n_rows and c < width:
+                            x0, x1, x2, x3 = load4_4d(src, b, h, i, c)
+                        dst[r, c] = x0
+                        dst[r, c + 1] = x1
+                        dst[r, c + 2] = x2
+                        dst[r, c + 3] = x3
+                    else:
+                        for u in range(VEC):
+                            x = ZERO
+                            if i < n_rows and c + u < width:
+                                x = src[b, h, i, c + u]
+                            dst[r, c + u] = x
+        return stage
+
+    stage_rows_d, stage_rows_dv = make_stage_rows(DP), make_stage_rows(DVP)
 
     # -- the FMA loop: acc (RT x n) += A[a0 + kk, rows]^T B[b0 + kk, cols], kk < chunk -----
 
@@ -589,6 +642,11 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         return x, slope
 
     @device
+    def plain_scores(bias, reals, alibi):
+        """Whether a score is its product alone: no cap, score_mod, ALiBi or bias."""
+        return not (HAS_SCORE_MOD or has_softcap(reals) or has_alibi(alibi) or has_bias(bias))
+
+    @device
     def scores(acc, cls, bias, band, dropout, reals, alibi, b, h, i0, j0, Nq, Nk):
         """acc (``(scale q) . k``, queries x keys) -> the scores (``score_at``): capped, plus
         ALiBi and bias, -inf where the pair is forbidden. The forward's; the backward calls
@@ -600,8 +658,12 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         of s that the forward's m was taken from: p moves by an ulp of s (6e-5 at scores of
         1e3; rung 1 measured it on an H200, docs/cuda-flash.md).
 
-        Full tiles (inside the band and the sequences) skip the band test."""
+        Full tiles (inside the band and the sequences) skip the band test, and with no score
+        term (cap, score_mod, ALiBi, bias) and no mask_mod test they skip the loop: acc holds
+        the scores already."""
         full = tile_full(band, i0, R, j0, C, Nq, Nk)
+        if full and cls == 2 and plain_scores(bias, reals, alibi):
+            return
         ty, tx = lane_coords()
         for r in range(RT):
             i = i0 + row_of(r, ty)
@@ -646,8 +708,8 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
             zero(s_acc, CT)
             for d0 in range(0, DP, K):
                 cuda.syncthreads()  # every thread is done with the previous chunk
-                stage_transposed(q_chunk, q, b, h, i0, Nq, D, d0, t, scale)
-                stage_transposed(k_chunk, k, b, h_kv, j0, Nk, D, d0, t, ONE)
+                stage_t_rows(q_chunk, q, b, h, i0, Nq, D, d0, t, scale)
+                stage_t_cols(k_chunk, k, b, h_kv, j0, Nk, D, d0, t, ONE)
                 cuda.syncthreads()
                 mma_s(s_acc, q_chunk, 0, k_chunk, 0, ty, tx)
             scores(s_acc, cls, bias, band, dropout, reals, alibi, b, h, i0, j0, Nq, Nk)
@@ -692,7 +754,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
             # 4. O += P V, keys in chunks of K
             for jc in range(0, C, K):
                 cuda.syncthreads()
-                stage_rows(v_chunk, v, b, h_kv, j0 + jc, Nk, DV, DVP, t)
+                stage_rows_dv(v_chunk, v, b, h_kv, j0 + jc, Nk, DV, t)
                 cuda.syncthreads()
                 mma_dv(o_acc, p_tile, jc, v_chunk, 0, ty, tx)
 
@@ -749,8 +811,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         zero(dk_acc, DT)
         zero(dv_acc, VT)
         i_lo, i_hi = query_range(band, j0, min(Nk, j0 + R), Nq)
-        for g in range(group):  # GQA: kv head h_kv served query heads h_kv*group .. +group
-            h = h_kv * group + g
+        for h in range(h_kv * group, (h_kv + 1) * group):  # GQA: the query heads of kv head h_kv
             for i0 in range((i_lo // C) * C, i_hi, C):
                 cls = tile_class_of(blocks, b, h, i0, C, j0, R, Nq, Nk)
                 if cls == 0:  # mask_mod allows no pair of the tile: no gradient
@@ -760,8 +821,8 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                 zero(acc, CT)
                 for d0 in range(0, DVP, K):
                     cuda.syncthreads()  # (the first also: the previous dK product is done)
-                    stage_transposed(k_chunk, v, b, h_kv, j0, Nk, DV, d0, t, ONE)
-                    stage_transposed(q_chunk, dout, b, h, i0, Nq, DV, d0, t, ONE)
+                    stage_t_rows(k_chunk, v, b, h_kv, j0, Nk, DV, d0, t, ONE)
+                    stage_t_cols(q_chunk, dout, b, h, i0, Nq, DV, d0, t, ONE)
                     cuda.syncthreads()
                     mma_s(acc, k_chunk, 0, q_chunk, 0, ty, tx)
                 ty, tx = lane_coords()
@@ -772,8 +833,8 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                 zero(acc, CT)
                 for d0 in range(0, DP, K):
                     cuda.syncthreads()
-                    stage_transposed(k_chunk, k, b, h_kv, j0, Nk, D, d0, t, ONE)
-                    stage_transposed(q_chunk, q, b, h, i0, Nq, D, d0, t, scale)
+                    stage_t_rows(k_chunk, k, b, h_kv, j0, Nk, D, d0, t, ONE)
+                    stage_t_cols(q_chunk, q, b, h, i0, Nq, D, d0, t, scale)
                     cuda.syncthreads()
                     mma_s(acc, k_chunk, 0, q_chunk, 0, ty, tx)
                 full = tile_full(band, i0, C, j0, R, Nq, Nk)
@@ -807,7 +868,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                 # 5. forward: out = p_drop @ v  ->  dv += p_drop^T @ dout, queries in chunks of K
                 for ic in range(0, C, K):
                     cuda.syncthreads()
-                    stage_rows(w_chunk, dout, b, h, i0 + ic, Nq, DV, DVP, t)
+                    stage_rows_dv(w_chunk, dout, b, h, i0 + ic, Nq, DV, t)
                     cuda.syncthreads()
                     mma_dv(dv_acc, p_tile, ic, w_chunk, 0, ty, tx)
                 # 6. forward: x = scale * q @ k^T  ->  dk += dx^T @ q (scale at the end)
@@ -818,7 +879,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                         p_tile[col_of(c, tx), row_of(r, ty)] = acc[r, c]
                 for ic in range(0, C, K):
                     cuda.syncthreads()
-                    stage_rows(w_chunk, q, b, h, i0 + ic, Nq, D, DP, t)
+                    stage_rows_d(w_chunk, q, b, h, i0 + ic, Nq, D, t)
                     cuda.syncthreads()
                     mma_dk(dk_acc, p_tile, ic, w_chunk, 0, ty, tx)
 
@@ -871,8 +932,8 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
             zero(acc, CT)
             for d0 in range(0, DVP, K):
                 cuda.syncthreads()  # (the first also: the previous dQ product is done)
-                stage_transposed(q_chunk, dout, b, h, i0, Nq, DV, d0, t, ONE)
-                stage_transposed(k_chunk, v, b, h_kv, j0, Nk, DV, d0, t, ONE)
+                stage_t_rows(q_chunk, dout, b, h, i0, Nq, DV, d0, t, ONE)
+                stage_t_cols(k_chunk, v, b, h_kv, j0, Nk, DV, d0, t, ONE)
                 cuda.syncthreads()
                 mma_s(acc, q_chunk, 0, k_chunk, 0, ty, tx)
             ty, tx = lane_coords()
@@ -883,8 +944,8 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
             zero(acc, CT)
             for d0 in range(0, DP, K):
                 cuda.syncthreads()
-                stage_transposed(q_chunk, q, b, h, i0, Nq, D, d0, t, scale)
-                stage_transposed(k_chunk, k, b, h_kv, j0, Nk, D, d0, t, ONE)
+                stage_t_rows(q_chunk, q, b, h, i0, Nq, D, d0, t, scale)
+                stage_t_cols(k_chunk, k, b, h_kv, j0, Nk, D, d0, t, ONE)
                 cuda.syncthreads()
                 mma_s(acc, q_chunk, 0, k_chunk, 0, ty, tx)
             full = tile_full(band, i0, R, j0, C, Nq, Nk)
@@ -908,7 +969,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
             # 5. forward: x = scale * q @ k^T  ->  dq += dx @ k (scale at the end), keys in chunks
             for jc in range(0, C, K):
                 cuda.syncthreads()
-                stage_rows(w_chunk, k, b, h_kv, j0 + jc, Nk, D, DP, t)
+                stage_rows_d(w_chunk, k, b, h_kv, j0 + jc, Nk, D, t)
                 cuda.syncthreads()
                 mma_dk(dq_acc, ds_tile, jc, w_chunk, 0, ty, tx)
 
@@ -999,12 +1060,22 @@ def _prepare(spec: AttentionSpec, backward: bool = False):
             device_records(spec, mod_chunks(tiling)))
 
 
+def aligned(x):
+    """x on a 16-byte boundary, as the staging's 16-byte loads need (``load4_4d``): what
+    ``cuda.to_device`` allocates is; a device array at an odd offset is copied."""
+    if simulated() or x.__cuda_array_interface__["data"][0] % 16 == 0:
+        return x
+    copy = cuda.device_array(x.shape, x.dtype)
+    copy.copy_to_device(x)
+    return copy
+
+
 def forward(q, k, v, spec: AttentionSpec):
     """out (B, Hq, Nq, Dv), stats (2, B, Hq, Nq); device arrays in -> device arrays out."""
     on_device = is_device_array(q)
     kernels, tiling, records = _prepare(spec)
     dtype = np.dtype(spec.dtype)
-    q_d, k_d, v_d = (as_device(x, dtype) for x in (q, k, v))
+    q_d, k_d, v_d = (aligned(as_device(x, dtype)) for x in (q, k, v))
     out = cuda.device_array((spec.B, spec.Hq, spec.Nq, spec.Dv), dtype=dtype)
     stats = cuda.device_array((2, spec.B, spec.Hq, spec.Nq), dtype=dtype)
     main = tiling.main
@@ -1023,7 +1094,7 @@ def backward(q, k, v, out, stats, dout, spec: AttentionSpec, dlse=None):
     kernels, tiling, records = _prepare(spec, backward=True)
     dtype = np.dtype(spec.dtype)
     q_d, k_d, v_d, out_d, stats_d, dout_d, dlse_d = (
-        as_device(x, dtype) for x in (q, k, v, out, stats, dout, dlse_or_empty(dlse, dtype)))
+        aligned(as_device(x, dtype)) for x in (q, k, v, out, stats, dout, dlse_or_empty(dlse, dtype)))
     rows = cuda.device_array((3, spec.B, spec.Hq, spec.Nq), dtype=dtype)
     dq = cuda.device_array((spec.B, spec.Hq, spec.Nq, spec.D), dtype=dtype)
     dk = cuda.device_array((spec.B, spec.Hkv, spec.Nk, spec.D), dtype=dtype)
