@@ -290,13 +290,14 @@ def hot_loop(sass: str) -> dict:
 
     Each loop is judged by its *own* instructions, those inside no loop nested in it, so
     that a tile product NVVM unrolled completely (on sm_80 it does, for some kernels) is
-    counted in the loop around it. The hot loop is the loop with the most FMAs of its own
-    among those whose own instructions are at least half FMAs (a tile product), else among
-    all loops; in both, only loops that load from shared memory count where there are any
-    (a tile product reads its tiles there: rung 1's per-row softmax loop, unrolled, could
-    otherwise hold more FMAs). The "half" rule keeps float64's exp out: libdevice's exp is a DFMA polynomial,
-    so the per-element softmax loop holds ~100 DFMAs in ~500 instructions, once per
-    element, while the tile product's loop runs ``chunk`` times per staged chunk."""
+    counted in the loop around it. The hot loop is the tile product: among the loops that read
+    shared memory (where a tile product streams its operands from), the one with the most
+    shared loads of its own, ties going to the most FMAs; without such loops, the loop with
+    the most FMAs. Counting FMAs alone is fooled: rung 1's per-row softmax loop, unrolled,
+    can hold more FMAs than its product, and so can float64's p loop in the backward
+    (libdevice's exp is a DFMA polynomial, ~100 DFMAs in ~500 instructions a value), and since
+    the staging is unrolled into the chunk loop, that loop is no longer half FMAs for float64.
+    """
     listing, _ = instructions(sass)
     spans = loops(sass)
     candidates = []
@@ -306,15 +307,12 @@ def hot_loop(sass: str) -> dict:
                and not any(c <= address <= d for c, d in nested)]
         fma = sum(map(is_fma, own))
         candidates.append({"fma": fma, "shared_loads": sum(map(is_shared_load, own)),
-                           "instructions": len(own), "span": (first, last),
-                           "dense": 2 * fma >= len(own)})
-    # a tile product reads an operand from shared memory: among loops that do, if any
-    reading = [c for c in candidates if c["shared_loads"]] or candidates
-    dense = [c for c in reading if c["dense"] and c["fma"]]
-    pool = dense or [c for c in reading if c["fma"]]
+                           "instructions": len(own), "span": (first, last)})
+    reading = [c for c in candidates if c["shared_loads"] and c["fma"]]
+    pool = reading or [c for c in candidates if c["fma"]]
     if not pool:
         return {"fma": 0, "shared_loads": 0, "instructions": 0, "span": None}
-    best = max(pool, key=lambda c: c["fma"])
+    best = max(pool, key=lambda c: (c["shared_loads"], c["fma"]) if reading else c["fma"])
     return {key: best[key] for key in ("fma", "shared_loads", "instructions", "span")}
 
 

@@ -152,17 +152,23 @@ class Tilings(NamedTuple):
     dkdv: Tiling  # _attn_bwd_dkdv: its own, because it holds two accumulators (dK and dV)
 
 
-# (dtype, head dims > 64) -> tiles on a GPU, chosen from the compiled code (no GPU timings
-# yet; benchmarks/cuda_resources.py): no spills, 4 x 4 thread tiles, and for float32 at most
-# 128 registers (25% occupancy, asked of ptxas by ``launch_bounds``).
-# * float32, D <= 64: 64 x 64 tiles on 16 x 16 threads.
+# (dtype, head dims > 64) -> tiles on a GPU, chosen from the compiled code
+# (benchmarks/cuda_resources.py: no spills, 4 x 4 thread tiles, and for float32 at most 128
+# registers, 25% occupancy, asked of ptxas by ``launch_bounds``) and from an H100 sweep at
+# N = 4096 (docs/cuda-flash.md, "Rung 2 on an H100").
+# * float32, D <= 64: 64 x 64 tiles on 16 x 16 threads; the forward and dQ stage 32 head dims
+#   (keys) a step, half the barriers of 16: forward 21.7 against 20.5 TFLOP/s. 8 x 4 thread
+#   tiles (8 x 16 threads) ran faster still (forward+backward 17.4 against 15.7) but put the
+#   score tile in local memory and spilled 528 B in dK/dV: the 128-register bound does not
+#   hold them.
 # * float32, D = 128: 32 x 128 tiles on 8 x 32 threads (a row's keys over a whole warp).
 #   64 x 64 tiles hold 4 x 8 of O (of dQ; of dK and of dV) per thread: 162 registers for
-#   dK/dV on sm_90, and 104 bytes of spills for the forward on sm_80 under the bound.
+#   dK/dV on sm_90, and 104 bytes of spills for the forward on sm_80 under the bound. dK/dV
+#   stages 8 rows a step: with 16 it spilled 4 B on sm_90 (and ran 7% faster).
 # * float64 (two registers a value, no occupancy target): 16 x 64 (D <= 64) or 16 x 128 tiles
 #   on 4 x 16 or 4 x 32 threads; 32 x 32 tiles on 8 x 8 threads spilled 1 KB (forward, sm_80).
 GPU_TILINGS = {
-    ("float32", False): Tilings(Tiling(64, 64, 16, 16, 16), Tiling(64, 64, 16, 16, 16)),
+    ("float32", False): Tilings(Tiling(64, 64, 16, 16, 32), Tiling(64, 64, 16, 16, 16)),
     ("float32", True): Tilings(Tiling(32, 128, 8, 32, 16), Tiling(32, 128, 8, 32, 8)),
     ("float64", False): Tilings(Tiling(16, 64, 4, 16, 8), Tiling(16, 64, 4, 16, 8)),
     ("float64", True): Tilings(Tiling(16, 128, 4, 32, 8), Tiling(16, 128, 4, 32, 8)),
@@ -602,6 +608,20 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                 acc[r, c] = ZERO
 
     @device
+    def copy(dst, src):
+        for r in range(RT):
+            for c in range(CT):
+                dst[r, c] = src[r, c]
+
+    @device
+    def row_terms(rows, b, h, i, Nq):
+        """(shift, 1 / norm, delta) of query row i (``_attn_bwd_preprocess``); zeros for a
+        padding row, so that its p is 0."""
+        if i < Nq:
+            return rows[0, b, h, i], rows[1, b, h, i], rows[2, b, h, i]
+        return ZERO, ZERO, ZERO
+
+    @device
     def tile_full(band, i0, rows_q, j0, rows_k, Nq, Nk):
         """Every pair of the tile (rows_q queries from i0, rows_k keys from j0) lies inside
         the sequences and the band: its scores need no per-element test."""
@@ -841,9 +861,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                 ty, tx = lane_coords()
                 for c in range(CT):
                     i = i0 + col_of(c, tx)
-                    row_shift_i, inv_norm, delta = ZERO, ZERO, ZERO  # padding queries: p = 0
-                    if i < Nq:
-                        row_shift_i, inv_norm, delta = rows[0, b, h, i], rows[1, b, h, i], rows[2, b, h, i]
+                    row_shift_i, inv_norm, delta = row_terms(rows, b, h, i, Nq)
                     for r in range(RT):
                         # forward: s = score_mod(cap(x)) + alibi + bias (score_at; keys x queries)
                         s, slope = score_at(acc[r, c], full, cls, bias, band, dropout, reals,
@@ -903,9 +921,7 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         w_chunk = cuda.shared.array((K, DP), dtype, alignment=ALIGN)  # K rows j0+jc .. +K
         acc = cuda.local.array((RT, CT), dtype)  # dP, then S
         dq_acc = cuda.local.array((RT, DT), dtype)
-        row_shift_i = cuda.local.array(RT, dtype)
-        inv_norm = cuda.local.array(RT, dtype)
-        delta = cuda.local.array(RT, dtype)
+        work = cuda.local.array((RT, CT), dtype)  # acc in the general p loop
 
         t = cuda.threadIdx.x
         ty, tx = t // TX, t % TX
@@ -917,12 +933,6 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
         i0 = cuda.blockIdx.x * R
 
         zero(dq_acc, DT)
-        for r in range(RT):
-            i = i0 + row_of(r, ty)
-            row_shift_i[r], inv_norm[r], delta[r] = ZERO, ZERO, ZERO  # padding rows: p = 0
-            if i < Nq:
-                row_shift_i[r], inv_norm[r], delta[r] = rows[0, b, h, i], rows[1, b, h, i], rows[2, b, h, i]
-
         j_lo, j_hi = key_range(band, i0, min(Nq, i0 + R), Nk)
         for j0 in range((j_lo // C) * C, j_hi, C):
             cls = tile_class_of(blocks, b, h, i0, R, j0, C, Nq, Nk)
@@ -950,22 +960,34 @@ def kernel_functions(dtype_name: str, D: int, Dv: int, tiling: Tiling, rules=Non
                 mma_s(acc, q_chunk, 0, k_chunk, 0, ty, tx)
             full = tile_full(band, i0, R, j0, C, Nq, Nk)
             ty, tx = lane_coords()
-            for r in range(RT):
-                i = i0 + row_of(r, ty)
-                for c in range(CT):
-                    # forward: s = score_mod(cap(x)) + alibi + bias (score_at)
-                    s, slope = score_at(acc[r, c], full, cls, bias, band, dropout, reals, alibi,
-                                        b, h, i, j0 + col_of(c, tx), Nq, Nk)
-                    # forward: p = exp(s - m) / l
-                    p = math.exp(s - row_shift_i[r]) * inv_norm[r]
-                    dp = ds_tile[col_of(c, tx), row_of(r, ty)]  # this thread's own element
-                    # 2. forward: p_drop = p * z  ->  dp = dp_drop * z
-                    if with_dropout:
-                        dp = dp * dropout_scale if keep(dropout, b, h, i, j0 + col_of(c, tx)) else ZERO
-                    # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta)
-                    # 4. forward: s = score_mod(cap(x)) + alibi + bias
-                    #    ->  dx = ds * score_mod_grad(cap(x)) * cap'(x)
-                    ds_tile[col_of(c, tx), row_of(r, ty)] = ZERO if p == ZERO else p * (dp - delta[r]) * slope
+            if full and cls == 2 and plain_scores(bias, reals, alibi) and not with_dropout:
+                # the common tile: the loop below without its score terms, tests and dropout,
+                # short enough for NVVM to unroll (acc stays in registers)
+                for r in range(RT):
+                    row_shift_i, inv_norm, delta = row_terms(rows, b, h, i0 + row_of(r, ty), Nq)
+                    for c in range(CT):
+                        p = math.exp(acc[r, c] - row_shift_i) * inv_norm
+                        dp = ds_tile[col_of(c, tx), row_of(r, ty)]
+                        ds_tile[col_of(c, tx), row_of(r, ty)] = ZERO if p == ZERO else p * (dp - delta)
+            else:
+                copy(work, acc)  # this loop stays a loop: it indexes work, in local memory
+                for r in range(RT):
+                    i = i0 + row_of(r, ty)
+                    row_shift_i, inv_norm, delta = row_terms(rows, b, h, i, Nq)
+                    for c in range(CT):
+                        # forward: s = score_mod(cap(x)) + alibi + bias (score_at)
+                        s, slope = score_at(work[r, c], full, cls, bias, band, dropout, reals, alibi,
+                                            b, h, i, j0 + col_of(c, tx), Nq, Nk)
+                        # forward: p = exp(s - m) / l
+                        p = math.exp(s - row_shift_i) * inv_norm
+                        dp = ds_tile[col_of(c, tx), row_of(r, ty)]  # this thread's own element
+                        # 2. forward: p_drop = p * z  ->  dp = dp_drop * z
+                        if with_dropout:
+                            dp = dp * dropout_scale if keep(dropout, b, h, i, j0 + col_of(c, tx)) else ZERO
+                        # 3. forward: p = softmax(s)  ->  ds = p * (dp - delta)
+                        # 4. forward: s = score_mod(cap(x)) + alibi + bias
+                        #    ->  dx = ds * score_mod_grad(cap(x)) * cap'(x)
+                        ds_tile[col_of(c, tx), row_of(r, ty)] = ZERO if p == ZERO else p * (dp - delta) * slope
             # 5. forward: x = scale * q @ k^T  ->  dq += dx @ k (scale at the end), keys in chunks
             for jc in range(0, C, K):
                 cuda.syncthreads()
