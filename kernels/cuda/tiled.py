@@ -78,17 +78,23 @@ float64 instruction.
 
 Tiles (``gpu_tilings``, ``GPU_TILINGS`` says why each): float32 64 x 64 tiles on 16 x 16
 threads at D <= 64, 32 x 128 tiles on 8 x 32 threads at D = 128; float64 16 x 64 or 16 x 128
-tiles on 4 x 16 or 4 x 32 threads; at most 37.5 KiB of static shared memory (48 KiB allowed,
+tiles on 4 x 16 or 4 x 32 threads; at most 42 KiB of static shared memory (48 KiB allowed,
 ``shared_memory_bytes``). float32 kernels are compiled with launch bounds asking for 25%
 occupancy (<= 128 registers). The dK/dV kernel may take tiles of its own (``Tilings``).
+Global -> shared staging moves runs of 4 values, a fixed number per thread, each one 16-byte
+load (``load4_4d``) when rows are a multiple of 4 values, from inputs on a 16-byte boundary
+(``aligned``).
 Under the simulator (one Python thread per GPU thread) ``SIM_TILING`` = 2 x 2 threads, 8 x 8
 tiles, chunk 4. ``TILING_OVERRIDE`` forces other tiles (tests; ``benchmarks/gpu_tiled.py
---tiling``). Two things numba-cuda lacks are added here: a 16-byte shared load
-(``load4``, an LLVM vector load: NVVM does not merge four scalar loads of a numba array)
+--tiling``). Two things numba-cuda lacks are added here: 16-byte loads (``load4`` from
+shared memory, ``load4_4d`` from global memory, LLVM vector loads: NVVM does not merge four
+scalar loads of a numba array)
 and, for the simulator only, ``shfl_xor_sync`` and ``syncwarp``.
 
 Compiled figures (``benchmarks/cuda_resources.py``, sm_90, float32): see docs/cuda-flash.md,
-"Rung 2". GPU timings: none yet.
+"Rung 2". GPU timings (H100, float32, B = 4, H = 16, N = 4096-16384, docs/cuda-flash.md
+"Rung 2 on an H100"): forward 20-24 TFLOP/s, forward+backward 14.8-17.3, 0.38-0.50x torch's
+float32 SDPA; rung 1 ran forward 5-8, forward+backward 2-7 on an H200.
 """
 
 from __future__ import annotations
@@ -1082,10 +1088,16 @@ def _prepare(spec: AttentionSpec, backward: bool = False):
             device_records(spec, mod_chunks(tiling)))
 
 
+def device_address(x) -> int:
+    """The address of a device array's first element (the simulator's arrays: host memory)."""
+    interface = getattr(x, "__cuda_array_interface__", None)
+    return interface["data"][0] if interface is not None else x.ctypes.data
+
+
 def aligned(x):
     """x on a 16-byte boundary, as the staging's 16-byte loads need (``load4_4d``): what
     ``cuda.to_device`` allocates is; a device array at an odd offset is copied."""
-    if simulated() or x.__cuda_array_interface__["data"][0] % 16 == 0:
+    if device_address(x) % 16 == 0:
         return x
     copy = cuda.device_array(x.shape, x.dtype)
     copy.copy_to_device(x)

@@ -102,6 +102,21 @@ def test_tiles_over_the_shared_memory_budget_are_refused(monkeypatch):
         tiled.forward(q, k, v, spec)
 
 
+def test_inputs_off_a_16_byte_boundary_are_copied():
+    """The staging reads rows with 16-byte loads: a device array at an odd offset (8 bytes
+    into a float64 buffer) is copied to a fresh, aligned one; an aligned one passes as is."""
+    buffer = tiled.to_device(np.zeros(32, dtype=np.float64))
+    start = (-tiled.device_address(buffer) % 16) // 8  # the first value on a 16-byte boundary
+    base = buffer[start:start + 17]
+    base[:] = np.arange(17.0)
+    assert tiled.aligned(base) is base
+    offset = base[1:]  # 8 bytes on
+    copied = tiled.aligned(offset)
+    assert copied is not offset
+    np.testing.assert_array_equal(tiled.to_host(copied), np.arange(1.0, 17.0))
+    assert tiled.aligned(copied) is copied
+
+
 def test_protocol():
     from microattn.kernels import protocol
 
