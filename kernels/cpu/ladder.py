@@ -32,7 +32,8 @@ sessions share the machine, so treat the milliseconds as +-30%, the ratios as fi
     rung 3  flash.forward / flash.backward       fwd    20 ms    fwd+bwd    61 ms
             (the "numba" backend, kernels/cpu/flash.py) tiles stored keys-major so the
             softmax is element-wise, tile products on a register-tile FMA micro-kernel
-            (microkernel.py: 6 x 16 tiles written in LLVM IR, ~90 GF/s per core), the exp
+            (microkernel.py: 6 x 16 tiles written in LLVM IR, 6 x 32 with AVX-512; ~90 GF/s per
+            core on the AVX2 machine these figures are from), the exp
             fused into the score product while the shift can be kept, and a fused
             single-pass backward when heads are plentiful. ~10x rung 2. PyTorch 2.13's CPU
             SDPA, same machine and run: fwd 18.5 ms, fwd+bwd 71 ms (docs/performance.md).

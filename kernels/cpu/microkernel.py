@@ -11,20 +11,29 @@ tile that packing is a large share of the work: measured single-threaded on this
 AMD EPYC (AVX2) VM, OpenBLAS gives 64-77 GF/s on the two attention products, this kernel
 75-90 GF/s (``benchmarks/compare_cpu.py --gemm`` prints the side-by-side rates).
 
-**How.** C is cut into micro-tiles of ``ROWS = 6`` rows by two SIMD vectors (16 float32
-or 8 float64). One micro-tile keeps its 12 partial sums in registers for the whole K
-loop; each step loads one row of B (two vectors), broadcasts six entries of A's column and
-issues 12 fused multiply-adds. 12 accumulators + 2 B vectors + 1 broadcast = 15 of AVX2's
-16 vector registers, and 12 independent FMAs cover the FMA latency (4 cycles, 2 units) --
-the shape BLIS uses for AVX2 (its ``haswell`` 6x16 sgemm). Rows left over (M % 6) use
-4-, 2- and 1-row micro-tiles; columns left over (N % 16) plain loops (head dimensions are multiples
+**How.** C is cut into micro-tiles of ``ROWS = 6`` rows by two SIMD vectors. One
+micro-tile keeps its 12 partial sums in registers for the whole K loop; each step loads
+one row of B (two vectors), broadcasts six entries of A's column and issues 12 fused
+multiply-adds. With AVX2 (``VECTOR_BYTES = 32``: 16 float32 or 8 float64 columns) that is
+12 accumulators + 2 B vectors + 1 broadcast = 15 of its 16 vector registers, and 12
+independent FMAs cover the FMA latency (4 cycles, 2 units) -- the shape BLIS uses for AVX2
+(its ``haswell`` 6x16 sgemm). Where numba compiles for a CPU with AVX-512
+(``VECTOR_BYTES = 64``, from the compile target's features: ``target_vector_bytes``) the same
+micro-tile is two 64-byte registers wide, 32 float32 or 16 float64 columns, twice the work
+per instruction in 15 of its 32 registers; a column panel left over of at least half that
+width takes the AVX2-width micro-tiles (``_half_tile_*``). Measured on a 2-core Xeon
+(Sapphire Rapids) VM, the flash kernels at B=1, H=8, N=4096, D=64 float32
+(``benchmarks/compare_cpu.py --dense-only``), AVX2 -> AVX-512 micro-tiles: forward 173 ->
+102 ms, forward+backward 617 -> 379 ms (PyTorch's SDPA: 108 and 372 ms). Rows left over (M % 6) use
+4-, 2- and 1-row micro-tiles; columns left over plain loops (head dimensions are multiples
 of 8 in practice; the tests also cover odd ones).
 
 The micro-tile is a numba ``@intrinsic`` that writes the LLVM IR directly: numba's own
 loops cannot hold a 6 x 16 tile in registers (an array lives in memory), and LLVM's
 auto-vectoriser does not find this blocking by itself. The IR below is the equivalent of
-the C intrinsics version, ``_mm256_fmadd_ps`` on ``__m256`` values; LLVM picks the
-instructions for this CPU (numba compiles for the host).
+the C intrinsics version, ``_mm256_fmadd_ps`` on ``__m256`` values (``_mm512_fmadd_ps`` on
+``__m512`` with AVX-512); LLVM picks the instructions for this CPU (numba compiles for the
+host).
 
 Shape legend: A (M, K), B (K, N), C (M, N); (i, j) the top-left corner of a micro-tile.
 """
@@ -36,12 +45,37 @@ import numpy as np
 from ._compile import FASTMATH, helper, numba
 
 ROWS = 6  # rows of C in one micro-tile
-VECTOR_BYTES = 32  # one AVX2 register; a micro-tile is two registers wide
+HALF_BYTES = 32  # one AVX2 register
 
 
-def micro_tile_width(dtype) -> int:
-    """Columns of C in one micro-tile: 16 for float32, 8 for float64."""
-    return 2 * VECTOR_BYTES // np.dtype(dtype).itemsize
+def target_vector_bytes() -> int:
+    """The bytes of one SIMD register of the CPU numba compiles for: 64 with AVX-512F,
+    else 32 (AVX2; elsewhere LLVM splits the vectors into what the CPU has). The target's
+    features are numba's: ``NUMBA_CPU_FEATURES`` when set, else the host's; a named
+    ``NUMBA_CPU_NAME`` without features (e.g. ``generic``, for a portable cache) gets 32."""
+    if numba is None:
+        return HALF_BYTES
+    from numba.core import config
+
+    if config.CPU_FEATURES is not None:
+        features = config.CPU_FEATURES
+    elif config.CPU_NAME is not None:
+        return HALF_BYTES
+    else:
+        import llvmlite.binding
+
+        features = llvmlite.binding.get_host_cpu_features().flatten()
+    return 2 * HALF_BYTES if "+avx512f" in features.split(",") else HALF_BYTES
+
+
+VECTOR_BYTES = target_vector_bytes()  # a micro-tile is two such registers wide
+HALF_TILES = VECTOR_BYTES > HALF_BYTES  # a left-over panel of AVX2-width micro-tiles
+
+
+def micro_tile_width(dtype, vector_bytes: int = VECTOR_BYTES) -> int:
+    """Columns of C in one micro-tile: two vectors, so 16 float32 or 8 float64 with AVX2,
+    32 and 16 with AVX-512."""
+    return 2 * vector_bytes // np.dtype(dtype).itemsize
 
 
 def _micro_tile_reference(A, B, C, i, j, accumulate, rows):
@@ -70,16 +104,16 @@ if numba is not None:
     class _Tile:
         """IR helpers for one micro-tile of C = A @ B at (i, j): the K loop and C's addresses."""
 
-        def __init__(self, context, builder, signature, args, rows):
+        def __init__(self, context, builder, signature, args, rows, vector_bytes):
             self.builder = builder
             a_ty, b_ty, c_ty = signature.args[:3]
             self.a, self.b, self.c = (context.make_array(t)(context, builder, v)
                                       for t, v in zip(signature.args[:3], args[:3]))
             self.i, self.j = (context.cast(builder, v, t, types.intp)
                               for v, t in zip(args[3:5], signature.args[3:5]))
-            self.rows = rows
+            self.rows, self.vector_bytes = rows, vector_bytes
             self.itemsize = np.dtype(str(c_ty.dtype)).itemsize
-            self.lanes = VECTOR_BYTES // self.itemsize
+            self.lanes = vector_bytes // self.itemsize
             self.scalar = context.get_value_type(c_ty.dtype)
             self.vector = ir.VectorType(self.scalar, self.lanes)
             self.intp = context.get_value_type(types.intp)
@@ -119,7 +153,7 @@ if numba is not None:
             offsets = []
             for r in range(self.rows):
                 row = b.add(b.mul(b.add(self.i, self.const(r)), c_row_stride), j_bytes)
-                offsets += [b.add(row, self.const(half * VECTOR_BYTES)) for half in range(2)]
+                offsets += [b.add(row, self.const(half * self.vector_bytes)) for half in range(2)]
             return offsets
 
         def sums(self, initial):
@@ -140,7 +174,8 @@ if numba is not None:
             with cgutils.for_range(b, n_k) as loop:
                 k = loop.index
                 b_row = b.add(b.mul(k, b_row_stride), j_bytes)
-                b_halves = [self.load(self.b, b.add(b_row, self.const(half * VECTOR_BYTES))) for half in range(2)]
+                b_halves = [self.load(self.b, b.add(b_row, self.const(half * self.vector_bytes)))
+                            for half in range(2)]
                 a_col = b.mul(k, a_k_stride)
                 for r in range(self.rows):
                     a_ik = b.load(self.at(self.a, b.add(a_rows[r], a_col), self.scalar))
@@ -169,8 +204,9 @@ if numba is not None:
             two_n = b.bitcast(b.shl(b.bitcast(t, i32), ir.Constant(i32, [23] * self.lanes)), vec)
             return b.select(below, ir.Constant(vec, None), b.fmul(p, two_n))
 
-    def _make_micro_tile(rows: int):
-        """The micro-tile intrinsic for ``rows`` rows of C (6; 4, 2, 1 for the rows left over)."""
+    def _make_micro_tile(rows: int, vector_bytes: int = VECTOR_BYTES):
+        """The micro-tile intrinsic for ``rows`` rows of C (6; 4, 2, 1 for the rows left
+        over), two registers of ``vector_bytes`` wide."""
 
         @intrinsic
         def micro_tile(typingctx, A, B, C, i, j, accumulate):
@@ -182,7 +218,7 @@ if numba is not None:
             return types.void(A, B, C, i, j, accumulate), codegen
 
         def codegen(context, builder, signature, args):
-            tile = _Tile(context, builder, signature, args, rows)
+            tile = _Tile(context, builder, signature, args, rows, vector_bytes)
             offsets = tile.c_offsets()
             zero = ir.Constant(tile.vector, None)
             initial = [builder.select(args[5], tile.load(tile.c, offset), zero) for offset in offsets]
@@ -197,8 +233,9 @@ if numba is not None:
 
         @intrinsic
         def micro_tile_exp(typingctx, A, B, C, i, j, shift, colmax, colsum):
-            """x = A[i:i+rows] @ B[:, j:j+16] - shift[j:j+16]; C[i:i+rows, j:j+16] = exp(x);
-            colmax[j:j+16] = max(colmax, max over rows of x); colsum[j:j+16] += sum over rows."""
+            """x = A[i:i+rows] @ B[:, j:j+W] - shift[j:j+W]; C[i:i+rows, j:j+W] = exp(x);
+            colmax[j:j+W] = max(colmax, max over rows of x); colsum[j:j+W] += sum over rows.
+            W = micro_tile_width(float32)."""
             vectors = (shift, colmax, colsum)
             if not (_is_matrix(C, types.float32) and _is_matrix(A, types.float32)
                     and _is_matrix(B, types.float32) and isinstance(i, types.Integer)
@@ -209,7 +246,7 @@ if numba is not None:
             return types.void(A, B, C, i, j, shift, colmax, colsum), codegen
 
         def codegen(context, builder, signature, args):
-            tile = _Tile(context, builder, signature, args, rows)
+            tile = _Tile(context, builder, signature, args, rows, VECTOR_BYTES)
             shift, colmax, colsum = (context.make_array(t)(context, builder, v)
                                      for t, v in zip(signature.args[5:8], args[5:8]))
             zero = ir.Constant(tile.vector, None)
@@ -238,12 +275,15 @@ if numba is not None:
     _micro_tile_4 = _make_micro_tile(4)
     _micro_tile_2 = _make_micro_tile(2)
     _micro_tile_1 = _make_micro_tile(1)
+    _half_tile_6, _half_tile_4, _half_tile_2, _half_tile_1 = (
+        _make_micro_tile(rows, HALF_BYTES) for rows in (ROWS, 4, 2, 1))
     _micro_tile_exp_6 = _make_micro_tile_exp(ROWS)
     _micro_tile_exp_4 = _make_micro_tile_exp(4)
     _micro_tile_exp_2 = _make_micro_tile_exp(2)
     _micro_tile_exp_1 = _make_micro_tile_exp(1)
 else:  # without numba the helpers below are never called (the kernels cannot run)
     _micro_tile_6 = _micro_tile_4 = _micro_tile_2 = _micro_tile_1 = None
+    _half_tile_6 = _half_tile_4 = _half_tile_2 = _half_tile_1 = None
     _micro_tile_exp_6 = _micro_tile_exp_4 = _micro_tile_exp_2 = _micro_tile_exp_1 = None
     fast_exp = None
 
@@ -253,8 +293,8 @@ def matmul(A, B, C, accumulate):
     """C = A @ B (``accumulate`` False) or C += A @ B (True); C (M, N), A (M, K), B (K, N).
 
     The rows of B and C must be contiguous (unit stride along N); A may have any strides.
-    Loop order: a column panel of B (K x 16, a few KiB) stays in L1 while every 6-row
-    group of A streams past it.
+    Loop order: a column panel of B (K x 16 or K x 32, a few KiB) stays in L1 while every
+    6-row group of A streams past it.
     """
     M, K = A.shape
     N = C.shape[1]
@@ -277,6 +317,21 @@ def matmul(A, B, C, accumulate):
             i += 2
         if i < M:
             _micro_tile_1(A, B, C, i, j, accumulate)
+    if HALF_TILES and N - n_whole >= width // 2:  # AVX-512: a panel of AVX2-width micro-tiles
+        j = n_whole
+        i = 0
+        while i + ROWS <= M:
+            _half_tile_6(A, B, C, i, j, accumulate)
+            i += ROWS
+        if i + 4 <= M:
+            _half_tile_4(A, B, C, i, j, accumulate)
+            i += 4
+        if i + 2 <= M:
+            _half_tile_2(A, B, C, i, j, accumulate)
+            i += 2
+        if i < M:
+            _half_tile_1(A, B, C, i, j, accumulate)
+        n_whole += width // 2
     for i in range(M):  # the columns past the last whole micro-tile
         for j in range(n_whole, N):
             total = C[i, j] if accumulate else 0.0
@@ -303,8 +358,9 @@ def matmul_exp(A, B, C, shift, colmax, colsum):
 def _matmul_exp_float32(A, B, C, shift, colmax, colsum):
     M, K = A.shape
     N = C.shape[1]
-    n_whole = N - N % 16
-    for j in range(0, n_whole, 16):
+    width = 2 * VECTOR_BYTES // 4
+    n_whole = N - N % width
+    for j in range(0, n_whole, width):
         i = 0
         while i + ROWS <= M:
             _micro_tile_exp_6(A, B, C, i, j, shift, colmax, colsum)

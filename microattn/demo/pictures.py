@@ -351,15 +351,18 @@ def flash_tile_maps(path) -> Path:
 
 def micro_tile_calls(M: int, N: int, dtype=np.float32) -> tuple[list, list]:
     """What ``microkernel.matmul`` does on a C of (M, N): its own loop run as Python with the
-    micro-tiles replaced by recorders. Returns ([(i, j, rows)], [(i, j)] of plain-loop
-    entries)."""
+    micro-tiles replaced by recorders. Returns ([(i, j, rows, width)], [(i, j)] of
+    plain-loop entries); width is ``micro_tile_width``, or half of it for the AVX2-width
+    panel that AVX-512 leaves over."""
     from microattn.kernels.cpu import microkernel
 
     calls, plain = [], []
 
-    def recorder(rows):
+    def recorder(rows, vector_bytes):
+        width = microkernel.micro_tile_width(dtype, vector_bytes)
+
         def micro_tile(A, B, C, i, j, accumulate):
-            calls.append((i, j, rows))
+            calls.append((i, j, rows, width))
         return micro_tile
 
     class Recorded(np.ndarray):  # C: records the entries the plain loop writes
@@ -369,7 +372,9 @@ def micro_tile_calls(M: int, N: int, dtype=np.float32) -> tuple[list, list]:
     K = 1
     A, B = np.zeros((M, K), dtype), np.zeros((K, N), dtype)
     C = np.zeros((M, N), dtype).view(Recorded)
-    run = _as_python(microkernel.matmul, **{f"_micro_tile_{r}": recorder(r) for r in (6, 4, 2, 1)})
+    recorders = {f"_micro_tile_{r}": recorder(r, microkernel.VECTOR_BYTES) for r in (6, 4, 2, 1)}
+    recorders.update({f"_half_tile_{r}": recorder(r, microkernel.HALF_BYTES) for r in (6, 4, 2, 1)})
+    run = _as_python(microkernel.matmul, **recorders)
     run(A, B, C, False)
     return calls, plain
 
@@ -414,7 +419,8 @@ def cpu_register_tile(path) -> Path:
     ax.text(K_show + 1 + width / 2, -rows - 1.2,
             f"C micro-tile: {rows} x {width} float32 = {rows * vectors} accumulator registers;\n"
             f"per kk: {vectors} loads of B, {rows} broadcasts of A, {rows * vectors} FMAs;\n"
-            f"{rows * vectors} + {vectors} + 1 = {rows * vectors + vectors + 1} of AVX2's 16 vector registers",
+            f"{rows * vectors} + {vectors} + 1 = {rows * vectors + vectors + 1} of "
+            + ("AVX-512's 32 vector registers" if microkernel.VECTOR_BYTES == 64 else "AVX2's 16 vector registers"),
             ha="center", va="top", fontsize=8)
     ax.set_xlim(-0.5, K_show + 2 + width)
     ax.set_ylim(-rows - 4.2, K_show + 2.5)
@@ -431,8 +437,8 @@ def cpu_register_tile(path) -> Path:
              (edge_n % block_n, edge_n % block_m, f"the last (edge) tile at N = {edge_n}")]
     for ax, (M, N, title) in zip(axes[1:], cases):
         calls, plain = micro_tile_calls(M, N)
-        for i, j, r in calls:
-            ax.add_patch(Rectangle((j, i), width, r, fc=colours[r], ec="black", lw=0.4))
+        for i, j, r, w in calls:
+            ax.add_patch(Rectangle((j, i), w, r, fc=colours[r], ec="black", lw=0.4, hatch="" if w == width else ".."))
         for i, j in plain:
             ax.add_patch(Rectangle((j, i), 1, 1, fc="#aaaaaa", ec="none"))
         ax.set_xlim(0, N)

@@ -106,15 +106,16 @@ def test_micro_tiles_cover_the_tile_once():
     from microattn.kernels.cpu import microkernel
 
     width = microkernel.micro_tile_width(np.float32)
-    for M, N in [(128, 64), (116, 52), (13, 35)]:
+    for M, N in [(128, 64), (116, 52), (13, 35), (20, 113)]:
         calls, plain = pictures.micro_tile_calls(M, N)
         covered = np.zeros((M, N), dtype=int)
-        for i, j, rows in calls:
-            covered[i:i + rows, j:j + width] += 1
+        for i, j, rows, w in calls:
+            assert w == width or (microkernel.HALF_TILES and w == width // 2)
+            covered[i:i + rows, j:j + w] += 1
         for i, j in plain:
             covered[i, j] += 1
         assert (covered == 1).all(), (M, N)
-        assert {rows for _, _, rows in calls} <= {microkernel.ROWS, 4, 2, 1}
+        assert {rows for _, _, rows, _ in calls} <= {microkernel.ROWS, 4, 2, 1}
 
 
 def test_rung1_one_row_per_thread():

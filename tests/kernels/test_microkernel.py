@@ -6,7 +6,10 @@ import pytest
 from microattn.kernels.cpu import _compile, microkernel
 from microattn.kernels.cpu._compile import numba
 
-SIZES = [(1, 1, 1), (7, 5, 3), (6, 64, 16), (37, 64, 113), (203, 37, 16), (13, 0, 17), (128, 256, 64)]
+# N covers: whole micro-tiles of either width (16, 32, 64), a left-over AVX2-width panel
+# beside AVX-512 ones (48, 113 = 3 x 32 + 16 + 1), and plain-loop columns (3, 17, 113)
+SIZES = [(1, 1, 1), (7, 5, 3), (6, 64, 16), (37, 64, 113), (203, 37, 16), (13, 0, 17), (128, 256, 64),
+         (11, 32, 48)]
 
 
 @numba.njit
@@ -47,15 +50,36 @@ def test_matmul_on_padded_views():
 
 
 def test_micro_tile_reference_is_the_meaning():
-    """One micro-tile equals its NumPy statement (rows 6, width 16 float32)."""
+    """One micro-tile equals its NumPy statement (6 rows, one micro-tile wide)."""
+    width = microkernel.micro_tile_width(np.float32)
     rng = np.random.default_rng(1)
     A = rng.standard_normal((6, 9)).astype(np.float32)
-    B = rng.standard_normal((9, 16)).astype(np.float32)
-    C, expected = np.zeros((6, 16), np.float32), np.zeros((6, 16), np.float32)
+    B = rng.standard_normal((9, width)).astype(np.float32)
+    C, expected = np.zeros((6, width), np.float32), np.zeros((6, width), np.float32)
     _matmul(A, B, C, False)
     microkernel._micro_tile_reference(A, B, expected, 0, 0, False, 6)
     np.testing.assert_allclose(C, expected, rtol=1e-5, atol=1e-5)
-    assert microkernel.micro_tile_width(np.float32) == 16 and microkernel.micro_tile_width(np.float64) == 8
+    assert microkernel.micro_tile_width(np.float32, 32) == 16 and microkernel.micro_tile_width(np.float64, 32) == 8
+    assert microkernel.micro_tile_width(np.float32, 64) == 32 and microkernel.micro_tile_width(np.float64, 64) == 16
+
+
+def test_vector_width_is_the_compile_targets(monkeypatch):
+    """Two AVX-512 registers a micro-tile row where numba compiles for AVX-512F, two AVX2
+    ones elsewhere, and AVX2 width for a named CPU without features (a portable cache)."""
+    import llvmlite.binding
+    from numba.core import config
+
+    host = llvmlite.binding.get_host_cpu_features().flatten().split(",")
+    if config.CPU_FEATURES is None and config.CPU_NAME is None:
+        assert microkernel.VECTOR_BYTES == (64 if "+avx512f" in host else 32)
+    assert microkernel.HALF_TILES == (microkernel.VECTOR_BYTES == 64)
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+fma,+avx512f,+avx512vl")
+    assert microkernel.target_vector_bytes() == 64
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+fma,-avx512f")
+    assert microkernel.target_vector_bytes() == 32
+    monkeypatch.setattr(config, "CPU_FEATURES", None)
+    monkeypatch.setattr(config, "CPU_NAME", "generic")
+    assert microkernel.target_vector_bytes() == 32
 
 
 def test_matmul_rejects_bad_shapes_and_strided_rows():
@@ -109,7 +133,7 @@ def _exp_rows(x):
 
 @numba.njit
 def _exp_in_matmul_exp(x):
-    """fast_exp as the micro-tile computes it: x = 1 @ x.T - 0, one row of 16 per tile."""
+    """fast_exp as the micro-tile computes it: x = 1 @ x.T - 0, one row per micro-tile."""
     n = x.shape[0]
     C = np.empty((1, n), np.float32)
     A = np.ones((1, 1), np.float32)
@@ -128,7 +152,8 @@ def test_float32_fast_exp(where):
     what ``_fast_exp_meaning`` says."""
     x = np.concatenate([np.float32([-np.inf, np.nan, -64.0, -64.001, 0.0, 1e-30, -1e-30]),
                         np.linspace(-100, 88, 1_000_000, dtype=np.float32)])
-    x = x[: x.size - x.size % 16]  # whole micro-tiles only: the columns past them use the sweep
+    width = microkernel.micro_tile_width(np.float32)
+    x = x[: x.size - x.size % width]  # whole micro-tiles only: the columns past them use the sweep
     got = _exp_rows(x) if where == "row sweep" else _exp_in_matmul_exp(x)
     with np.errstate(over="ignore"):
         truth = np.exp(x.astype(np.float64))
