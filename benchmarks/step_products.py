@@ -3,6 +3,8 @@
     python benchmarks/step_products.py ours     # fused.Linear's products (split, paired)
     python benchmarks/step_products.py numpy    # NumPy's OpenBLAS, its own threads
     python benchmarks/step_products.py torch    # PyTorch (MKL), the oracle only
+    python benchmarks/step_products.py numpy1   # NumPy's OpenBLAS on one thread
+    python benchmarks/step_products.py torch1   # PyTorch on one thread: per core, MKL against OpenBLAS
 
 One library per process: OpenBLAS's and PyTorch's worker threads spin for a while after
 each call, and in one process the last library's spinning threads slow the next one down
@@ -14,6 +16,7 @@ forward (rows @ W.T), dx (g @ W) and dweight (g.T @ rows); four layers and the L
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -41,14 +44,16 @@ def operands(kind, a, b):
 
 def main(argv=None):
     which = (argv if argv is not None else sys.argv[1:]) or ["ours"]
-    if which[0] not in ("ours", "numpy", "torch"):
-        print("usage: python benchmarks/step_products.py ours|numpy|torch", file=sys.stderr)
+    if which[0] not in ("ours", "numpy", "torch", "numpy1", "torch1"):
+        print("usage: python benchmarks/step_products.py ours|numpy|torch|numpy1|torch1", file=sys.stderr)
         return 2
     work = products(np.random.default_rng(0))
     flops = sum(2 * x.shape[0] * x.shape[1] * y.shape[1] for x, y in (operands(*w) for w in work))
-    if which[0] == "torch":
+    if which[0] in ("torch", "torch1"):
         import torch  # the oracle, in its own process
 
+        if which[0] == "torch1":
+            torch.set_num_threads(1)
         pairs = [operands(kind, torch.from_numpy(a), torch.from_numpy(b)) for kind, a, b in work]
 
         def run():
@@ -64,11 +69,15 @@ def main(argv=None):
                 fused._product(*pairs[i])
                 fused._two_products(pairs[i + 1], pairs[i + 2])
     else:
+        from microattn.kernels import blas
+
         pairs = [operands(*w) for w in work]
+        threads = blas.single_threaded if which[0] == "numpy1" else contextlib.nullcontext
 
         def run():
-            for x, y in pairs:
-                np.matmul(x, y)
+            with threads():
+                for x, y in pairs:
+                    np.matmul(x, y)
     seconds = []
     for _ in range(9):
         run()
