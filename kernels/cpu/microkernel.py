@@ -64,7 +64,10 @@ def target_vector_bytes() -> int:
     else:
         import llvmlite.binding
 
-        features = llvmlite.binding.get_host_cpu_features().flatten()
+        try:
+            features = llvmlite.binding.get_host_cpu_features().flatten()
+        except RuntimeError:  # LLVM cannot list this host's features (some non-x86 hosts)
+            return HALF_BYTES
     return 2 * HALF_BYTES if "+avx512f" in features.split(",") else HALF_BYTES
 
 

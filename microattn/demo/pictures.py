@@ -451,6 +451,9 @@ def cpu_register_tile(path) -> Path:
         ax.set_title(f"{title}: {M} x {N}\n" + ", ".join(f"{n} x {r}-row" for r, n in by_rows.items() if n)
                      + (f", {len(plain)} plain-loop entries" if plain else ""), fontsize=8)
     handles = [Rectangle((0, 0), 1, 1, fc=c, ec="black", label=f"{r}-row micro-tile") for r, c in colours.items()]
+    if microkernel.HALF_TILES:
+        handles.append(Rectangle((0, 0), 1, 1, fc="white", ec="black", hatch="..",
+                                 label=f"{width // 2} wide: AVX2-width panel left over"))
     handles.append(Rectangle((0, 0), 1, 1, fc="#aaaaaa", label="left-over columns (plain loop)"))
     axes[2].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     figure.tight_layout()

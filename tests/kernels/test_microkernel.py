@@ -80,6 +80,13 @@ def test_vector_width_is_the_compile_targets(monkeypatch):
     monkeypatch.setattr(config, "CPU_FEATURES", None)
     monkeypatch.setattr(config, "CPU_NAME", "generic")
     assert microkernel.target_vector_bytes() == 32
+    monkeypatch.setattr(config, "CPU_NAME", None)
+
+    def no_features():
+        raise RuntimeError("failed to get host cpu features")
+
+    monkeypatch.setattr(llvmlite.binding, "get_host_cpu_features", no_features)
+    assert microkernel.target_vector_bytes() == 32  # a host LLVM cannot describe: AVX2 width
 
 
 def test_matmul_rejects_bad_shapes_and_strided_rows():
